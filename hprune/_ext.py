@@ -1,0 +1,34 @@
+"""Loads the compiled extension `hprune._C` if it was built; the library works without it."""
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """Returns the `hprune._C` module, or None when it is absent or disabled (HPRUNE_NO_EXT=1).
+
+    Importing it registers its C++ ops under `torch.ops.hprune`."""
+    if os.environ.get("HPRUNE_NO_EXT", "0") == "1":
+        return None
+    try:
+        import torch  # noqa: F401  - libtorch must be loaded before the extension
+        from hprune import _C
+    except ImportError as exc:  # not built, or built against another torch
+        load_extension.error = str(exc)
+        return None
+    return _C
+
+
+load_extension.error = None  # type: ignore[attr-defined]
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: {'available', 'cuda', 'openmp', ...}."""
+    ext = load_extension()
+    if ext is None:
+        return {"available": False, "cuda": False, "reason": load_extension.error or "HPRUNE_NO_EXT=1 or not built"}
+    info = dict(ext.build_info())
+    info["available"] = True
+    return info

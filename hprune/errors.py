@@ -1,0 +1,30 @@
+"""User-facing errors. The CLI prints `hprune: error: <message>` for these and exits non-zero;
+anything else is a bug and keeps its traceback."""
+
+
+class HpruneError(Exception):
+    """Base class of errors caused by the user's input or environment, not by a bug."""
+
+
+class ModelNotFoundError(HpruneError):
+    """A model name or path that does not resolve to a model."""
+
+
+class CheckpointError(HpruneError):
+    """A missing, truncated or corrupted weights file or artifact."""
+
+
+class PlanError(HpruneError):
+    """A prune plan that does not fit the model (unknown block index or component)."""
+
+
+class OutputExistsError(HpruneError):
+    """An output path that already exists (pass overwrite to replace it)."""
+
+
+class BackendUnavailableError(HpruneError):
+    """A kernel backend that was forced but cannot run here."""
+
+
+class ShapeError(HpruneError, ValueError):
+    """A tensor argument with the wrong shape, dtype or layout for an op."""

@@ -1,0 +1,279 @@
+"""Built-in model names and loading a MODEL argument (a name, a local diffusers folder, a
+.safetensors file with its config, or an hprune artifact)."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from hprune.errors import CheckpointError, ModelNotFoundError
+
+MODEL_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    tiny: bool  # CPU-fast, seeded random weights; otherwise real-size (meta, or random on a GPU)
+    description: str
+    sample: dict[str, Any] = field(default_factory=dict)  # shapes of a typical input (tokens etc.)
+
+
+_TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=8, attention_head_dim=16,
+                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
+                 pos_embed_max_size=32, dual_attention_layers=(), qk_norm=None)
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "tiny-sd3": BuiltinModel(
+        "tiny-sd3", "SD3Transformer2DModel", _TINY_SD3, True,
+        "SD3 MMDiT, 8 blocks, hidden 64 (random weights, seeded)",
+        dict(text_len=16, latent_size=32)),
+    "tiny-sd35": BuiltinModel(
+        "tiny-sd35", "SD3Transformer2DModel",
+        {**_TINY_SD3, "dual_attention_layers": (0, 1, 2), "qk_norm": "rms_norm"}, True,
+        "SD3.5 MMDiT, 8 blocks (dual attention in 0-2, qk rms_norm), hidden 64 (random weights, seeded)",
+        dict(text_len=16, latent_size=32)),
+    "tiny-flux": BuiltinModel(
+        "tiny-flux", "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=4,
+             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+             guidance_embeds=False, axes_dims_rope=(4, 4, 8)), True,
+        "FLUX.1 MMDiT, 2 double + 4 single blocks, hidden 32 (random weights, seeded)",
+        dict(text_len=16, latent_size=32)),
+    "sd3.5-large": BuiltinModel(
+        "sd3.5-large", "SD3Transformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+             num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+             pooled_projection_dim=2048, pos_embed_max_size=192, dual_attention_layers=(), qk_norm="rms_norm"),
+        False, "Stable Diffusion 3.5 Large transformer (8.1B), architecture only",
+        dict(text_len=333, latent_size=128)),
+    "sd3.5-medium": BuiltinModel(
+        "sd3.5-medium", "SD3Transformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+             qk_norm="rms_norm"),
+        False, "Stable Diffusion 3.5 Medium transformer (2.2B), architecture only",
+        dict(text_len=333, latent_size=128)),
+    "flux.1-schnell": BuiltinModel(
+        "flux.1-schnell", "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+             guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        False, "FLUX.1-schnell transformer (11.9B), architecture only",
+        dict(text_len=256, latent_size=128)),
+    "flux.1-dev": BuiltinModel(
+        "flux.1-dev", "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+             guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        False, "FLUX.1-dev transformer (11.9B, guidance embedding), architecture only",
+        dict(text_len=512, latent_size=128)),
+}
+
+
+def model_class(class_name: str) -> type:
+    import diffusers
+
+    if class_name not in MODEL_CLASSES:
+        raise ModelNotFoundError(f"unsupported transformer class {class_name!r}; hprune supports {MODEL_CLASSES}")
+    return getattr(diffusers, class_name)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Creates module parameters on the meta device (no memory, no init cost) while buffers stay
+    real, since some (positional embeddings) are computed from the config in __init__."""
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_from_config(class_name: str, config: dict[str, Any], *, meta: bool = False,
+                      dtype: torch.dtype | None = None, seed: int | None = 0) -> nn.Module:
+    """Instantiates a diffusers transformer from a config dict: parameters on the meta device
+    (`meta=True`), or random-initialised on the CPU with `seed`."""
+    cls = model_class(class_name)
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        if meta:
+            with params_on_meta():
+                model = cls.from_config(cfg)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model = cls.from_config(cfg)
+    except TypeError as exc:
+        raise CheckpointError(f"config does not fit {class_name}: {exc}") from None
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def randomize_(model: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+               seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Materialises a meta-parameter model on `device` with random weights (for latency and
+    memory measurements, which do not depend on the values). Buffers are kept."""
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=gen)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for n, b in bufs.items():
+            mod, _, attr = n.rpartition(".")
+            model.get_submodule(mod).register_buffer(attr, b.to(device))
+    return model.to(dtype)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    from hprune.io import read_json
+
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict) or cfg.get("_class_name") not in MODEL_CLASSES:
+        raise ModelNotFoundError(
+            f"{path}: not a supported transformer config (_class_name must be one of {MODEL_CLASSES}, "
+            f"got {cfg.get('_class_name') if isinstance(cfg, dict) else type(cfg).__name__!r})")
+    return cfg
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Loads `state` into a (possibly meta) model, strictly, with a clear error on mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(own[k].shape)})")
+        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
+    from hprune.io import check_safetensors, load_safetensors
+
+    cfg = _read_config(folder / "config.json")
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        if glob.glob(str(folder / "*.bin")):
+            raise CheckpointError(f"{folder}: only .bin (pickle) weights found; hprune reads safetensors only")
+        raise CheckpointError(f"{folder}: no .safetensors weights next to config.json")
+    for f in files:
+        check_safetensors(f)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_safetensors(f, device=device))
+    model = build_from_config(cfg["_class_name"], cfg, meta=True)
+    load_state_into(model, state, str(folder))
+    return model.to(dtype) if dtype is not None else model
+
+
+def resolve(spec: str) -> tuple[str, Any]:
+    """Classifies a MODEL argument: ('builtin', BuiltinModel) | ('artifact', Path) |
+    ('diffusers', Path) | ('safetensors', Path). Raises ModelNotFoundError with the options."""
+    if spec in BUILTINS:
+        return "builtin", BUILTINS[spec]
+    p = Path(spec)
+    if not p.exists():
+        if os.sep not in spec and not spec.endswith(".safetensors"):
+            raise ModelNotFoundError(f"unknown model {spec!r}: not a built-in name ({', '.join(BUILTINS)}) "
+                                     f"and no such path")
+        raise ModelNotFoundError(f"model path not found: {spec}")
+    if p.is_dir():
+        if (p / "hprune.json").exists():
+            return "artifact", p
+        if (p / "model_index.json").exists():
+            if not (p / "transformer").is_dir():
+                raise ModelNotFoundError(f"{p}: pipeline folder without a transformer/ subfolder")
+            return "diffusers", p / "transformer"
+        if (p / "config.json").exists():
+            return "diffusers", p
+        if (p / "transformer" / "config.json").exists():
+            return "diffusers", p / "transformer"
+        raise ModelNotFoundError(f"{p}: not a diffusers model or pipeline folder (no config.json, "
+                                 f"model_index.json or hprune.json)")
+    if p.suffix == ".safetensors":
+        return "safetensors", p
+    raise ModelNotFoundError(f"{p}: expected a folder or a .safetensors file")
+
+
+def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               meta: bool | None = None, seed: int = 0, config: str | os.PathLike | None = None) -> nn.Module:
+    """Loads a MODEL argument into a diffusers transformer (or a compressed one).
+
+    - built-in tiny names: random weights from `seed`, float32 on the CPU unless told otherwise;
+    - built-in real-size names: parameters on the meta device (for counting) unless `device` is
+      a GPU, where they get random bf16 weights (for latency/memory benchmarks);
+    - a diffusers model folder, a pipeline folder (its transformer/), or an hprune artifact;
+    - a .safetensors file with its config (`config`, or a config.json beside the file).
+    """
+    kind, what = resolve(spec)
+    device = torch.device(device)
+    if kind == "builtin":
+        b: BuiltinModel = what
+        if b.tiny and not meta:
+            model = build_from_config(b.class_name, b.config, seed=seed, dtype=dtype)
+            return model.to(device)
+        if meta is None:
+            meta = device.type != "cuda"
+        model = build_from_config(b.class_name, b.config, meta=True)
+        if meta:
+            return model if dtype is None else model.to(dtype)
+        return randomize_(model, device, dtype or torch.bfloat16, seed=seed)
+    if kind == "artifact":
+        from hprune.artifacts import load_compressed
+
+        return load_compressed(what, device=device, dtype=dtype)
+    if kind == "diffusers":
+        return _load_diffusers_folder(what, dtype, device).eval()
+    # a lone .safetensors file
+    from hprune.io import load_safetensors
+
+    cfg_path = Path(config) if config else what.parent / "config.json"
+    if not cfg_path.exists():
+        raise ModelNotFoundError(f"{what}: no config for this weights file (put config.json beside it "
+                                 f"or pass --config)")
+    cfg = _read_config(cfg_path)
+    state = load_safetensors(what, device=device)
+    model = build_from_config(cfg["_class_name"], cfg, meta=True)
+    load_state_into(model, state, str(what))
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The diffusers config of a transformer as plain JSON-able data (tuples become lists)."""
+    cfg = dict(model.config)
+    return json.loads(json.dumps(cfg, default=list))

@@ -1,0 +1,67 @@
+"""The structural recipe of a compressed model: the ordered list of operations that turn the
+base architecture (its diffusers config) into the compressed one. Artifacts store it as JSON and
+replay it on an empty (meta) model before loading the weights, so no modules are pickled.
+
+Each stage that changes structure registers an op here (`prune` in hprune.models.surgery,
+`quantize` in hprune.quant, ...) and records itself on the model when it runs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch.nn as nn
+
+_OPS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
+_ATTR = "_hprune_recipe"
+
+
+def register_op(name: str):
+    """Decorator: `fn(model, spec) -> model` rebuilds the structure of op `name` from its spec."""
+
+    def deco(fn: Callable[[nn.Module, dict[str, Any]], nn.Module]):
+        _OPS[name] = fn
+        return fn
+
+    return deco
+
+
+def record(model: nn.Module, op: str, spec: dict[str, Any]) -> None:
+    """Appends a structural op to the model's recipe (call after the op has been applied)."""
+    steps = list(getattr(model, _ATTR, []))
+    steps.append({"op": op, **copy.deepcopy(spec)})
+    object.__setattr__(model, _ATTR, steps)
+
+
+def get_recipe(model: nn.Module) -> list[dict[str, Any]]:
+    return copy.deepcopy(list(getattr(model, _ATTR, [])))
+
+
+def known_ops() -> list[str]:
+    _import_op_providers()
+    return sorted(_OPS)
+
+
+def _import_op_providers() -> None:
+    # Importing the stage modules registers their ops.
+    import hprune.models.surgery  # noqa: F401
+
+    try:
+        import hprune.quant  # noqa: F401
+    except ImportError:
+        pass
+
+
+def replay(model: nn.Module, steps: list[dict[str, Any]]) -> nn.Module:
+    """Applies a recorded recipe to a freshly built base model (typically on meta)."""
+    from hprune.errors import CheckpointError
+
+    _import_op_providers()
+    for i, step in enumerate(steps):
+        op = step.get("op") if isinstance(step, dict) else None
+        if op not in _OPS:
+            raise CheckpointError(f"recipe step {i}: unknown operation {op!r} (this hprune knows {sorted(_OPS)}; "
+                                  f"was the artifact written by a newer version?)")
+        spec = {k: v for k, v in step.items() if k != "op"}
+        model = _OPS[op](model, spec)
+    return model
