@@ -1,0 +1,133 @@
+"""Compressed-model artifacts: a folder with the weights (safetensors) and `hprune.json`, the
+recipe that rebuilds the structure (base diffusers config + the ordered structural ops: prune
+plan, quantisation, ...). No modules are pickled.
+
+    out/
+      model.safetensors   every tensor of the compressed transformer's state dict
+      hprune.json         format, versions, class, base config, recipe, checksum, stats
+
+Loading builds the base model with its parameters on the meta device, replays the recipe, then
+assigns the stored tensors, so a saved model loads back bit for bit. Writes are atomic: the
+folder appears complete or not at all.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hprune import recipe
+from hprune.errors import CheckpointError, HpruneError
+from hprune.io import atomic_dir, check_safetensors, load_safetensors, read_json, write_json
+
+ARTIFACT_FORMAT = "hprune.artifact/1"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "hprune.json"
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    import hprune
+
+    return {"hprune": hprune.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Saves a (pruned / quantised) transformer to folder `path`.
+
+    Args:
+        model: an SD3Transformer2DModel / FluxTransformer2DModel, possibly modified by hprune
+            (its structural changes are read from the recipe that hprune's stages record).
+        path: output folder; must not exist unless `overwrite`.
+        extra: JSON-able data stored under "extra" in hprune.json (reports, provenance).
+    Returns the folder path.
+    """
+    from safetensors.torch import save_file
+
+    from hprune.models.registry import model_config
+    from hprune.models.stats import param_count, weight_bytes
+
+    if type(model).__name__ not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        raise HpruneError(f"save_compressed expects a diffusers SD3/FLUX transformer, got {type(model).__name__}")
+    state = model.state_dict()
+    meta = [k for k, v in state.items() if v.device.type == "meta"]
+    if meta:
+        raise HpruneError(f"cannot save a model whose weights are on the meta device (e.g. {meta[0]}); "
+                          f"load or randomise real weights first")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        wfile = tmp / WEIGHTS_FILE
+        save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "hprune"})
+        doc = {
+            "format": ARTIFACT_FORMAT,
+            "versions": _versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "class_name": type(model).__name__,
+            "base_config": model_config(model),
+            "recipe": recipe.get_recipe(model),
+            "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(wfile), "bytes": wfile.stat().st_size,
+                        "tensors": len(tensors)},
+            "stats": {"params": param_count(model), "weight_bytes": weight_bytes(model)},
+            "extra": extra or {},
+        }
+        write_json(tmp / RECIPE_FILE, doc)
+    return Path(path)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks an artifact's hprune.json."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"artifact not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: an hprune artifact is a folder (with {RECIPE_FILE} and {WEIGHTS_FILE})")
+    doc = read_json(path / RECIPE_FILE, f"artifact recipe ({RECIPE_FILE})")
+    if not isinstance(doc, dict) or doc.get("format") != ARTIFACT_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise CheckpointError(f"{path / RECIPE_FILE}: not an hprune artifact recipe (format {got!r}, "
+                              f"expected {ARTIFACT_FORMAT!r})")
+    for key in ("class_name", "base_config", "recipe", "weights"):
+        if key not in doc:
+            raise CheckpointError(f"{path / RECIPE_FILE}: corrupted recipe (missing {key!r})")
+    return doc
+
+
+def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, verify: bool = True) -> nn.Module:
+    """Loads an artifact written by `save_compressed`; returns the transformer in eval mode.
+
+    Args:
+        device: where the weights go.
+        dtype: cast floating-point weights to this dtype (packed integer weights are untouched).
+        verify: check the weights file's SHA-256 against the recipe (detects corruption).
+    Raises CheckpointError for a missing, truncated or corrupted artifact."""
+    from hprune.models.registry import build_from_config, load_state_into
+
+    path = Path(path)
+    doc = read_recipe(path)
+    wfile = path / doc["weights"].get("file", WEIGHTS_FILE)
+    check_safetensors(wfile)
+    if verify and doc["weights"].get("sha256") and _sha256(wfile) != doc["weights"]["sha256"]:
+        raise CheckpointError(f"{wfile}: checksum mismatch (the weights file is corrupted or was replaced)")
+    model = build_from_config(doc["class_name"], doc["base_config"], meta=True)
+    model = recipe.replay(model, doc["recipe"])
+    state = load_safetensors(wfile, device=device)
+    load_state_into(model, state, str(path))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
