@@ -96,21 +96,10 @@ def bench(fn: Callable[[], Any], device: torch.device | str, warmup: int = 10, r
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-        return "" if v is None else str(v)
+    """Prints and returns a Markdown table (see hprune.report.format_table)."""
+    from hprune.report import format_table
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = []
-    if title:
-        lines.append(title)
-    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in cells:
-        lines.append("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
-    text = "\n".join(lines)
+    text = format_table(rows, columns, title)
     print(text, flush=True)
     return text
 

@@ -126,17 +126,70 @@ class Adapter:
 class SD3Adapter(Adapter):
     family = "sd3"
     lists = ("transformer_blocks",)
+    timestep_scale = 1000.0  # the SD3 pipeline passes scheduler timesteps in [0, 1000]
 
     def _kind(self, model: nn.Module, list_name: str, local: int) -> str:
         return B.SD3_LAST if local == len(model.transformer_blocks) - 1 else B.SD3_JOINT
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.in_channels
+
+    def transformer_inputs(self, model: nn.Module, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                           pooled: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """latents: (B, C, H, W) VAE latents; prompt_embeds: (B, T, joint_attention_dim);
+        pooled: (B, pooled_projection_dim); t: (B,) flow time in [0, 1] (1 = pure noise)."""
+        return dict(hidden_states=latents, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                    timestep=t * self.timestep_scale)
 
 
 class FluxAdapter(Adapter):
     family = "flux"
     lists = ("transformer_blocks", "single_transformer_blocks")
+    timestep_scale = 1.0  # the FLUX pipeline passes t in [0, 1]; the model multiplies by 1000
 
     def _kind(self, model: nn.Module, list_name: str, local: int) -> str:
         return B.FLUX_DOUBLE if list_name == "transformer_blocks" else B.FLUX_SINGLE
+
+    def latent_channels(self, model: nn.Module) -> int:
+        return model.config.in_channels // 4  # 2x2 patches are packed into channels
+
+    def transformer_inputs(self, model: nn.Module, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                           pooled: torch.Tensor, t: torch.Tensor, guidance: float = 3.5) -> dict[str, torch.Tensor]:
+        """latents: (B, C, H, W) VAE latents (packed here into 2x2 patches, as FluxPipeline does);
+        prompt_embeds: (B, T, joint_attention_dim); pooled: (B, pooled_projection_dim); t: (B,) in [0, 1]."""
+        b, c, h, w = latents.shape
+        packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
+        ids[..., 1] += torch.arange(h // 2, device=latents.device, dtype=latents.dtype)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=latents.device, dtype=latents.dtype)[None, :]
+        out = dict(hidden_states=packed, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                   timestep=t * self.timestep_scale, img_ids=ids.reshape(-1, 3),
+                   txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype))
+        if model.config.guidance_embeds:
+            out["guidance"] = torch.full((b,), guidance, device=latents.device, dtype=latents.dtype)
+        return out
+
+
+def sample_inputs(model: nn.Module, batch: int = 2, seed: int = 0, t: float | torch.Tensor | None = None,
+                  latent_size: int = 32, text_len: int = 16, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Seeded random transformer inputs (latents, prompt embeddings, pooled projections, a flow
+    time per sample; uniform in (0, 1) unless `t` is given) shaped for `model`'s family."""
+    ad = get_adapter(model)
+    p = next(iter(model.parameters()))
+    device = torch.device(device) if device is not None else (p.device if p.device.type != "meta" else torch.device("cpu"))
+    dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    lat = torch.randn(batch, ad.latent_channels(model), latent_size, latent_size, generator=g)
+    txt = torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    if t is None:
+        tt = torch.rand(batch, generator=g)
+    else:
+        tt = torch.as_tensor(t, dtype=torch.float32).expand(batch).clone()
+    return {k: v.to(device=device, dtype=dtype) for k, v in
+            ad.transformer_inputs(model, lat, txt, pooled, tt).items()}
 
 
 def get_adapter(model: nn.Module) -> Adapter:

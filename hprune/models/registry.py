@@ -107,15 +107,21 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_from_config(class_name: str, config: dict[str, Any], *, meta: bool = False,
+def build_from_config(class_name: str, config: dict[str, Any], *, meta: bool | str = False,
                       dtype: torch.dtype | None = None, seed: int | None = 0) -> nn.Module:
-    """Instantiates a diffusers transformer from a config dict: parameters on the meta device
-    (`meta=True`), or random-initialised on the CPU with `seed`."""
+    """Instantiates a diffusers transformer from a config dict.
+
+    meta=True: every tensor on the meta device (instant; for counting, or before loading a state
+    dict, see `load_state_into`); meta="params": parameters on meta, buffers computed for real;
+    meta=False: random-initialised on the CPU with `seed`."""
     cls = model_class(class_name)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
-        if meta:
+        if meta == "params":
             with params_on_meta():
+                model = cls.from_config(cfg)
+        elif meta:
+            with torch.device("meta"):
                 model = cls.from_config(cfg)
         else:
             with torch.random.fork_rng(devices=[]):
@@ -179,6 +185,11 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                          f"{tuple(own[k].shape)})")
         raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=True)
+    # SD3/FLUX keep no non-persistent buffers, so nothing may be left on meta.
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{source}: {left[0]} was not loaded (unsupported model layout)")
     return model
 
 
@@ -249,9 +260,10 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
             return model.to(device)
         if meta is None:
             meta = device.type != "cuda"
-        model = build_from_config(b.class_name, b.config, meta=True)
         if meta:
+            model = build_from_config(b.class_name, b.config, meta=True)
             return model if dtype is None else model.to(dtype)
+        model = build_from_config(b.class_name, b.config, meta="params")
         return randomize_(model, device, dtype or torch.bfloat16, seed=seed)
     if kind == "artifact":
         from hprune.artifacts import load_compressed

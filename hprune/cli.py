@@ -1,0 +1,49 @@
+"""The `hprune` command: a thin shell over the library. Each subcommand lives in
+hprune/commands/<name>.py with HELP, add_arguments(parser) and run(args) -> int."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["info", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hprune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hprune",
+        description="Compress large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1): "
+                    "sensitivity probing, hierarchical position pruning, distillation, INT4 quantisation.")
+    parser.add_argument("--version", action="version", version=f"hprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        mod = importlib.import_module(f"hprune.commands.{name}")
+        p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hprune.errors import HpruneError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except HpruneError as exc:
+        print(f"hprune: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

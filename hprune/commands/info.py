@@ -1,0 +1,56 @@
+"""Show a model's blocks, their removable components and parameter counts, and its size in bytes
+at bf16 and at INT4 (group-wise, 16-bit scales; Linear weights inside the blocks quantised).
+
+MODEL is a built-in name (tiny-sd3, tiny-sd35, tiny-flux, sd3.5-large, sd3.5-medium,
+flux.1-schnell, flux.1-dev), a local diffusers model or pipeline folder, a .safetensors file
+with its config.json, or an hprune artifact folder. Real-size built-ins are instantiated on the
+meta device: counting needs no memory."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "blocks, components, parameters and bytes of a model"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--group-size", type=int, default=128, help="INT4 group size for the byte estimate (default 128)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--config", help="config.json for a lone .safetensors MODEL")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hprune.models import load_model, model_report
+    from hprune.models.registry import BUILTINS
+    from hprune.report import format_table, human_bytes, human_count
+
+    meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
+    model = load_model(args.model, meta=meta, config=args.config)
+    rep = model_report(model, int4_group=args.group_size)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    comps = sorted({c for b in rep["blocks"] for c in b["components"] if c != "block"})
+    rows = []
+    for b in rep["blocks"]:
+        row = {"#": b["index"], "block": b["name"], "kind": b["kind"], "params": human_count(b["params"])}
+        for c in comps:
+            row[c] = human_count(b["components"][c]) if c in b["components"] else ("removed" if c in b["removed"] else "-")
+        if b["removed"] == ["block"]:
+            row["params"] = "removed"
+        rows.append(row)
+    print(f"{args.model}: {rep['class']} ({rep['family']}), {rep['num_blocks']} blocks")
+    print(format_table(rows, ["#", "block", "kind", "params"] + comps))
+    print()
+    print(format_table([
+        {"": "parameters", "total": human_count(rep["params"]), "in blocks": human_count(rep["block_params"]),
+         "outside blocks": human_count(rep["other_params"])},
+    ], ["", "total", "in blocks", "outside blocks"]))
+    print()
+    print(format_table([
+        {"format": "as stored", "bytes": human_bytes(rep["bytes_stored"])},
+        {"format": "bf16", "bytes": human_bytes(rep["bytes_bf16"])},
+        {"format": f"INT4 g{args.group_size} (block Linears) + bf16 rest", "bytes": human_bytes(rep["bytes_int4"])},
+    ], ["format", "bytes"]))
+    return 0

@@ -1,0 +1,74 @@
+"""Figures: image grids and heatmaps, written atomically as PNG (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    from hprune.io import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, mode="wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def image_grid(rows: dict[str, torch.Tensor], path: str | os.PathLike, title: str | None = None,
+               col_labels: Sequence[str] | None = None) -> Path:
+    """One row per entry of `rows` (label -> images (n, 3, H, W) in [0, 1]); writes a PNG."""
+    plt = _pyplot()
+    labels = list(rows)
+    n = max(v.shape[0] for v in rows.values())
+    fig, axes = plt.subplots(len(labels), n, figsize=(1.6 * n + 1.2, 1.7 * len(labels) + 0.4), squeeze=False)
+    for r, label in enumerate(labels):
+        imgs = rows[label]
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < imgs.shape[0]:
+                ax.imshow(imgs[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0 and col_labels is not None and c < len(col_labels):
+                ax.set_title(col_labels[c], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str], col_labels: Sequence[str],
+            path: str | os.PathLike, title: str = "", cbar_label: str = "", log: bool = True) -> Path:
+    """A rows x cols heatmap; None cells are blank (e.g. a component a block does not have)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    arr = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    finite = arr[np.isfinite(arr)]
+    norm = None
+    if log and finite.size and (finite > 0).any():
+        pos = finite[finite > 0]
+        norm = LogNorm(vmin=max(pos.min(), 1e-12), vmax=max(pos.max(), pos.min() * 10))
+        arr = np.where(arr <= 0, np.nan if norm is None else pos.min(), arr)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(col_labels), 0.8 + 0.28 * len(row_labels)))
+    im = ax.imshow(arr, aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=cbar_label)
+    return _save(fig, path)

@@ -1,0 +1,136 @@
+"""Compressed artifacts: bit-identical round trip, pipelines, atomic writes, corruption errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from hprune.artifacts import load_compressed, read_recipe, save_compressed
+from hprune.errors import CheckpointError, HpruneError, OutputExistsError
+from hprune.models import PrunePlan, apply_plan, get_adapter, load_model, param_count, weight_bytes
+from hprune.pipelines import build_pipeline, generate, stand_in_prompts
+from util import TINY, fresh, inputs, out
+
+
+def _pruned(name):
+    m = fresh(name)
+    n = get_adapter(m).num_blocks(m)
+    last = {"tiny-flux": ["mlp"]}.get(name, ["ff"])
+    apply_plan(m, PrunePlan.manual({0: ["context"], n - 2: ["block"], n - 1: last}, model=m))
+    return m
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_round_trip_is_bit_identical(name, tmp_path):
+    m = _pruned(name)
+    path = save_compressed(m, tmp_path / "art", extra={"note": "test"})
+    assert sorted(os.listdir(path)) == ["hprune.json", "model.safetensors"]
+    back = load_compressed(path)
+    assert type(back) is type(m)
+    for seed in (0, 1):
+        x = inputs(m, seed=seed)
+        assert torch.equal(out(m, x), out(back, x))
+    assert param_count(back) == param_count(m) and weight_bytes(back) == weight_bytes(m)
+    doc = read_recipe(path)
+    assert doc["recipe"][0]["op"] == "prune" and doc["extra"] == {"note": "test"}
+    assert doc["stats"]["params"] == param_count(m)
+    # saved again from the loaded model: same recipe
+    save_compressed(back, tmp_path / "art2")
+    assert read_recipe(tmp_path / "art2")["recipe"] == doc["recipe"]
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_loaded_transformer_runs_in_a_diffusers_pipeline(name, tmp_path):
+    m = _pruned(name)
+    back = load_compressed(save_compressed(m, tmp_path / "art"))
+    prompts = stand_in_prompts(back, 2, seed=3)
+    imgs = generate(build_pipeline(back), **prompts, steps=3, seed=5)
+    assert imgs.shape == (2, 3, 64, 64) and torch.isfinite(imgs).all()
+    # the in-memory pruned model produces the same images
+    assert torch.equal(imgs, generate(build_pipeline(m), **prompts, steps=3, seed=5))
+
+
+def test_save_refuses_existing_path_and_overwrite_replaces(tmp_path):
+    m = _pruned("tiny-sd3")
+    target = tmp_path / "art"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="exists"):
+        save_compressed(m, target)
+    assert os.listdir(target) == ["keep.txt"]
+    save_compressed(m, target, overwrite=True)
+    assert sorted(os.listdir(target)) == ["hprune.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["art"]  # no temporary siblings left
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    """Interrupt the save after the weights are half written: no folder appears at the path."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def broken(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(_pruned("tiny-sd3"), tmp_path / "art")
+    assert os.listdir(tmp_path) == []
+
+
+def test_meta_model_cannot_be_saved(tmp_path):
+    with pytest.raises(HpruneError, match="meta device"):
+        save_compressed(load_model("sd3.5-medium"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return save_compressed(_pruned("tiny-sd3"), tmp_path / "art")
+
+
+def test_truncated_weights_are_detected(saved):
+    w = saved / "model.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_compressed(saved)
+
+
+def test_flipped_bytes_fail_the_checksum(saved):
+    w = saved / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_compressed(saved)
+
+
+def test_corrupted_or_missing_recipe(saved):
+    (saved / "hprune.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupted artifact recipe"):
+        load_compressed(saved)
+    (saved / "hprune.json").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_compressed(saved)
+
+
+def test_recipe_that_does_not_match_the_weights(saved):
+    doc = json.loads((saved / "hprune.json").read_text())
+    doc["recipe"] = []  # claims an unpruned model: the pruned weights no longer fit
+    (saved / "hprune.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="weights do not match the model"):
+        load_compressed(saved)
+    doc["recipe"] = [{"op": "teleport"}]
+    (saved / "hprune.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="unknown operation 'teleport'"):
+        load_compressed(saved)
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_compressed(tmp_path / "nope")
