@@ -27,9 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Optional-backend notices from transformers/bitsandbytes imports are noise for CLI users."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from hprune.errors import HpruneError
 
+    _quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -1,0 +1,80 @@
+"""The hprune CLI: commands, and one-line errors with a non-zero exit for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hprune.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "info" in text and "demo" in text
+
+
+def test_entry_point_runs_as_a_program():
+    r = subprocess.run([sys.executable, "-m", "hprune", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("hprune ")
+
+
+def test_info_tiny_and_real_size(capsys):
+    code, out, _ = run(capsys, "info", "tiny-flux")
+    assert code == 0
+    assert "single_transformer_blocks.3" in out and "flux_single" in out and "INT4 g128" in out
+    code, out, _ = run(capsys, "info", "sd3.5-large", "--json")
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["num_blocks"] == 38 and 8.0e9 < rep["params"] < 8.15e9
+    assert rep["bytes_int4"] < rep["bytes_bf16"] / 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["info", "sd9"], "unknown model 'sd9'"),
+    (["info", "/nonexistent/model"], "model path not found"),
+    (["demo", "--ratio", "1.5"], "--ratio must be in (0, 1)"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hprune: error:") and match in lines[0]
+
+
+def test_info_corrupted_weights(capsys, tmp_path):
+    from util import fresh
+
+    fresh("tiny-sd3").save_pretrained(tmp_path / "m")
+    w = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    code, _, err = run(capsys, "info", str(tmp_path / "m"))
+    assert code == 1 and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, _ = run(capsys, "demo", "--out", str(out_dir))
+    assert code == 0
+    assert sorted(os.listdir(out_dir)) == ["artifact", "images.png", "report.json", "report.md"]
+    rep = json.loads((out_dir / "report.json").read_text())
+    assert rep["reload_bit_identical"] is True
+    stages = {r["stage"]: r for r in rep["stages"]}
+    assert stages["pruned"]["params"] < stages["original"]["params"]
+    assert 0 < stages["pruned"]["rel_mse"] < 1
+    assert (out_dir / "images.png").read_bytes()[:4] == b"\x89PNG"
+    # the output folder now exists: a second run refuses, nothing changes
+    before = (out_dir / "report.json").read_bytes()
+    code, _, err = run(capsys, "demo", "--out", str(out_dir))
+    assert code == 1 and "output path exists" in err
+    assert (out_dir / "report.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["demo"]
