@@ -1,0 +1,224 @@
+"""Calibration sets: the transformer inputs seen while a pipeline denoises calibration prompts.
+
+A set is captured by a hook on `pipe.transformer` during real denoising runs (flow-matching Euler
+over `num_steps` steps), so it holds exactly what the transformer consumes at each step:
+
+    hidden_states           SD3: (N, C, H, W) latents; FLUX: (N, S, C*4) packed latents
+    encoder_hidden_states   (N, T, joint_attention_dim)
+    pooled_projections      (N, pooled_projection_dim)
+    timestep                (N,) in the model's own scale (SD3: 0..1000, FLUX: 0..1)
+    img_ids, txt_ids        FLUX only: (S, 3), (T, 3), shared by all samples
+    guidance                FLUX-dev only: (N,)
+and per sample: `t` (N,) flow time in [0, 1] (1 = pure noise), `step` (N,) the denoising step
+index (0 = first, noisiest), `trajectory` (N,) which prompt/run it came from.
+
+Stored as one safetensors file; its metadata holds the format tag, the model family and dims
+(checked against the model that uses the set) and the prompts. The built-in tiny models have no
+text encoder: their sets use seeded stand-in prompt embeddings, through the same capture path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from hprune.errors import CheckpointError, HpruneError
+
+CALIB_FORMAT = "hprune.calib/1"
+_SHARED = ("img_ids", "txt_ids")  # not per-sample
+
+
+@dataclass
+class CalibrationSet:
+    family: str  # "sd3" | "flux"
+    inputs: dict[str, torch.Tensor]  # transformer kwargs; per-sample tensors have N leading
+    t: torch.Tensor  # (N,) float32 flow time in [0, 1]
+    step: torch.Tensor  # (N,) int64 denoising step index
+    trajectory: torch.Tensor  # (N,) int64
+    num_steps: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    # -- use ---------------------------------------------------------------------------------
+    def batches(self, batch_size: int = 4, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, indices: Sequence[int] | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """Transformer kwargs in batches of `batch_size` samples (in order, or of `indices`)."""
+        idx = torch.arange(len(self)) if indices is None else torch.as_tensor(list(indices))
+        for s in range(0, len(idx), batch_size):
+            sel = idx[s:s + batch_size]
+            yield {k: _to(v if k in _SHARED else v[sel], device, dtype) for k, v in self.inputs.items()}
+
+    def subset(self, indices: Sequence[int]) -> "CalibrationSet":
+        sel = torch.as_tensor(list(indices))
+        return CalibrationSet(self.family, {k: v if k in _SHARED else v[sel] for k, v in self.inputs.items()},
+                              self.t[sel], self.step[sel], self.trajectory[sel], self.num_steps, dict(self.meta))
+
+    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-trajectory conditioning, for re-running the denoising loop (e.g. on a partly pruned
+        model): (n, T, D) prompt embeddings and (n, D_pooled) pooled ones, taken from each
+        trajectory's first step (its last row: the conditional one under classifier-free guidance)."""
+        emb, pooled = [], []
+        for traj in torch.unique(self.trajectory, sorted=True):
+            rows = torch.nonzero((self.trajectory == traj) & (self.step == 0)).flatten()
+            r = int(rows[-1])
+            emb.append(self.inputs["encoder_hidden_states"][r])
+            pooled.append(self.inputs["pooled_projections"][r])
+        return torch.stack(emb), torch.stack(pooled)
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Raises HpruneError if the set was made for a different kind of model."""
+        from hprune.models import get_adapter
+
+        fam = get_adapter(model).family
+        cfg = model.config
+        if fam != self.family:
+            raise HpruneError(f"calibration set is for a {self.family} model, not {fam}")
+        want = {"joint_attention_dim": cfg.joint_attention_dim, "pooled_projection_dim": cfg.pooled_projection_dim,
+                "in_channels": cfg.in_channels}
+        got = {"joint_attention_dim": self.inputs["encoder_hidden_states"].shape[-1],
+               "pooled_projection_dim": self.inputs["pooled_projections"].shape[-1],
+               "in_channels": self.inputs["hidden_states"].shape[1 if fam == "sd3" else -1]}
+        bad = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        if bad:
+            k, (g, w) = next(iter(bad.items()))
+            raise HpruneError(f"calibration set does not fit the model: {k} is {g} in the set, {w} in the model")
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        from hprune.io import atomic_file
+
+        tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
+        tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
+                        "trajectory": self.trajectory.long().cpu()})
+        meta = {"format": CALIB_FORMAT, "family": self.family, "num_steps": str(self.num_steps),
+                "meta": json.dumps(self.meta)}
+        path = Path(path)
+        with atomic_file(path, overwrite=overwrite, mode="wb") as f:
+            tmp = Path(f.name)
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationSet":
+        from safetensors import safe_open
+
+        from hprune.io import check_safetensors
+
+        path = Path(path)
+        header = check_safetensors(path)
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != CALIB_FORMAT:
+            raise CheckpointError(f"{path}: not an hprune calibration set (format {meta.get('format')!r}, "
+                                  f"expected {CALIB_FORMAT!r})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            extra = json.loads(meta.get("meta", "{}"))
+            num_steps = int(meta["num_steps"])
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: corrupted calibration set ({exc})") from None
+        inputs = {k[3:]: v for k, v in tensors.items() if k.startswith("in.")}
+        for need in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
+            if need not in inputs:
+                raise CheckpointError(f"{path}: corrupted calibration set (no {need!r})")
+        return cls(meta["family"], inputs, tensors["t"], tensors["step"], tensors["trajectory"], num_steps, extra)
+
+
+def _to(v: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and v.is_floating_point():
+        v = v.to(dtype)
+    return v.to(device) if device is not None else v
+
+
+@torch.no_grad()
+def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: torch.Tensor | None = None,
+            pooled_prompt_embeds: torch.Tensor | None = None, num_steps: int = 8, seed: int = 0,
+            guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+            progress: bool = True, meta: dict[str, Any] | None = None) -> CalibrationSet:
+    """Runs `pipe` once per prompt and records every transformer call's inputs.
+
+    Give either `prompts` (needs the pipeline's text encoders) or `prompt_embeds` (n, T, D) and
+    `pooled_prompt_embeds` (n, D_pooled). Each prompt is its own trajectory with its own noise
+    (seed + index). With classifier-free guidance the pipeline batches [uncond, cond]; both rows
+    are kept (the transformer sees both)."""
+    from tqdm.auto import tqdm
+
+    from hprune.models import get_adapter
+
+    model = pipe.transformer
+    fam = get_adapter(model).family
+    if prompts is None and prompt_embeds is None:
+        raise HpruneError("capture needs prompts or prompt embeddings")
+    n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    records: list[dict[str, torch.Tensor]] = []
+
+    def hook(_mod, _args, kwargs):
+        records.append({k: v.detach().cpu().clone() for k, v in kwargs.items()
+                        if isinstance(v, torch.Tensor) and k != "joint_attention_kwargs"})
+
+    h = model.register_forward_pre_hook(hook, with_kwargs=True)
+    rows: list[dict[str, torch.Tensor]] = []
+    t_all, step_all, traj_all = [], [], []
+    try:
+        for i in tqdm(range(n), desc="calibration", disable=not progress):
+            records.clear()
+            kw: dict[str, Any] = dict(num_inference_steps=num_steps, output_type="latent",
+                                      generator=torch.Generator().manual_seed(seed + i))
+            if guidance_scale is not None:
+                kw["guidance_scale"] = guidance_scale
+            if height is not None:
+                kw["height"], kw["width"] = height, width or height
+            if prompts is not None:
+                kw["prompt"] = prompts[i]
+            else:
+                p = next(model.parameters())
+                kw["prompt_embeds"] = prompt_embeds[i:i + 1].to(p.device, p.dtype)
+                kw["pooled_prompt_embeds"] = pooled_prompt_embeds[i:i + 1].to(p.device, p.dtype)
+                if fam == "sd3":  # used only if the pipeline applies classifier-free guidance
+                    kw["negative_prompt_embeds"] = torch.zeros_like(kw["prompt_embeds"])
+                    kw["negative_pooled_prompt_embeds"] = torch.zeros_like(kw["pooled_prompt_embeds"])
+            pipe(**kw)
+            for s, rec in enumerate(records):
+                b = rec["hidden_states"].shape[0]
+                scale = 1000.0 if fam == "sd3" else 1.0
+                ts = rec["timestep"].float().reshape(-1).expand(b) / scale
+                rows.append(rec)
+                t_all.append(ts)
+                step_all.append(torch.full((b,), s, dtype=torch.long))
+                traj_all.append(torch.full((b,), i, dtype=torch.long))
+    finally:
+        h.remove()
+    if not rows:
+        raise HpruneError("the pipeline never called its transformer")
+    # diffusers expands every per-sample input (timestep, guidance) to the batch; ids are shared
+    inputs = {k: rows[0][k] if k in _SHARED else torch.cat([r[k] for r in rows]) for k in rows[0]}
+    info = {"prompts": list(prompts) if prompts is not None else None, "seed": seed,
+            "guidance_scale": guidance_scale, **(meta or {})}
+    return CalibrationSet(fam, inputs, torch.cat(t_all), torch.cat(step_all), torch.cat(traj_all), num_steps, info)
+
+
+def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0, text_len: int = 16,
+              latent_size: int | None = None, progress: bool = False) -> CalibrationSet:
+    """A seeded calibration set for a model without text encoders (the built-in tiny models):
+    stand-in prompt embeddings denoised by the model itself through a diffusers pipeline with a
+    tiny VAE (latents only; nothing is decoded)."""
+    from hprune.pipelines import build_pipeline, stand_in_prompts
+
+    pipe = build_pipeline(model)
+    emb = stand_in_prompts(model, n_prompts, text_len=text_len, seed=seed)
+    size = None
+    if latent_size is not None:
+        size = latent_size * pipe.vae_scale_factor
+    return capture(pipe, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
+                   num_steps=num_steps, seed=seed, height=size, width=size, progress=progress,
+                   meta={"source": "synthetic", "text_len": text_len})
