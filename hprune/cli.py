@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "demo"]
+COMMANDS = ["info", "calib", "probe", "plan", "prune", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

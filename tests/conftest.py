@@ -5,6 +5,10 @@ import os
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Each xdist worker gets its share of the cores: oversubscribed OpenMP threads spin and make the
+# small CPU matmuls of the tiny models ~10x slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 if not HAS_CUDA:
     # Must be set before triton is first imported (torch does not import it on its own).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -28,6 +28,15 @@ class BlockInfo:
     removed: frozenset[str]  # components already removed ({"block"} for a removed block)
 
 
+@dataclass
+class FlowState:
+    """The two streams between blocks, plus what every block reads (temb, rotary embedding)."""
+    hidden: torch.Tensor  # (B, S_img, D) image tokens
+    context: torch.Tensor | None  # (B, S_txt, D) context tokens (None after SD3's last block)
+    temb: torch.Tensor  # (B, D) timestep + pooled-text embedding
+    extra: dict  # family specific: rotary embedding (FLUX), latent height/width (SD3)
+
+
 def meta_clone(module: nn.Module) -> nn.Module:
     """A structural copy of `module` whose parameters and buffers live on the meta device."""
     memo: dict[int, object] = {}
@@ -107,6 +116,23 @@ class Adapter:
         self.set_block(model, index, new)
         return new
 
+    # -- block-by-block forward (bit-identical to the diffusers forward; see tests) -------------
+    def prepare(self, model: nn.Module, inputs: dict) -> FlowState:
+        raise NotImplementedError
+
+    def run_block(self, model: nn.Module, index: int, state: FlowState, block: nn.Module | None = None) -> FlowState:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, state: FlowState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """prepare -> every block -> finish: the transformer's output (the predicted velocity)."""
+        st = self.prepare(model, inputs)
+        for i in range(self.num_blocks(model)):
+            st = self.run_block(model, i, st)
+        return self.finish(model, st)
+
     # -- accounting --------------------------------------------------------------------------
     def component_params(self, model: nn.Module, index: int) -> dict[str, int]:
         """Parameters freed by removing each component of block `index` alone ("block" included);
@@ -134,6 +160,29 @@ class SD3Adapter(Adapter):
     def latent_channels(self, model: nn.Module) -> int:
         return model.config.in_channels
 
+    # Mirrors SD3Transformer2DModel.forward (diffusers >= 0.35) without controlnet / IP-adapter.
+    def prepare(self, model: nn.Module, inputs: dict) -> FlowState:
+        x = inputs["hidden_states"]
+        h, w = x.shape[-2:]
+        hidden = model.pos_embed(x).contiguous()
+        temb = model.time_text_embed(inputs["timestep"], inputs["pooled_projections"])
+        context = model.context_embedder(inputs["encoder_hidden_states"])
+        return FlowState(hidden, context, temb, {"height": h, "width": w})
+
+    def run_block(self, model: nn.Module, index: int, state: FlowState, block: nn.Module | None = None) -> FlowState:
+        block = block if block is not None else model.transformer_blocks[index]
+        ctx, hid = block(hidden_states=state.hidden, encoder_hidden_states=state.context, temb=state.temb,
+                         joint_attention_kwargs=None)
+        return FlowState(hid, ctx, state.temb, state.extra)
+
+    def finish(self, model: nn.Module, state: FlowState) -> torch.Tensor:
+        x = model.proj_out(model.norm_out(state.hidden, state.temb))
+        p = model.config.patch_size
+        h, w = state.extra["height"] // p, state.extra["width"] // p
+        x = x.reshape(x.shape[0], h, w, p, p, model.out_channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], model.out_channels, h * p, w * p)
+
     def transformer_inputs(self, model: nn.Module, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                            pooled: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """latents: (B, C, H, W) VAE latents; prompt_embeds: (B, T, joint_attention_dim);
@@ -152,6 +201,31 @@ class FluxAdapter(Adapter):
 
     def latent_channels(self, model: nn.Module) -> int:
         return model.config.in_channels // 4  # 2x2 patches are packed into channels
+
+    # Mirrors FluxTransformer2DModel.forward (diffusers >= 0.35) without controlnet / IP-adapter.
+    def prepare(self, model: nn.Module, inputs: dict) -> FlowState:
+        hidden = model.x_embedder(inputs["hidden_states"])
+        t = inputs["timestep"].to(hidden.dtype) * 1000
+        g = inputs.get("guidance")
+        if g is None:
+            temb = model.time_text_embed(t, inputs["pooled_projections"])
+        else:
+            temb = model.time_text_embed(t, g.to(hidden.dtype) * 1000, inputs["pooled_projections"])
+        context = model.context_embedder(inputs["encoder_hidden_states"])
+        txt_ids, img_ids = inputs["txt_ids"], inputs["img_ids"]
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        return FlowState(hidden, context, temb, {"rotary": rotary})
+
+    def run_block(self, model: nn.Module, index: int, state: FlowState, block: nn.Module | None = None) -> FlowState:
+        block = block if block is not None else self.get_block(model, index)
+        ctx, hid = block(hidden_states=state.hidden, encoder_hidden_states=state.context, temb=state.temb,
+                         image_rotary_emb=state.extra["rotary"], joint_attention_kwargs=None)
+        return FlowState(hid, ctx, state.temb, state.extra)
+
+    def finish(self, model: nn.Module, state: FlowState) -> torch.Tensor:
+        return model.proj_out(model.norm_out(state.hidden, state.temb))
 
     def transformer_inputs(self, model: nn.Module, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                            pooled: torch.Tensor, t: torch.Tensor, guidance: float = 3.5) -> dict[str, torch.Tensor]:

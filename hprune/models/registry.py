@@ -285,6 +285,18 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
+def fingerprint(model: nn.Module) -> str:
+    """Identifies an architecture and its structure: class, base config (without diffusers'
+    bookkeeping keys) and the structural recipe hprune applied."""
+    import hashlib
+
+    from hprune import recipe
+
+    cfg = {k: v for k, v in model_config(model).items() if not k.startswith("_")}
+    doc = {"class": type(model).__name__, "config": cfg, "recipe": recipe.get_recipe(model)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The diffusers config of a transformer as plain JSON-able data (tuples become lists)."""
     cfg = dict(model.config)

@@ -111,6 +111,13 @@ class PrunePlan:
             raise PlanError(f"plan is for a {self.family} model, not {ad.family} ({type(model).__name__})")
         if self.num_blocks is not None and self.num_blocks != n:
             raise PlanError(f"plan is for a model with {self.num_blocks} blocks; this one has {n}")
+        fp = self.meta.get("model_fingerprint")
+        if fp is not None:
+            from hprune.models.registry import fingerprint
+
+            if fp != fingerprint(model):
+                raise PlanError(f"plan was made for another model (fingerprint {fp}, this model's is "
+                                f"{fingerprint(model)}): re-probe this model and plan again")
         for block, comps in self.removed().items():
             ad.check_components(model, block, comps)
 

@@ -1,0 +1,74 @@
+"""Capture a calibration set: the transformer inputs seen while the model denoises calibration
+prompts over a spread of timesteps (flow-matching Euler, --steps steps per prompt).
+
+With a local pipeline folder (model_index.json + text encoders) the real prompts from --prompts
+(one per line) are encoded by the pipeline. Built-in tiny models and transformer-only folders have
+no text encoder: they use seeded stand-in prompt embeddings (--n of them)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "capture a calibration set (transformer inputs over denoising steps)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--prompts", help="text file, one prompt per line (pipeline folders only)")
+    p.add_argument("--n", type=int, default=8, help="number of stand-in prompts when there is no text encoder")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps per prompt (default 8)")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hprune.calib import capture, synthetic
+    from hprune.errors import HpruneError
+    from hprune.io import check_output
+    from hprune.models import load_model, resolve
+
+    check_output(args.out, args.overwrite)
+    if args.steps < 1 or args.n < 1:
+        raise HpruneError("--steps and --n must be at least 1")
+    kind, what = resolve(args.model)
+    pipeline_dir = Path(what).parent if kind == "diffusers" and (Path(what).parent / "model_index.json").exists() else None
+    if pipeline_dir is not None:
+        if not args.prompts:
+            raise HpruneError("a pipeline folder needs --prompts FILE (one prompt per line)")
+        prompts = _read_prompts(args.prompts)
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds
+            raise HpruneError(f"cannot load the pipeline in {pipeline_dir}: {exc}") from None
+        pipe.set_progress_bar_config(disable=True)
+        cal = capture(pipe, prompts=prompts, num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
+                      height=args.size, width=args.size, meta={"source": "pipeline"})
+    else:
+        if args.prompts:
+            raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
+                              f"(use --n for stand-in prompts)")
+        model = load_model(args.model)
+        if next(model.parameters()).device.type == "meta":
+            raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
+        cal = synthetic(model, n_prompts=args.n, num_steps=args.steps, seed=args.seed, progress=True,
+                        latent_size=None if args.size is None else args.size // 2)
+    cal.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {len(cal)} samples from {int(cal.trajectory.max()) + 1} prompts x {cal.num_steps} steps")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    from hprune.errors import HpruneError
+
+    p = Path(path)
+    if not p.is_file():
+        raise HpruneError(f"prompts file not found: {p}")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise HpruneError(f"{p}: no prompts in the file")
+    return prompts

@@ -1,0 +1,50 @@
+"""Measure ΔP — the loss of fidelity to the unpruned model — of every block and removable
+component, on a calibration set. Writes sensitivity.json (the table HPP plans from) and
+sensitivity.png (block x component heatmap) to --out."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure each block's and component's sensitivity (ΔP); writes a table and a heatmap"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--calib", help="calibration set from `hprune calib` (built-in tiny models: optional)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--metric", default="rel_mse", choices=["rel_mse", "cosine"])
+    p.add_argument("--granularity", default="both", choices=["block", "component", "both"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-samples", type=int, help="use an evenly spaced subset of the calibration samples")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hprune.calib import CalibrationSet, synthetic
+    from hprune.errors import HpruneError
+    from hprune.io import atomic_dir
+    from hprune.models import load_model
+    from hprune.models.registry import BUILTINS
+    from hprune.probe import probe_sensitivity
+    from hprune.report import format_table
+
+    model = load_model(args.model)
+    if next(model.parameters()).device.type == "meta":
+        raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
+    if args.calib:
+        cal = CalibrationSet.load(args.calib)
+    elif args.model in BUILTINS:
+        cal = synthetic(model, n_prompts=4, num_steps=8)
+    else:
+        raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
+    table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,
+                              batch_size=args.batch_size, max_samples=args.max_samples)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        table.save(tmp / "sensitivity.json")
+        table.heatmap(tmp / "sensitivity.png", title=f"{args.model}: ΔP ({args.metric})")
+    cols = sorted({c for b in table.blocks for c in b["delta"]}, key=lambda c: (c != "block", c))
+    rows = [{"#": b["index"], "kind": b["kind"], **{c: b["delta"].get(c) for c in cols},
+             "similarity": round(b["similarity"], 5)} for b in table.blocks]
+    print(format_table(rows, ["#", "kind"] + cols + ["similarity"], title=f"ΔP ({args.metric}), {table.seconds:.1f} s"))
+    print(f"wrote {args.out}/sensitivity.json and sensitivity.png")
+    return 0

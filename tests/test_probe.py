@@ -1,0 +1,100 @@
+"""ΔP probing: exactness of activation reuse, meaning of the numbers, determinism, bad input."""
+import copy
+import functools
+
+import pytest
+import torch
+
+from hprune.calib import CalibrationSet, synthetic
+from hprune.errors import HpruneError
+from hprune.metrics import rel_mse
+from hprune.models import PrunePlan, apply_plan, get_adapter
+from hprune.probe import SensitivityTable, probe_sensitivity
+from util import TINY, fresh
+
+
+@functools.lru_cache(maxsize=None)
+def calib(name):
+    return synthetic(fresh(name), n_prompts=1, num_steps=3, seed=1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_reuse_equals_naive_and_nothing_removed_is_zero(name):
+    m, c = fresh(name), calib(name)
+    fast = probe_sensitivity(m, c, batch_size=2, progress=False)
+    slow = probe_sensitivity(m, c, batch_size=2, progress=False, reuse=False)
+    assert fast.baseline == 0.0  # running the tail from cached activations reproduces the output exactly
+    assert fast.pieces() == slow.pieces()
+    for i, piece in fast.pieces():
+        assert fast.delta(i, piece) == slow.delta(i, piece)
+    # every probed piece matters in a random model, and a whole block matters at least as much as
+    # (roughly) its biggest part
+    assert all(fast.delta(i, p) > 0 for i, p in fast.pieces())
+
+
+def test_delta_is_the_fidelity_loss_of_the_pruned_model():
+    """ΔP(i, c) equals the relative MSE, over the calibration set, of the model with (i, c)
+    actually removed by surgery."""
+    name = "tiny-sd35"
+    m, c = fresh(name), calib(name)
+    table = probe_sensitivity(m, c, batch_size=len(c), progress=False, blocks=[1, 6])
+    x = next(c.batches(len(c)))
+    with torch.no_grad():
+        ref = m(**x).sample
+    for i, piece in [(1, "attn2"), (1, "context"), (6, "block"), (6, "ff")]:
+        pruned = copy.deepcopy(m)
+        apply_plan(pruned, PrunePlan.manual({i: [piece]}, model=pruned))
+        with torch.no_grad():
+            got = rel_mse(pruned(**x).sample, ref)
+        assert got == pytest.approx(table.delta(i, piece), rel=1e-4)
+
+
+def test_metrics_granularity_and_determinism(tmp_path):
+    m, c = fresh("tiny-flux"), calib("tiny-flux")
+    a = probe_sensitivity(m, c, granularity="block", metric="cosine", progress=False)
+    b = probe_sensitivity(m, c, granularity="block", metric="cosine", progress=False)
+    assert a.to_dict()["blocks"] == b.to_dict()["blocks"]
+    assert {p for _, p in a.pieces()} == {"block"}
+    comp = probe_sensitivity(m, c, granularity="component", progress=False, blocks=[0, 5])
+    assert {i for i, _ in comp.pieces()} == {0, 5} and "block" not in {p for _, p in comp.pieces()}
+
+    def max_abs(pred, ref):
+        return float((pred - ref).abs().max())
+
+    custom = probe_sensitivity(m, c, granularity="block", metric=max_abs, progress=False, blocks=[2])
+    assert custom.metric == "max_abs" and custom.delta(2, "block") > 0
+    a.save(tmp_path / "s.json")
+    assert SensitivityTable.load(tmp_path / "s.json").to_dict() == a.to_dict()
+    png = a.heatmap(tmp_path / "s.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_koala_similarity_is_block_input_output_cosine():
+    m, c = fresh("tiny-sd3"), calib("tiny-sd3")
+    table = probe_sensitivity(m, c, granularity="block", progress=False, blocks=[3])
+    ad = get_adapter(m)
+    sims = []
+    with torch.no_grad():
+        for x in c.batches(2):
+            st = ad.prepare(m, x)
+            for i in range(3):
+                st = ad.run_block(m, i, st)
+            nxt = ad.run_block(m, 3, st)
+            sims.append(torch.nn.functional.cosine_similarity(st.hidden.flatten(1).double(),
+                                                             nxt.hidden.flatten(1).double(), dim=1))
+    assert table.blocks[3]["similarity"] == pytest.approx(float(torch.cat(sims).mean()), rel=1e-9)
+
+
+def test_bad_probe_input(tmp_path):
+    m = fresh("tiny-sd3")
+    with pytest.raises(HpruneError, match="calibration set is for a flux model"):
+        probe_sensitivity(m, calib("tiny-flux"), progress=False)
+    with pytest.raises(HpruneError, match="granularity"):
+        probe_sensitivity(m, calib("tiny-sd3"), granularity="heads", progress=False)
+    (tmp_path / "t.json").write_text('{"format": "something-else"}')
+    with pytest.raises(HpruneError, match="not a sensitivity table"):
+        SensitivityTable.load(tmp_path / "t.json")
+    calib("tiny-sd3").save(tmp_path / "c.safetensors")
+    assert len(CalibrationSet.load(tmp_path / "c.safetensors")) == len(calib("tiny-sd3"))
+    with pytest.raises(HpruneError, match="exists"):
+        calib("tiny-sd3").save(tmp_path / "c.safetensors")
