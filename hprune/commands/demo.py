@@ -11,7 +11,7 @@ HELP = "run the whole pipeline on a built-in tiny model (CPU, minutes)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-sd3", choices=["tiny-sd3", "tiny-sd35", "tiny-flux"])
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
-    p.add_argument("--ratio", type=float, default=0.25, help="fraction of block parameters to remove")
+    p.add_argument("--ratio", type=float, default=0.25, help="fraction of transformer parameters to remove (default 0.25)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 

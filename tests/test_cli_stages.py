@@ -1,0 +1,86 @@
+"""The probing/planning CLI chain on the tiny models: calib -> probe -> plan -> prune, and its errors."""
+import json
+
+import pytest
+import torch
+
+from hprune.artifacts import load_compressed
+from hprune.cli import main
+from hprune.models import load_model
+from util import TINY, inputs, out
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_chain_end_to_end(name, tmp_path, capsys):
+    cal, probe, plan, art = tmp_path / "c.safetensors", tmp_path / "probe", tmp_path / "plan.json", tmp_path / "art"
+    assert run(capsys, "calib", name, "--n", 1, "--steps", 2, "--out", cal)[0] == 0
+    code, text, _ = run(capsys, "probe", name, "--calib", cal, "--out", probe, "--max-samples", 2)
+    assert code == 0 and "ΔP (rel_mse)" in text
+    assert (probe / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    code, text, _ = run(capsys, "plan", "--sensitivity", probe / "sensitivity.json", "--ratio", 0.2, "--out", plan)
+    assert code == 0 and "hpp plan" in text
+    code, text, _ = run(capsys, "prune", name, "--plan", plan, "--out", art)
+    assert code == 0 and "removed" in text
+    meta = json.loads(plan.read_text())["meta"]
+    model = load_compressed(art)
+    full = load_model(name)
+    assert meta["achieved_ratio"] >= 0.2
+    removed = 1 - sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in full.parameters())
+    assert removed == pytest.approx(meta["achieved_ratio"])
+    x = inputs(model)
+    assert torch.isfinite(out(model, x)).all()
+
+
+def test_baseline_and_manual_plans(tmp_path, capsys):
+    probe = tmp_path / "probe"
+    assert run(capsys, "probe", "tiny-sd3", "--out", probe, "--max-samples", 2, "--granularity", "block")[0] == 0
+    for method in ("koala", "bksdm"):
+        code, _, err = run(capsys, "plan", "--sensitivity", probe / "sensitivity.json", "--ratio", 0.25,
+                           "--method", method, "--out", tmp_path / f"{method}.json")
+        assert code == 0, err
+    code, _, _ = run(capsys, "plan", "--method", "manual", "--blocks", "5-6", "--out", tmp_path / "m.json")
+    assert code == 0
+    assert run(capsys, "prune", "tiny-sd3", "--plan", tmp_path / "m.json", "--out", tmp_path / "a")[0] == 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["plan", "--sensitivity", "{probe}", "--ratio", "1.5", "--out", "{tmp}/p.json"], "ratio must be in (0, 1)"),
+    (["plan", "--sensitivity", "{probe}", "--ratio", "0.5", "--protect", "7", "--out", "{tmp}/p.json"],
+     "cannot be met without touching the 7 protected"),
+    (["plan", "--sensitivity", "{tmp}/missing.json", "--ratio", "0.2", "--out", "{tmp}/p.json"], "not found"),
+    (["plan", "--method", "manual", "--blocks", "9", "--out", "{tmp}/m.json"], None),  # written; fails at prune
+    (["prune", "tiny-flux", "--plan", "{plan}", "--out", "{tmp}/x"], "plan is for a sd3 model"),
+    (["prune", "tiny-sd35", "--plan", "{plan}", "--out", "{tmp}/x"], "made for another model"),
+    (["prune", "tiny-sd3", "--plan", "{plan}", "--out", "{probe_dir}"], "output path exists"),
+    (["probe", "tiny-flux", "--calib", "{calib}", "--out", "{tmp}/p2"], "calibration set is for a sd3 model"),
+    (["calib", "tiny-sd3", "--prompts", "{tmp}/x.txt", "--out", "{tmp}/c2.safetensors"], "has no text encoder"),
+])
+def test_bad_input(argv, match, tmp_path_factory, capsys):
+    d = _prepared(tmp_path_factory, capsys)
+    argv = [a.format(**d) for a in argv]
+    code, _, err = run(capsys, *argv)
+    if match is None:
+        assert code == 0
+        code, _, err = run(capsys, "prune", "tiny-sd3", "--plan", argv[-1], "--out", d["tmp"] + "/y")
+        match = "unknown block index 9"
+    assert code == 1 and match in err and len(err.strip().splitlines()) == 1
+
+
+_cache = {}
+
+
+def _prepared(factory, capsys):
+    if not _cache:
+        tmp = factory.mktemp("stages")
+        run(capsys, "calib", "tiny-sd3", "--n", 1, "--steps", 2, "--out", tmp / "c.safetensors")
+        run(capsys, "probe", "tiny-sd3", "--calib", tmp / "c.safetensors", "--out", tmp / "probe", "--max-samples", 2)
+        run(capsys, "plan", "--sensitivity", tmp / "probe" / "sensitivity.json", "--ratio", 0.2, "--out", tmp / "plan.json")
+        _cache.update(tmp=str(tmp), probe=str(tmp / "probe" / "sensitivity.json"), probe_dir=str(tmp / "probe"),
+                      plan=str(tmp / "plan.json"), calib=str(tmp / "c.safetensors"))
+    return _cache
