@@ -28,3 +28,7 @@ class BackendUnavailableError(HpruneError):
 
 class ShapeError(HpruneError, ValueError):
     """A tensor argument with the wrong shape, dtype or layout for an op."""
+
+
+class ScaleError(HpruneError, ValueError):
+    """A per-parameter optimizer scale that is out of range or names no parameter of the optimizer."""
