@@ -30,5 +30,9 @@ class ShapeError(HpruneError, ValueError):
     """A tensor argument with the wrong shape, dtype or layout for an op."""
 
 
-class ScaleError(HpruneError, ValueError):
-    """A per-parameter optimizer scale that is out of range or names no parameter of the optimizer."""
+class OptimizerConfigError(HpruneError, ValueError):
+    """An optimizer setting out of range (learning rate, betas, eps, weight decay)."""
+
+
+class ScaleError(OptimizerConfigError):
+    """A per-parameter optimizer scale outside [0, 1], or a key that names no parameter of the optimizer."""

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hprune.errors import ShapeError
+from hprune.errors import OptimizerConfigError, ShapeError
 from hprune.kernels import dispatch
 
 OP = "scaled_adamw_"
@@ -71,7 +71,7 @@ def hyper_table(lrs: Tensor, steps: Tensor, beta1: float, beta2: float, weight_d
 def check_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                  exp_avg_sqs: Sequence[Tensor], lrs: Tensor, steps: Tensor, beta1: float,
                  beta2: float, eps: float, weight_decay: float) -> None:
-    """Raises ShapeError / ValueError naming the first problem with the op's arguments."""
+    """Raises ShapeError / OptimizerConfigError (both ValueErrors) naming the first problem with the op's arguments."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
         raise ShapeError(f"scaled_adamw_: mismatched list lengths: {n} params, {len(grads)} grads, "
@@ -83,34 +83,39 @@ def check_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         if t.dtype == torch.bool or t.is_complex():
             raise ShapeError(f"scaled_adamw_: {name} must be real numbers, got {t.dtype}")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"scaled_adamw_: betas must lie in [0, 1), got ({beta1}, {beta2})")
+        raise OptimizerConfigError(f"scaled_adamw_: betas must lie in [0, 1), got ({beta1}, {beta2})")
     if not eps >= 0.0 or not weight_decay >= 0.0:
-        raise ValueError(f"scaled_adamw_: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        raise OptimizerConfigError(f"scaled_adamw_: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
     if n == 0:
         return
     dtype, device = params[0].dtype, params[0].device
     if dtype not in PARAM_DTYPES:
-        raise ShapeError(f"scaled_adamw_: unsupported parameter dtype {dtype}; supported: float32, bfloat16")
+        raise _tensor_error(0, f"unsupported parameter dtype {dtype}; supported: float32, bfloat16")
     f32 = torch.float32
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         shape = p.shape
         if p.dtype != dtype or g.dtype != dtype or m.dtype != f32 or v.dtype != f32:
             if p.dtype != dtype:
-                raise ShapeError(f"scaled_adamw_: params must share one dtype; params[0] is {dtype}, "
-                                 f"params[{i}] is {p.dtype} (call once per dtype)")
+                raise _tensor_error(i, f"params must share one dtype; params[0] is {dtype}, params[{i}] is "
+                                       f"{p.dtype} (call once per dtype)")
             if g.dtype != dtype:
-                raise ShapeError(f"scaled_adamw_: grads[{i}] is {g.dtype}, its parameter is {dtype}")
-            raise ShapeError(f"scaled_adamw_: exp_avgs[{i}] / exp_avg_sqs[{i}] must be float32, got "
-                             f"{m.dtype} / {v.dtype}")
+                raise _tensor_error(i, f"grads[{i}] is {g.dtype}, its parameter is {dtype}")
+            raise _tensor_error(i, f"exp_avgs[{i}] / exp_avg_sqs[{i}] must be float32, got {m.dtype} / {v.dtype}")
         if g.shape != shape or m.shape != shape or v.shape != shape:
-            raise ShapeError(f"scaled_adamw_: tensor {i}: param {tuple(shape)}, grad {tuple(g.shape)}, "
-                             f"exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)} must match")
+            raise _tensor_error(i, f"tensor {i}: param {tuple(shape)}, grad {tuple(g.shape)}, exp_avg "
+                                   f"{tuple(m.shape)}, exp_avg_sq {tuple(v.shape)} must match")
         if p.device != device or g.device != device or m.device != device or v.device != device:
-            raise ShapeError(f"scaled_adamw_: tensor {i} is not on {device} (param {p.device}, grad "
-                             f"{g.device}, exp_avg {m.device}, exp_avg_sq {v.device})")
+            raise _tensor_error(i, f"tensor {i} is not on {device} (param {p.device}, grad {g.device}, "
+                                   f"exp_avg {m.device}, exp_avg_sq {v.device})")
         if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
-            raise ShapeError(f"scaled_adamw_: tensor {i} (shape {tuple(shape)}): param, grad and "
-                             f"states must be contiguous")
+            raise _tensor_error(i, f"tensor {i} (shape {tuple(shape)}): param, grad and states must be "
+                                   f"contiguous")
+
+
+def _tensor_error(i: int, msg: str) -> ShapeError:
+    err = ShapeError(f"scaled_adamw_: {msg}")
+    err.index = i  # type: ignore[attr-defined]  - lets callers name the parameter
+    return err
 
 
 # ---- the op ---------------------------------------------------------------------------------------
