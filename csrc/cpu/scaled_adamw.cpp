@@ -20,6 +20,9 @@ namespace {
 // Elements per task: large enough to amortise the task, small enough to balance two-to-many
 // threads over a few big tensors.
 constexpr int64_t kChunk = 1 << 15;
+// Below this many elements in total the step runs on the calling thread: a parallel region
+// costs more than the work (and much more when the machine is oversubscribed).
+constexpr int64_t kSerialBelow = 1 << 18;
 
 struct Work {
   int64_t tensor;
@@ -63,13 +66,15 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
          const float* hyper, double beta1, double beta2, double eps) {
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<Work> work;
+  int64_t total = 0;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t numel = params[t].numel();
+    total += numel;
     for (int64_t b = 0; b < numel; b += kChunk) work.push_back({t, b, std::min(numel, b + kChunk)});
   }
   const float w1 = static_cast<float>(1.0 - beta1);
   const bool lerp_small = std::abs(w1) < 0.5f;
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t lo, int64_t hi) {
+  const auto body = [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Work& w = work[k];
       const int64_t t = w.tensor;
@@ -85,7 +90,13 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
         update_range<P, false>(p, g, m, v, w.begin, w.end, s);
       }
     }
-  });
+  };
+  const int64_t items = static_cast<int64_t>(work.size());
+  if (total < kSerialBelow) {
+    body(0, items);
+  } else {
+    at::parallel_for(0, items, 1, body);
+  }
 }
 
 void scaled_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

@@ -47,15 +47,24 @@ def _check_scale(key: Any, s: Any) -> float:
 
 
 class _Bucket:
-    """Parameters of one group sharing (device, dtype) and a non-zero scale: one fused call."""
+    """Parameters of one group sharing (device, dtype) and a non-zero scale: one fused call.
 
-    __slots__ = ("params", "positions", "scale_table")
+    Once every parameter has its state, the lists the op takes (local params, moments, steps)
+    are kept here, so a step only gathers the gradients; `ready` is False until then, and the
+    bucket is rebuilt whenever scales, parameters or the state dict object change."""
 
-    def __init__(self, params: list[Tensor], positions: list[int], scales: list[float], device: torch.device):
+    __slots__ = ("params", "scale_table", "dtensor", "ready", "locals", "exp_avgs", "exp_avg_sqs", "steps")
+
+    def __init__(self, params: list[Tensor], scales: list[float], device: torch.device):
         self.params = params
-        self.positions = positions  # index of each parameter inside its group
         # float64 so lr * s equals the Python product torch.optim.AdamW would use for lr * s
         self.scale_table = torch.tensor(scales, dtype=torch.float64, device=device)
+        self.dtensor = DTensor is not None and any(isinstance(p, DTensor) for p in params)
+        self.ready = False
+        self.locals: list[Tensor] = []
+        self.exp_avgs: list[Tensor] = []
+        self.exp_avg_sqs: list[Tensor] = []
+        self.steps: list[Tensor] = []
 
 
 class SensitivityAdamW(torch.optim.Optimizer):
@@ -182,13 +191,13 @@ class SensitivityAdamW(torch.optim.Optimizer):
         """Trained parameters of a group split by (device, dtype); rebuilt only when the group's
         scales or parameters change (the scale tables then live on the device)."""
         params, scales = group["params"], group["scales"]
-        key = (tuple(scales), tuple(map(id, params)))
+        key = (tuple(scales), tuple(map(id, params)), id(self.state))
         plan = self._plans.get(gi)
         if plan is not None and plan[0] == key:
             return plan[1]
         if len(scales) != len(params):
             raise ScaleError(f"param group {gi} has {len(params)} parameters but {len(scales)} scales")
-        split: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
+        split: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
         for i, (p, s) in enumerate(zip(params, scales)):
             if not 0.0 <= s <= 1.0:
                 raise ScaleError(f"scale of parameter {self._label(p)} must lie in [0, 1], got {s}")
@@ -200,11 +209,10 @@ class SensitivityAdamW(torch.optim.Optimizer):
                                  "float32 and bfloat16 parameters")
             if not local.is_contiguous():
                 raise ShapeError(f"parameter {self._label(p)} (shape {tuple(local.shape)}) is not contiguous")
-            ps, pos, sc = split.setdefault((local.device, local.dtype), ([], [], []))
+            ps, sc = split.setdefault((local.device, local.dtype), ([], []))
             ps.append(p)
-            pos.append(i)
             sc.append(s)
-        buckets = [_Bucket(ps, pos, sc, dev) for (dev, _), (ps, pos, sc) in split.items()]
+        buckets = [_Bucket(ps, sc, dev) for (dev, _), (ps, sc) in split.items()]
         self._plans[gi] = (key, buckets)
         return buckets
 
@@ -229,30 +237,18 @@ class SensitivityAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             for bucket in self._buckets(gi, group):
-                params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-                missing: list[int] = []
-                for k, p in enumerate(bucket.params):
-                    g = p.grad
-                    if g is None:
-                        missing.append(k)
+                grads = [p.grad for p in bucket.params]
+                if bucket.ready and all(g is not None for g in grads):
+                    # steady state: only the gradients change from step to step
+                    params = [_local(p) for p in bucket.params] if bucket.dtensor else bucket.locals
+                    if bucket.dtensor:
+                        grads = [_local(g) for g in grads]
+                    args = (params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, bucket.scale_table)
+                else:
+                    args = self._gather(bucket, grads)
+                    if args is None:
                         continue
-                    if g.is_sparse:
-                        raise ShapeError(f"parameter {self._label(p)} has a sparse gradient; "
-                                         "SensitivityAdamW needs dense gradients")
-                    state = self.state[p]
-                    if len(state) == 0:
-                        self._init_state(p, state)
-                    params.append(_local(p))
-                    grads.append(_local(g))
-                    exp_avgs.append(_local(state["exp_avg"]))
-                    exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-                    steps.append(state["step"])
-                if not params:
-                    continue
-                table = bucket.scale_table
-                if missing:  # rare: some trained parameters got no gradient this step
-                    keep = [k for k in range(len(bucket.params)) if k not in set(missing)]
-                    table = table[torch.tensor(keep, device=table.device)]
+                params, grads, exp_avgs, exp_avg_sqs, steps, table = args
                 torch._foreach_add_(steps, 1.0)
                 try:
                     torch.ops.hprune.scaled_adamw_(
@@ -265,6 +261,35 @@ class SensitivityAdamW(torch.optim.Optimizer):
                     owner = [p for p in bucket.params if p.grad is not None][i]
                     raise ShapeError(f"parameter {self._label(owner)}: {err}") from err
         return loss
+
+    def _gather(self, bucket: _Bucket, grads: list[Optional[Tensor]]):
+        """The op's lists for the parameters that have a gradient, creating missing state.
+        Marks the bucket ready (lists cached) when every parameter took part."""
+        params, kept_grads, exp_avgs, exp_avg_sqs, steps, keep = [], [], [], [], [], []
+        for k, (p, g) in enumerate(zip(bucket.params, grads)):
+            if g is None:
+                continue  # as torch.optim.AdamW: no gradient, no step (the count does not advance)
+            if g.is_sparse:
+                raise ShapeError(f"parameter {self._label(p)} has a sparse gradient; "
+                                 "SensitivityAdamW needs dense gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state)
+            keep.append(k)
+            params.append(_local(p))
+            kept_grads.append(_local(g))
+            exp_avgs.append(_local(state["exp_avg"]))
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            steps.append(state["step"])
+        if not params:
+            return None
+        if len(keep) == len(bucket.params):
+            table = bucket.scale_table
+            bucket.locals, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps = params, exp_avgs, exp_avg_sqs, steps
+            bucket.ready = True
+        else:  # rare: some trained parameters got no gradient this step
+            table = bucket.scale_table[torch.tensor(keep, device=bucket.scale_table.device)]
+        return params, kept_grads, exp_avgs, exp_avg_sqs, steps, table
 
     # ---- state dict ------------------------------------------------------------------------
 
