@@ -108,9 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--rep", type=int, default=None, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=None, help="default 1 on a GPU, 5 on the CPU")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     hidden = args.hidden or (2432 if on_gpu else 256)
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"{config['distinct_nonzero_scales']} distinct scales); copy {copy:.1f} GB/s")
     table = print_table(rows, ["variant", "ms", "GBps", "pct_of_copy", "speedup_vs_best_torch_same_update"], title)
     payload = {"benchmark": "bench_optim", "env": info, "config": config, "results": rows, "table": table}
-    name = "bench_optim" + ("" if args.dtype == "fp32" else f"-{args.dtype}")
+    name = "bench_optim" + ("" if args.dtype == "fp32" else f"-{args.dtype}") + (f"-t{args.threads}" if args.threads else "")
     write_results(name, payload, device, args.out_dir)
     return payload
 

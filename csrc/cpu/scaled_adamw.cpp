@@ -44,8 +44,9 @@ template <> inline c10::BFloat16 from_float<c10::BFloat16>(float x) { return c10
 
 // The operations of torch.optim.AdamW's single-tensor step, in its order, in fp32.
 template <typename P, bool kLerpSmall>
-void update_range(P* __restrict p, const P* __restrict g, float* __restrict m, float* __restrict v,
-                  int64_t begin, int64_t end, const Scalars s) {
+inline __attribute__((always_inline)) void update_range(P* __restrict p, const P* __restrict g,
+                                                        float* __restrict m, float* __restrict v,
+                                                        int64_t begin, int64_t end, const Scalars s) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const float gi = to_float(g[i]);
@@ -59,6 +60,37 @@ void update_range(P* __restrict p, const P* __restrict g, float* __restrict m, f
     m[i] = mi;
     v[i] = vi;
   }
+}
+
+// One compiled copy per instruction set, picked once at load time (GCC/Clang function
+// multi-versioning): the wheel's baseline is SSE2, where the two divisions and the sqrt per element
+// make one core compute-bound; AVX2 / AVX-512 copies keep it at memory speed. The loop bodies are
+// inlined into each clone, so each is vectorised for its target. No FMA contraction (-std=c++17
+// implies -ffp-contract=off), so every clone rounds exactly like the others.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define HPRUNE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HPRUNE_CLONES
+#endif
+
+#define HPRUNE_DEFINE_UPDATE(NAME, P, SMALL)                                                          \
+  HPRUNE_CLONES void NAME(P* __restrict p, const P* __restrict g, float* __restrict m,                \
+                          float* __restrict v, int64_t begin, int64_t end, const Scalars& s) {        \
+    update_range<P, SMALL>(p, g, m, v, begin, end, s);                                                \
+  }
+HPRUNE_DEFINE_UPDATE(update_f32_small, float, true)
+HPRUNE_DEFINE_UPDATE(update_f32_large, float, false)
+HPRUNE_DEFINE_UPDATE(update_bf16_small, c10::BFloat16, true)
+HPRUNE_DEFINE_UPDATE(update_bf16_large, c10::BFloat16, false)
+#undef HPRUNE_DEFINE_UPDATE
+
+inline void update(float* p, const float* g, float* m, float* v, int64_t b, int64_t e, const Scalars& s,
+                   bool small) {
+  small ? update_f32_small(p, g, m, v, b, e, s) : update_f32_large(p, g, m, v, b, e, s);
+}
+inline void update(c10::BFloat16* p, const c10::BFloat16* g, float* m, float* v, int64_t b, int64_t e,
+                   const Scalars& s, bool small) {
+  small ? update_bf16_small(p, g, m, v, b, e, s) : update_bf16_large(p, g, m, v, b, e, s);
 }
 
 template <typename P>
@@ -84,11 +116,7 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
       const P* g = grads[t].data_ptr<P>();
       float* m = exp_avgs[t].data_ptr<float>();
       float* v = exp_avg_sqs[t].data_ptr<float>();
-      if (lerp_small) {
-        update_range<P, true>(p, g, m, v, w.begin, w.end, s);
-      } else {
-        update_range<P, false>(p, g, m, v, w.begin, w.end, s);
-      }
+      update(p, g, m, v, w.begin, w.end, s, lerp_small);
     }
   };
   const int64_t items = static_cast<int64_t>(work.size());
