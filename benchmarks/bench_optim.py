@@ -19,6 +19,12 @@ Achieved bandwidth = bytes an ideal step moves / time, against a device-to-devic
 the same run (bytes read + written / time). Ideal bytes per trained element: fp32 parameters
 28 (read p, g, m, v; write p, m, v); bf16 parameters 22 for hprune (fp32 moments) and 14 for torch
 (bf16 moments). Frozen tensors move nothing in any variant (torch variants never see them).
+On a CPU the copy is not a ceiling: its destination lines are read before being written
+(write-allocate), traffic the 2-bytes-per-byte count ignores, while AdamW writes only what it has
+just read, so a CPU step can show more than 100% of copy. On a GPU the copy is the reference.
+The CPU here is shared: `loadavg_before/after` in the JSON says how busy it was; `--threads 1`
+is the steadier comparison there (one parallel region per tensor, as torch's CPU kernels use,
+suffers most when threads get descheduled).
 
     python benchmarks/bench_optim.py                  # GPU if present, else the CPU set
     python benchmarks/bench_optim.py --blocks 4 --dtype bf16
