@@ -11,6 +11,7 @@ not depend on the parameter value (m, v come from the gradients; weight decay on
 difference), so the difference after T steps is at most the sum of the per-step roundings, each
 <= 2^-8 |p_t|: we require |ours - fp32| <= (T + 1) * 2^-8 * max_t |p_t| elementwise.
 """
+import copy
 import io
 
 import pytest
@@ -229,6 +230,11 @@ def test_named_parameters_and_names_mapping():
     assert opt.get_scale(model[0].bias) == 0.25
     opt2 = SensitivityAdamW(model.parameters(), names=dict(model.named_parameters()), scales={"1.weight": 0.0})
     assert opt2.get_scale(model[1].weight) == 0.0
+    opt2.load_state_dict(opt2.state_dict())  # names given with names= survive a load
+    opt2.set_scales({"1.weight": 0.75})
+    assert opt2.get_scale(model[1].weight) == 0.75
+    clone = copy.deepcopy(opt2)  # and a deep copy (its parameters are copies too)
+    assert clone.get_scale("1.weight") == 0.75 and clone.get_scale("0.bias") == 1.0
     # a name of a parameter that exists in the model but is not optimised
     opt3 = SensitivityAdamW(model[0].parameters(), names=model.named_parameters())
     with pytest.raises(ScaleError, match="unknown parameter name '1.weight'"):
@@ -349,3 +355,43 @@ def test_torch_compile_step(compile_backend):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert comp.state[models[1][0].weight]["step"].item() == 4
     assert len(comp.state[models[1][1].bias]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture(backend):
+    """A captured step replays like eager steps (launch tables cached, per-tensor scalars computed
+    on the device, host tables of captured copies kept alive)."""
+    need(backend, torch.device("cuda"))
+    ours = make_params(torch.float32, "cuda", seed=8)
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    for p, r in zip(ours, ref):
+        p.grad = torch.zeros_like(p)  # static gradient buffers, refilled in place
+        r.grad = torch.zeros_like(r)
+    opt = SensitivityAdamW(ours, lr=LR, weight_decay=WD, scales=dict(zip(ours, SCALES)), backend=backend)
+    topt = SensitivityAdamW(ref, lr=LR, weight_decay=WD, scales=dict(zip(ref, SCALES)), backend="reference")
+
+    def fill(t):
+        for p, r, g in zip(ours, ref, grads_for(t, ours, torch.float32)):
+            p.grad.copy_(g)
+            r.grad.copy_(g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for t in range(3):
+            fill(t)
+            opt.step()
+            topt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t in range(3, 8):
+        fill(t)
+        graph.replay()
+        topt.step()
+    torch.cuda.synchronize()
+    for p, r in zip(ours, ref):
+        assert rel_err(p.detach(), r.detach()) <= 1e-6
+    assert opt.state[ours[0]]["step"].item() == 8

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 #include "cuda/scaled_adamw.h"
 
@@ -16,6 +18,12 @@ namespace hprune {
 namespace {
 
 namespace sa = hprune::scaled_adamw;
+
+// Host tables whose copies were recorded into a CUDA graph: a replay copies from the same host
+// address again, so those buffers must never be freed or reused (a few bytes per tensor, once
+// per captured graph).
+std::mutex g_captured_mutex;
+std::vector<at::Tensor> g_captured_tables;
 
 void scaled_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, const at::Tensor& hyper, double beta1, double beta2,
@@ -60,8 +68,14 @@ void scaled_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   if (chunks == 0) return;
   // Pinned source + non_blocking: an asynchronous copy ordered before the kernel on this stream;
   // the caching host allocator keeps the buffer until the copy has run.
-  const at::Tensor meta_dev = meta_host.to(device, /*non_blocking=*/true);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "_scaled_adamw_cuda: cudaStreamIsCapturing failed");
+  if (capture != cudaStreamCaptureStatusNone) {
+    const std::lock_guard<std::mutex> lock(g_captured_mutex);
+    g_captured_tables.push_back(meta_host);
+  }
+  const at::Tensor meta_dev = meta_host.to(device, /*non_blocking=*/true);
   const cudaError_t err = sa::launch_scaled_adamw(
       dtype == at::kFloat ? sa::ParamType::kFloat32 : sa::ParamType::kBFloat16,
       reinterpret_cast<const sa::TensorMeta*>(meta_dev.data_ptr()), hyper.data_ptr<float>(), n, chunks,

@@ -278,10 +278,17 @@ _layout_cache = _LRU()  # (device, chunk, numels) -> (numels int64 [n], chunks i
 _pointer_cache = _LRU()  # (device, addresses) -> (int64 [4, n] addresses, all 16-byte aligned)
 
 
+_captured_host_tables: List[Tensor] = []  # host sources of copies recorded into CUDA graphs
+
+
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cuda":  # pinned so the copy is truly asynchronous (pageable copies block)
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    if device.type != "cuda":
+        return host
+    pinned = host.pin_memory()  # pinned so the copy is truly asynchronous (pageable copies block)
+    if torch.cuda.is_current_stream_capturing():
+        # a graph replay re-reads this host buffer: it must outlive the graph
+        _captured_host_tables.append(pinned)
+    return pinned.to(device, non_blocking=True)
 
 
 def _layout_tables(numels: Tuple[int, ...], chunk: int, device: torch.device) -> Tuple[Tensor, Tensor, int]:

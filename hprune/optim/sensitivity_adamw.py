@@ -121,9 +121,20 @@ class SensitivityAdamW(torch.optim.Optimizer):
         self._names: dict[str, Tensor] = {}
         self._plans: dict[int, tuple[tuple, list[_Bucket]]] = {}  # group -> (key, buckets)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy / pickle
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle keep names and backend
+        state = super().__getstate__()
+        state["_hprune"] = {"names": self._names, "backend": self._backend}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by unpickling / deepcopy, and by Optimizer.load_state_dict with only
+        # {"state", "param_groups"}: keep what this object already knows in the latter case.
+        state = dict(state)
+        extra = state.pop("_hprune", None)
         super().__setstate__(state)
-        self._init_private(getattr(self, "_backend", None))
+        if extra is not None or not hasattr(self, "_index"):
+            self._init_private(extra["backend"] if extra else None)
+            self._names.update(extra["names"] if extra else {})
         self._reindex()
 
     # ---- parameter groups, names and scales ------------------------------------------------
