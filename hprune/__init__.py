@@ -1,7 +1,8 @@
 """hprune: compression toolkit for large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1).
 
 Library entry points (imported lazily so `import hprune` stays cheap):
-    load_model, save_compressed, load_compressed, PrunePlan, apply_plan, model_report
+    load_model, save_compressed, load_compressed, PrunePlan, apply_plan, model_report,
+    SensitivityAdamW
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ _LAZY = {
     "save_compressed": "hprune.artifacts",
     "load_compressed": "hprune.artifacts",
     "HpruneError": "hprune.errors",
+    "SensitivityAdamW": "hprune.optim",
 }
 
 

@@ -28,3 +28,11 @@ class BackendUnavailableError(HpruneError):
 
 class ShapeError(HpruneError, ValueError):
     """A tensor argument with the wrong shape, dtype or layout for an op."""
+
+
+class OptimizerConfigError(HpruneError, ValueError):
+    """An optimizer setting out of range (learning rate, betas, eps, weight decay)."""
+
+
+class ScaleError(OptimizerConfigError):
+    """A per-parameter optimizer scale outside [0, 1], or a key that names no parameter of the optimizer."""
