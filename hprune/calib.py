@@ -10,7 +10,9 @@ over `num_steps` steps), so it holds exactly what the transformer consumes at ea
     img_ids, txt_ids        FLUX only: (S, 3), (T, 3), shared by all samples
     guidance                FLUX-dev only: (N,)
 and per sample: `t` (N,) flow time in [0, 1] (1 = pure noise), `step` (N,) the denoising step
-index (0 = first, noisiest), `trajectory` (N,) which prompt/run it came from.
+index (0 = first, noisiest), `trajectory` (N,) which prompt/run it came from. `final` holds each
+trajectory's denoised latent (n_traj, ...) in the transformer's input layout: the model's own
+generation, which distillation re-noises at fresh timesteps.
 
 Stored as one safetensors file; its metadata holds the format tag, the model family and dims
 (checked against the model that uses the set) and the prompts. The built-in tiny models have no
@@ -42,6 +44,7 @@ class CalibrationSet:
     trajectory: torch.Tensor  # (N,) int64
     num_steps: int
     meta: dict[str, Any] = field(default_factory=dict)
+    final: torch.Tensor | None = None  # (n_traj, ...) denoised latents, transformer input layout
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -59,7 +62,8 @@ class CalibrationSet:
     def subset(self, indices: Sequence[int]) -> "CalibrationSet":
         sel = torch.as_tensor(list(indices))
         return CalibrationSet(self.family, {k: v if k in _SHARED else v[sel] for k, v in self.inputs.items()},
-                              self.t[sel], self.step[sel], self.trajectory[sel], self.num_steps, dict(self.meta))
+                              self.t[sel], self.step[sel], self.trajectory[sel], self.num_steps, dict(self.meta),
+                              self.final)
 
     def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-trajectory conditioning, for re-running the denoising loop (e.g. on a partly pruned
@@ -100,6 +104,8 @@ class CalibrationSet:
         tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
         tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
                         "trajectory": self.trajectory.long().cpu()})
+        if self.final is not None:
+            tensors["final"] = self.final.contiguous().cpu()
         meta = {"format": CALIB_FORMAT, "family": self.family, "num_steps": str(self.num_steps),
                 "meta": json.dumps(self.meta)}
         path = Path(path)
@@ -131,7 +137,8 @@ class CalibrationSet:
         for need in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
             if need not in inputs:
                 raise CheckpointError(f"{path}: corrupted calibration set (no {need!r})")
-        return cls(meta["family"], inputs, tensors["t"], tensors["step"], tensors["trajectory"], num_steps, extra)
+        return cls(meta["family"], inputs, tensors["t"], tensors["step"], tensors["trajectory"], num_steps, extra,
+                   tensors.get("final"))
 
 
 def _to(v: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tensor:
@@ -168,7 +175,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
 
     h = model.register_forward_pre_hook(hook, with_kwargs=True)
     rows: list[dict[str, torch.Tensor]] = []
-    t_all, step_all, traj_all = [], [], []
+    t_all, step_all, traj_all, finals = [], [], [], []
     try:
         for i in tqdm(range(n), desc="calibration", disable=not progress):
             records.clear()
@@ -187,7 +194,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
                 if fam == "sd3":  # used only if the pipeline applies classifier-free guidance
                     kw["negative_prompt_embeds"] = torch.zeros_like(kw["prompt_embeds"])
                     kw["negative_pooled_prompt_embeds"] = torch.zeros_like(kw["pooled_prompt_embeds"])
-            pipe(**kw)
+            finals.append(pipe(**kw).images.detach().float().cpu())
             for s, rec in enumerate(records):
                 b = rec["hidden_states"].shape[0]
                 scale = 1000.0 if fam == "sd3" else 1.0
@@ -204,7 +211,8 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     inputs = {k: rows[0][k] if k in _SHARED else torch.cat([r[k] for r in rows]) for k in rows[0]}
     info = {"prompts": list(prompts) if prompts is not None else None, "seed": seed,
             "guidance_scale": guidance_scale, **(meta or {})}
-    return CalibrationSet(fam, inputs, torch.cat(t_all), torch.cat(step_all), torch.cat(traj_all), num_steps, info)
+    return CalibrationSet(fam, inputs, torch.cat(t_all), torch.cat(step_all), torch.cat(traj_all), num_steps, info,
+                          torch.cat(finals))
 
 
 def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0, text_len: int = 16,
