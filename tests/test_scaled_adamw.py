@@ -205,8 +205,11 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     """csrc/cuda/scaled_adamw.cu builds for sm_80 and sm_90a, and its PTX has the 16-byte
     streaming accesses the bandwidth target relies on; the binding parses against torch's
     headers (it is compiled for real only by a CUDA build of the extension)."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what torch adds in the real build
+
     src = ROOT / "csrc" / "cuda" / "scaled_adamw.cu"
-    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}",
+    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+           f"-I{ROOT / 'csrc'}",
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
            "-c", str(src), "-o", str(tmp_path / "k.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -18,10 +18,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hprune.errors import OptimizerConfigError, ScaleError, ShapeError
+from hprune.errors import BackendUnavailableError, OptimizerConfigError, ScaleError, ShapeError
 from hprune.kernels import dispatch
 from hprune.kernels import scaled_adamw as sa
-from hprune.errors import BackendUnavailableError
 from hprune.optim import SensitivityAdamW
 
 SHAPES = [(7, 5), (33,), (1,), (40, 26), (4097,), (3, 1, 2), (9,)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from itertools import chain
 from numbers import Real
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -236,7 +236,7 @@ class SensitivityAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """One AdamW step for every parameter with a gradient and a non-zero scale.
 
         Parameters without a gradient are skipped (as torch.optim.AdamW does): their step count
