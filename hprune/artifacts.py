@@ -59,10 +59,12 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     """
     from safetensors.torch import save_file
 
+    from hprune.models.adapters import model_class_name
     from hprune.models.registry import model_config
     from hprune.models.stats import param_count, weight_bytes
 
-    if type(model).__name__ not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+    class_name = model_class_name(model)
+    if class_name is None:
         raise HpruneError(f"save_compressed expects a diffusers SD3/FLUX transformer, got {type(model).__name__}")
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.device.type == "meta"]
@@ -77,7 +79,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
             "format": ARTIFACT_FORMAT,
             "versions": _versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "class_name": type(model).__name__,
+            "class_name": class_name,
             "base_config": model_config(model),
             "recipe": recipe.get_recipe(model),
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(wfile), "bytes": wfile.stat().st_size,

@@ -28,7 +28,7 @@ from hprune.calib import CalibrationSet
 from hprune.errors import HpruneError
 from hprune.metrics import Metric, resolve_metric
 from hprune.models.ablation import ablate
-from hprune.models.adapters import get_adapter
+from hprune.models.adapters import get_adapter, model_class_name
 from hprune.models.registry import fingerprint, model_config
 from hprune.models.stats import param_count
 
@@ -107,7 +107,7 @@ class SensitivityTable:
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
     ad = get_adapter(model)
-    return {"class_name": type(model).__name__, "family": ad.family, "num_blocks": ad.num_blocks(model),
+    return {"class_name": model_class_name(model), "family": ad.family, "num_blocks": ad.num_blocks(model),
             "config": model_config(model), "recipe": recipe.get_recipe(model), "fingerprint": fingerprint(model),
             "params": param_count(model)}
 

@@ -266,8 +266,20 @@ def sample_inputs(model: nn.Module, batch: int = 2, seed: int = 0, t: float | to
             ad.transformer_inputs(model, lat, txt, pooled, tt).items()}
 
 
+MODEL_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def model_class_name(model: nn.Module) -> str | None:
+    """The diffusers transformer class of `model`, looking through wrappers that subclass it
+    (FSDP2's `fully_shard` swaps in a generated subclass); None if it is not one."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in MODEL_CLASSES:
+            return cls.__name__
+    return None
+
+
 def get_adapter(model: nn.Module) -> Adapter:
-    name = type(model).__name__
+    name = model_class_name(model) or type(model).__name__
     if name == "SD3Transformer2DModel":
         return SD3Adapter()
     if name == "FluxTransformer2DModel":

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from hprune.errors import CheckpointError, ModelNotFoundError
 
-MODEL_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+from hprune.models.adapters import MODEL_CLASSES, model_class_name
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def fingerprint(model: nn.Module) -> str:
     from hprune import recipe
 
     cfg = {k: v for k, v in model_config(model).items() if not k.startswith("_")}
-    doc = {"class": type(model).__name__, "config": cfg, "recipe": recipe.get_recipe(model)}
+    doc = {"class": model_class_name(model), "config": cfg, "recipe": recipe.get_recipe(model)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hprune.models.adapters import get_adapter
+from hprune.models.adapters import get_adapter, model_class_name
 
 GiB = 1024 ** 3
 GB = 1000 ** 3
@@ -72,7 +72,7 @@ def model_report(model: nn.Module, int4_group: int = 128) -> dict[str, Any]:
         })
     total = param_count(model)
     return {
-        "class": type(model).__name__, "family": ad.family, "num_blocks": len(blocks),
+        "class": model_class_name(model), "family": ad.family, "num_blocks": len(blocks),
         "params": total, "block_params": block_params, "other_params": total - block_params,
         "bytes_stored": weight_bytes(model),
         "bytes_bf16": bytes_at(model, torch.bfloat16),

@@ -1,0 +1,89 @@
+"""torch.distributed plumbing: the same code runs on one process or on N under `torchrun`.
+
+Under torchrun (WORLD_SIZE > 1) `setup()` joins the process group (NCCL on GPUs, gloo on the
+CPU); the student is sharded with FSDP2 (`fully_shard` per block, then the root), the teacher is
+replicated (it only runs under no_grad)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def setup(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Joins the process group when launched by torchrun; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return rank(), world_size()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """Average of a tensor over the ranks (itself on one process)."""
+    if not active():
+        return value
+    v = value.detach().clone()
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return v / dist.get_world_size()
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def shard(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """FSDP2: each block that still has parameters is its own unit, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hprune.models import get_adapter
+
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    ad = get_adapter(model)
+    for i in range(ad.num_blocks(model)):
+        blk = ad.get_block(model, i)
+        if any(True for _ in blk.parameters()):
+            fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (collective under FSDP: every rank must call it)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().cpu().clone()
+    return out

@@ -1,0 +1,459 @@
+"""Distillation of a pruned student from its unpruned teacher (HierarchicalPrune stage 2).
+
+Loss:  L = λ_out ‖v_s − v_t‖² + λ_feat · mean_i ‖h_s(i) − h_t(i)‖² + λ_task ‖v_s − (ε − x0)‖²
+with v the predicted velocity, h(i) the image-stream output of block i (for every block the
+student still has; indices match the teacher's because pruning keeps them stable), and the task
+term the flow-matching target. Training inputs re-noise the teacher's own generations x0 (the
+calibration set's final latents) at timesteps t ~ logit-normal, x_t = (1 − t) x0 + t ε, as in SD3
+training; batch k is a pure function of (seed, k), so a resumed run sees the same data.
+
+Which parameters train, and how fast (printed and saved as the *schedule*):
+- **PWP** (Positional Weight Preservation): the blocks before the first pruned block, and the
+  input embedders before them, are frozen.
+- **SGDistill** (Sensitivity-Guided Distillation): every other block parameter's update is scaled
+  by a normalised inverse of its sensitivity ΔP (its component's ΔP where the table has it, else
+  its block's): s = (1/ΔP − 1/ΔP_max) / (1/ΔP_min − 1/ΔP_max), so the least sensitive unit
+  trains at the full rate and the most sensitive is frozen (s = 0); scales below `sgd_floor` are
+  frozen too. Applied through SensitivityAdamW (one fused step for all scales). On by default
+  when more than `r_thres` = 25 % of the parameters were removed.
+
+Robustness: atomic checkpoints every `checkpoint_every` steps (weights, optimizer moments and the
+loss history in safetensors + JSON; no pickles), `resume=True` continues from the latest one and
+ends with the same weights as an uninterrupted run; a non-finite loss stops the run with the step
+and the loss terms. Distributed: under torchrun the student is sharded with FSDP2 and every rank
+takes its slice of the same global batch, so N processes follow the 1-process loss trajectory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hprune import dist
+from hprune.calib import CalibrationSet
+from hprune.errors import HpruneError
+from hprune.models.adapters import get_adapter, model_class_name
+from hprune.models.blocks import RemovedBlock
+from hprune.models.stats import param_count
+
+# Parameters outside the blocks that feed the first block (frozen by PWP).
+_INPUT_MODULES = ("pos_embed.", "x_embedder.", "time_text_embed.", "context_embedder.")
+# Block submodule prefix -> component name in the sensitivity table.
+_COMPONENT_OF = (("attn2.", "attn2"), ("attn.", "attn"), ("ff_context.", "context_ff"), ("ff.", "ff"),
+                 ("proj_mlp.", "mlp"))
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    batch_size: int = 4  # global batch (split across ranks)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lambda_out: float = 1.0
+    lambda_feat: float = 0.1
+    lambda_task: float = 0.0
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    pwp: bool = True
+    sgd: bool | str = "auto"  # True, False, or "auto": on when the removed ratio exceeds r_thres
+    r_thres: float = 0.25
+    sgd_floor: float = 0.0
+    sgd_granularity: str = "component"  # or "block"
+    grad_clip: float | None = 1.0
+    autocast: bool | None = None  # bf16 autocast; default: on for CUDA, off on the CPU
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    backend: str | None = None  # optimizer kernel backend (None: automatic)
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise HpruneError("steps must be >= 0 and batch_size >= 1")
+        if self.lr <= 0:
+            raise HpruneError(f"lr must be positive, got {self.lr}")
+        if self.sgd not in (True, False, "auto"):
+            raise HpruneError(f"sgd must be True, False or 'auto', not {self.sgd!r}")
+        if self.sgd_granularity not in ("component", "block"):
+            raise HpruneError(f"sgd_granularity must be component or block, not {self.sgd_granularity!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise HpruneError("checkpoint_every needs checkpoint_dir")
+        if self.resume and not self.checkpoint_dir:
+            raise HpruneError("resume needs checkpoint_dir")
+
+
+@dataclass
+class DistillResult:
+    history: list[dict[str, float]]  # per step: step, loss, out, feat, task
+    schedule: dict[str, Any]  # what trains at which scale (see training_schedule)
+    seconds: float
+    samples_per_s: float
+    resumed_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+class DistillData:
+    """Training batches from a calibration set's final latents (the teacher's generations),
+    re-noised at logit-normal timesteps. `batch(step, n)` is a pure function of (seed, step)."""
+
+    def __init__(self, calib: CalibrationSet, seed: int = 0, logit_mean: float = 0.0, logit_std: float = 1.0):
+        if calib.final is None:
+            raise HpruneError("the calibration set has no final latents (captured by an older hprune?): "
+                              "capture it again with `hprune calib`")
+        self.calib, self.seed = calib, seed
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.x0 = calib.final
+        self.emb, self.pooled = calib.prompt_embeddings()
+        self.guidance = calib.inputs["guidance"][0].item() if "guidance" in calib.inputs else None
+        self.scale = 1000.0 if calib.family == "sd3" else 1.0
+
+    def batch(self, step: int, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns (transformer inputs, flow-matching target ε − x0) of global batch `step`."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(self.x0.shape[0], (n,), generator=g)
+        x0 = self.x0[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=g))
+        tb = t.view(-1, *([1] * (x0.dim() - 1)))
+        inputs = {"hidden_states": (1 - tb) * x0 + tb * eps, "encoder_hidden_states": self.emb[idx],
+                  "pooled_projections": self.pooled[idx], "timestep": t * self.scale}
+        for k in ("img_ids", "txt_ids"):
+            if k in self.calib.inputs:
+                inputs[k] = self.calib.inputs[k]
+        if self.guidance is not None:
+            inputs["guidance"] = torch.full((n,), self.guidance)
+        return inputs, eps - x0
+
+
+# ---- what trains -------------------------------------------------------------------------------
+
+def first_pruned_block(model: nn.Module) -> int | None:
+    ad = get_adapter(model)
+    pruned = [b.index for b in ad.blocks(model) if b.removed]
+    return min(pruned) if pruned else None
+
+
+def _component(rel_name: str) -> str:
+    for prefix, comp in _COMPONENT_OF:
+        if rel_name.startswith(prefix):
+            return comp
+    return "block"
+
+
+def training_schedule(student: nn.Module, table: Any = None, *, pwp: bool = True, sgd: bool = False,
+                      granularity: str = "component", floor: float = 0.0) -> dict[str, Any]:
+    """Per-parameter update scales and a summary.
+
+    Returns {"scales": {param name: s in [0, 1]}, "rows": [per block/component: index, component,
+    dP, scale, params, why]}, "first_pruned": i}. With `sgd` a SensitivityTable of the unpruned
+    model is required."""
+    ad = get_adapter(student)
+    first = first_pruned_block(student)
+    frozen_before = first if (pwp and first is not None) else 0
+    block_of: dict[str, tuple[int, str]] = {}
+    for info in ad.blocks(student):
+        for n, _ in ad.get_block(student, info.index).named_parameters():
+            block_of[f"{info.name}.{n}"] = (info.index, _component(n) if granularity == "component" else "block")
+    if sgd and table is None:
+        raise HpruneError("SGDistill needs the sensitivity table (ΔP) of the unpruned model")
+
+    def delta(i: int, comp: str) -> float:
+        d = table.blocks[i]["delta"]
+        return d.get(comp, d.get("block", float("nan")))
+
+    scales: dict[str, float] = {}
+    units: dict[tuple[int, str], list[str]] = {}
+    for name, _ in student.named_parameters():
+        if name in block_of:
+            i, comp = block_of[name]
+            if i < frozen_before:
+                scales[name] = 0.0
+            else:
+                units.setdefault((i, comp), []).append(name)
+                scales[name] = 1.0
+        else:
+            scales[name] = 0.0 if (pwp and first is not None and name.startswith(_INPUT_MODULES)) else 1.0
+    unit_scale = {u: 1.0 for u in units}
+    if sgd and units:
+        d = {u: max(delta(*u), 1e-30) for u in units}
+        inv = {u: 1.0 / v for u, v in d.items()}
+        lo, hi = min(inv.values()), max(inv.values())
+        for u in units:
+            s = 1.0 if hi == lo else (inv[u] - lo) / (hi - lo)
+            unit_scale[u] = 0.0 if s < floor else s
+        for u, names in units.items():
+            for n in names:
+                scales[n] = unit_scale[u]
+    numel = dict((n, p.numel()) for n, p in student.named_parameters())
+    rows = []
+    for info in ad.blocks(student):
+        if "block" in info.removed:
+            continue
+        comps = sorted({c for (i, c) in units if i == info.index}) or ["block"]
+        for comp in comps:
+            names = units.get((info.index, comp), [])
+            if info.index < frozen_before:
+                names = [n for n, (i, _) in block_of.items() if i == info.index]
+                s, why = 0.0, "PWP: before the first pruned block"
+            else:
+                s = unit_scale.get((info.index, comp), 1.0)
+                why = "SGDistill" if sgd else "trainable"
+            rows.append({"index": info.index, "component": comp, "scale": s,
+                         "dP": delta(info.index, comp) if table is not None else None,
+                         "params": sum(numel[n] for n in names), "why": why})
+            if info.index < frozen_before:
+                break
+    return {"scales": scales, "rows": rows, "first_pruned": first,
+            "trainable_params": sum(numel[n] for n, s in scales.items() if s > 0),
+            "frozen_params": sum(numel[n] for n, s in scales.items() if s == 0)}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim.Optimizer,
+                     history: list[dict[str, float]], cfg: DistillConfig, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    from hprune.io import write_json
+
+    r, w = dist.rank(), dist.world_size()
+    final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
+    if r == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in student.named_parameters():
+        tensors[f"param/{name}"] = dist.local(p).detach().cpu().contiguous()
+        st = opt.state.get(p)
+        if st:
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                tensors[f"optim/{name}/{k}"] = dist.local(st[k]).detach().cpu().contiguous()
+    for name, b in student.named_buffers():
+        tensors[f"buffer/{name}"] = dist.local(b).detach().cpu().contiguous()
+    save_file(tensors, str(tmp / f"rank{r}-of-{w}.safetensors"))
+    dist.barrier()
+    if r == 0:
+        write_json(tmp / "state.json", {"step": step, "world_size": w, "history": history, "config": _cfg_json(cfg)})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        older = sorted(p for p in root.glob("step-*") if p != final)
+        for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _cfg_json(cfg: DistillConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+_RESUME_MUST_MATCH = ("batch_size", "lr", "weight_decay", "betas", "eps", "lambda_out", "lambda_feat", "lambda_task",
+                      "logit_mean", "logit_std", "pwp", "sgd", "sgd_floor", "sgd_granularity", "grad_clip", "seed")
+
+
+def _load_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer,
+                     cfg: DistillConfig) -> tuple[int, list[dict[str, float]]]:
+    from hprune.io import load_safetensors, read_json
+
+    state = read_json(path / "state.json", "checkpoint state")
+    r, w = dist.rank(), dist.world_size()
+    if state["world_size"] != w:
+        raise HpruneError(f"{path}: checkpoint was written by {state['world_size']} processes; resume with the same number (now {w})")
+    saved, now = state["config"], _cfg_json(cfg)
+    bad = [k for k in _RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    if bad:
+        raise HpruneError(f"{path}: cannot resume with different settings: {', '.join(f'{k} {saved.get(k)} -> {now.get(k)}' for k in bad)}")
+    t = load_safetensors(path / f"rank{r}-of-{w}.safetensors")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            dist.local(p).copy_(t[f"param/{name}"])
+            if f"optim/{name}/step" in t:
+                st = opt.state[p]
+                loc = dist.local(p)
+                st["step"] = t[f"optim/{name}/step"].to(loc.device)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    v = t[f"optim/{name}/{k}"].to(loc.device)
+                    if hasattr(p, "device_mesh"):  # FSDP2 DTensor: rebuild the shard's DTensor
+                        from torch.distributed.tensor import DTensor
+
+                        v = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
+                    st[k] = v
+        for name, b in student.named_buffers():
+            dist.local(b).copy_(t[f"buffer/{name}"])
+    return state["step"], state["history"]
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+class _BlockOutputs:
+    """Forward hooks keeping the image-stream output of the given blocks."""
+
+    def __init__(self, model: nn.Module, indices: list[int]):
+        ad = get_adapter(model)
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles = [ad.get_block(model, i).register_forward_hook(self._hook(i)) for i in indices]
+
+    def _hook(self, i: int) -> Callable:
+        def fn(_m: nn.Module, _inp: Any, o: Any) -> None:
+            self.out[i] = o[1]
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rebuild_unsharded(student: nn.Module) -> nn.Module:
+    """After FSDP training: an ordinary model with the full weights (on every rank)."""
+    from hprune import recipe
+    from hprune.models.registry import build_from_config, load_state_into
+
+    state = dist.full_state_dict(student)
+    fresh = build_from_config(model_class_name(student), dict(student.config), meta=True)
+    fresh = recipe.replay(fresh, recipe.get_recipe(student))
+    return load_state_into(fresh, state, "distilled student")
+
+
+def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | DistillData,
+            config: DistillConfig | None = None, *, table: Any = None, progress: bool = True,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[nn.Module, DistillResult]:
+    """Trains `student` (a pruned copy of `teacher`) to match `teacher`. See the module docstring.
+
+    Args:
+        teacher, student: same architecture; the student pruned by hprune (block indices match).
+        data: a CalibrationSet with final latents (or a DistillData built from one).
+        table: the SensitivityTable of the unpruned model (needed for SGDistill).
+        on_step: called after every optimizer step with (step, losses); may raise to stop.
+    Returns (student, result). Under torchrun the returned student is unsharded (full weights)."""
+    cfg = config or DistillConfig()
+    cfg.validate()
+    device = next(p for p in student.parameters()).device
+    dist.setup(device)
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.batch_size % world:
+        raise HpruneError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if isinstance(data, CalibrationSet):
+        data.check_fits(student)
+        data = DistillData(data, seed=cfg.seed, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
+    ratio = 1 - param_count(student) / param_count(teacher)
+    use_sgd = cfg.sgd if cfg.sgd != "auto" else ratio > cfg.r_thres
+    schedule = training_schedule(student, table, pwp=cfg.pwp, sgd=bool(use_sgd), granularity=cfg.sgd_granularity,
+                                 floor=cfg.sgd_floor)
+    schedule.update({"removed_ratio": ratio, "sgd": bool(use_sgd), "pwp": cfg.pwp})
+    scales = schedule["scales"]
+    if not any(s > 0 for s in scales.values()):
+        raise HpruneError("nothing to train: every parameter is frozen by PWP / SGDistill")
+
+    from hprune.optim import SensitivityAdamW
+
+    teacher.eval().requires_grad_(False)
+    student.train()
+    for n, p in student.named_parameters():
+        p.requires_grad_(scales[n] > 0)
+    if cfg.grad_checkpointing:
+        student.enable_gradient_checkpointing()
+    ad = get_adapter(student)
+    matched = [i for i in range(ad.num_blocks(student)) if not isinstance(ad.get_block(student, i), RemovedBlock)
+               and any(True for _ in ad.get_block(student, i).parameters())]
+    if world > 1:
+        dist.shard(student, device)
+    opt = SensitivityAdamW(list(student.named_parameters()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, scales=scales, backend=cfg.backend)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+
+    start, history, resumed = 0, [], None
+    root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if cfg.resume and root is not None and (last := _latest_checkpoint(root)) is not None:
+        start, history = _load_checkpoint(last, student, opt, cfg)
+        resumed = start
+    hs_t, hs_s = _BlockOutputs(teacher, matched), _BlockOutputs(student, matched)
+    autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
+    per_rank = cfg.batch_size // world
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not progress or rank != 0, unit="step")
+    t0, seen = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            x, target = data.batch(step, cfg.batch_size)
+            sl = slice(rank * per_rank, (rank + 1) * per_rank)
+            x = {k: (v if k in ("img_ids", "txt_ids") else v[sl]).to(device) for k, v in x.items()}
+            target = target[sl].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                with torch.no_grad():
+                    v_t = teacher(**x, return_dict=False)[0]
+                v_s = student(**x, return_dict=False)[0]
+                l_out = F.mse_loss(v_s.float(), v_t.float())
+                l_feat = (torch.stack([F.mse_loss(hs_s.out[i].float(), hs_t.out[i].float()) for i in matched]).mean()
+                          if matched and cfg.lambda_feat else torch.zeros((), device=device))
+                l_task = F.mse_loss(v_s.float(), target.float()) if cfg.lambda_task else torch.zeros((), device=device)
+                loss = cfg.lambda_out * l_out + cfg.lambda_feat * l_feat + cfg.lambda_task * l_task
+            terms = {"out": float(dist.mean(l_out.detach())), "feat": float(dist.mean(l_feat.detach())),
+                     "task": float(dist.mean(l_task.detach()))}
+            if dist.any_true(not torch.isfinite(loss).item()):
+                raise HpruneError(f"non-finite loss at step {step} (output {terms['out']:.4g}, features "
+                                  f"{terms['feat']:.4g}, task {terms['task']:.4g}); lower the learning rate"
+                                  f"{' or disable autocast' if autocast else ''}")
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rec = {"step": step, "loss": float(dist.mean(loss.detach())), **terms}
+            history.append(rec)
+            seen += cfg.batch_size
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
+            bar.update(1)
+            if root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_checkpoint(root, step + 1, student, opt, history, cfg, cfg.keep_checkpoints)
+            if on_step is not None:
+                on_step(step, rec)
+    finally:
+        bar.close()
+        hs_t.remove()
+        hs_s.remove()
+    seconds = time.perf_counter() - t0
+    if cfg.grad_checkpointing:
+        student.disable_gradient_checkpointing()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    if world > 1:
+        student = _rebuild_unsharded(student)
+    student.eval()
+    result = DistillResult(history, {k: v for k, v in schedule.items() if k != "scales"} | {"scales": scales},
+                           seconds, seen / max(seconds, 1e-9), resumed)
+    return student, result
+
+
+def schedule_table(schedule: dict[str, Any]) -> str:
+    """The schedule as a Markdown table (one row per block/component)."""
+    from hprune.report import format_table, human_count
+
+    rows = [{"block": r["index"], "component": r["component"], "ΔP": r["dP"], "scale": round(r["scale"], 4),
+             "params": human_count(r["params"]), "why": r["why"]} for r in schedule["rows"]]
+    head = (f"trainable {human_count(schedule['trainable_params'])}, frozen {human_count(schedule['frozen_params'])}; "
+            f"PWP {'on' if schedule.get('pwp') else 'off'}, SGDistill {'on' if schedule.get('sgd') else 'off'} "
+            f"(removed {schedule.get('removed_ratio', math.nan):.1%})")
+    return format_table(rows, ["block", "component", "ΔP", "scale", "params", "why"], title=head)
