@@ -67,7 +67,7 @@ FMT_ID = {"int4": 0, "int4_sym": 1, "nf4": 2}  # the integer the compiled kernel
 
 # Candidate clipping ratios and least-squares refinements of the "int4" quantiser (see quantize).
 _ASYM_CLIP = (1.0, 0.9, 0.8)
-_ASYM_REFINE = 4
+_ASYM_REFINE = 2
 _SYM_DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0, 10.0)
 
 
@@ -204,73 +204,69 @@ def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).float()
 
 
+def _pick_best(err: torch.Tensor, *cands: torch.Tensor) -> list[torch.Tensor]:
+    """Per group, the candidate (leading dim) with the smallest error."""
+    idx = err.argmin(0, keepdim=True)
+    return [c.gather(0, idx.expand(1, *c.shape[1:])).squeeze(0) for c in cands]
+
+
 def _quantize_asym(wg: torch.Tensor, valid: torch.Tensor, sdtype: torch.dtype, refine: bool):
     """wg (R, G, g) fp32 with invalid (padding) entries arbitrary; returns codes, s, z (R, G, 1).
 
-    Min-max start, a few clipped ranges, then least-squares refits of (s, z) for the codes they
-    give (a Lloyd-style iteration); per group, keeps the candidate with the smallest squared
-    error. All errors are measured with s and z rounded to the storage dtype."""
+    Min-max start, clipped ranges (every pair of ratios in _ASYM_CLIP for the low and the high
+    end), then least-squares refits of (s, z) for the codes they give (a Lloyd-style iteration);
+    per group, keeps the candidate with the smallest squared error. All candidates are evaluated
+    at once along a leading dimension; errors use s and z rounded to the storage dtype."""
     big = torch.finfo(torch.float32).max
     lo = torch.where(valid, wg, big).amin(-1, keepdim=True)
     hi = torch.where(valid, wg, -big).amax(-1, keepdim=True)
     vf = valid.float()
     cnt = vf.sum(-1, keepdim=True).clamp_min(1.0)
-    best_e = best_q = best_s = best_z = None
-    clips = _ASYM_CLIP if refine else (1.0,)
-    for a_lo in clips:
-        for a_hi in clips:
-            l, h = lo * a_lo, hi * a_hi
-            s, z = (h - l) / 15.0, l
-            for it in range((_ASYM_REFINE if refine else 0) + 1):
-                s_r, z_r = _round_to(s, sdtype), _round_to(z, sdtype)
-                ok = s_r > 0
-                q = torch.where(ok, ((wg - z_r) / torch.where(ok, s_r, 1.0)).round().clamp(0, 15), 0.0)
-                if it == (_ASYM_REFINE if refine else 0):
-                    break
-                # least-squares fit w ~ s*q + z over the valid entries of each group
-                qm = (q * vf).sum(-1, keepdim=True) / cnt
-                wm = (wg * vf).sum(-1, keepdim=True) / cnt
-                var = (((q - qm) ** 2) * vf).sum(-1, keepdim=True)
-                cov = ((q - qm) * (wg - wm) * vf).sum(-1, keepdim=True)
-                s_new = cov / var.clamp_min(1e-30)
-                use = (var > 0) & (s_new > 0)
-                s = torch.where(use, s_new, s)
-                z = torch.where(use, wm - s_new * qm, z)
-            e = (((q * s_r + z_r - wg) ** 2) * vf).sum(-1, keepdim=True)
-            if best_e is None:
-                best_e, best_q, best_s, best_z = e, q, s_r, z_r
-            else:
-                m = e < best_e
-                best_e = torch.where(m, e, best_e)
-                best_q, best_s, best_z = torch.where(m, q, best_q), torch.where(m, s_r, best_s), torch.where(m, z_r, best_z)
-    return best_q, best_s, best_z
+    clips = torch.tensor(_ASYM_CLIP if refine else (1.0,), device=wg.device)
+    a_lo = clips.repeat_interleave(len(clips)).view(-1, 1, 1, 1)
+    a_hi = clips.repeat(len(clips)).view(-1, 1, 1, 1)
+    w = wg.unsqueeze(0)
+    s, z = (hi * a_hi - lo * a_lo) / 15.0, lo * a_lo  # (C, R, G, 1)
+    steps = _ASYM_REFINE if refine else 0
+    for it in range(steps + 1):
+        s_r, z_r = _round_to(s, sdtype), _round_to(z, sdtype)
+        ok = s_r > 0
+        q = torch.where(ok, ((w - z_r) / torch.where(ok, s_r, 1.0)).round().clamp(0, 15), 0.0)
+        if it == steps:
+            break
+        # least-squares fit w ~ s*q + z over the valid entries of each group
+        qm = (q * vf).sum(-1, keepdim=True) / cnt
+        wm = (w * vf).sum(-1, keepdim=True) / cnt
+        var = (((q - qm) ** 2) * vf).sum(-1, keepdim=True)
+        cov = ((q - qm) * (w - wm) * vf).sum(-1, keepdim=True)
+        s_new = cov / var.clamp_min(1e-30)
+        use = (var > 0) & (s_new > 0)
+        s = torch.where(use, s_new, s)
+        z = torch.where(use, wm - s_new * qm, z)
+    err = (((q * s_r + z_r - w) ** 2) * vf).sum(-1, keepdim=True)
+    return _pick_best(err, q, s_r, z_r)
 
 
 def _quantize_sym(wg: torch.Tensor, valid: torch.Tensor, sdtype: torch.dtype, refine: bool):
     """Symmetric: s = absmax / d for a few divisors d (d = 7 never clips; larger d uses the -8
     level and trades clipping for a finer step), then one least-squares refit of s; keeps the
-    best per group."""
+    best per group (all candidates at once along a leading dimension)."""
     am = torch.where(valid, wg.abs(), 0.0).amax(-1, keepdim=True)
     vf = valid.float()
-    best_e = best_q = best_s = None
-    for d in (_SYM_DIVISORS if refine else (7.0,)):
-        s = am / d
-        for it in range(2 if refine else 1):
-            s_r = _round_to(s, sdtype)
-            ok = s_r > 0
-            v = torch.where(ok, (wg / torch.where(ok, s_r, 1.0)).round().clamp(-8, 7), 0.0)
-            if it == 0 and refine:
-                den = (v * v * vf).sum(-1, keepdim=True)
-                s_new = (v * wg * vf).sum(-1, keepdim=True) / den.clamp_min(1e-30)
-                s = torch.where((den > 0) & (s_new > 0), s_new, s)
-        e = (((v * s_r - wg) ** 2) * vf).sum(-1, keepdim=True)
-        if best_e is None:
-            best_e, best_q, best_s = e, v + 8, s_r
-        else:
-            m = e < best_e
-            best_e = torch.where(m, e, best_e)
-            best_q, best_s = torch.where(m, v + 8, best_q), torch.where(m, s_r, best_s)
-    return best_q, best_s
+    w = wg.unsqueeze(0)
+    divs = torch.tensor(_SYM_DIVISORS if refine else (7.0,), device=wg.device).view(-1, 1, 1, 1)
+    s = am / divs
+    for it in range(2 if refine else 1):
+        s_r = _round_to(s, sdtype)
+        ok = s_r > 0
+        v = torch.where(ok, (w / torch.where(ok, s_r, 1.0)).round().clamp(-8, 7), 0.0)
+        if it == 0 and refine:
+            den = (v * v * vf).sum(-1, keepdim=True)
+            s_new = (v * w * vf).sum(-1, keepdim=True) / den.clamp_min(1e-30)
+            s = torch.where((den > 0) & (s_new > 0), s_new, s)
+    err = (((v * s_r - w) ** 2) * vf).sum(-1, keepdim=True)
+    v, s_r = _pick_best(err, v, s_r)
+    return v + 8, s_r
 
 
 def _quantize_nf4(wg: torch.Tensor, valid: torch.Tensor, sdtype: torch.dtype):
@@ -286,7 +282,7 @@ def _quantize_nf4(wg: torch.Tensor, valid: torch.Tensor, sdtype: torch.dtype):
 
 
 def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, fmt: str = DEFAULT_FORMAT,
-             scale_dtype: torch.dtype | None = None, refine: bool = True, rows_per_chunk: int = 4096
+             scale_dtype: torch.dtype | None = None, refine: bool = True, rows_per_chunk: int | None = None
              ) -> QuantizedWeight:
     """Quantises a weight (N, K) (float) to the packed 4-bit layout.
 
@@ -299,6 +295,8 @@ def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, fmt: st
             Codes are chosen for the scales rounded to this dtype.
         refine: search clipping ranges / refit scales to minimise the squared error (int4 and
             int4_sym); False gives plain min-max / absmax-over-7 quantisation.
+        rows_per_chunk: rows processed at once (default: ~2^22 weights per chunk, since the
+            search holds up to 9 candidates of each).
     """
     check_format(fmt)
     check_group_size(group_size)
@@ -315,6 +313,7 @@ def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, fmt: st
     kg = g * group_size
     valid = (torch.arange(kg, device=weight.device) < k).reshape(1, g, group_size)
     codes, scales, zeros = [], [], []
+    rows_per_chunk = rows_per_chunk or max(1, (1 << 22) // max(1, kg))
     for r0 in range(0, n, rows_per_chunk):
         w = weight[r0:r0 + rows_per_chunk].float()
         if not torch.isfinite(w).all():
