@@ -149,11 +149,6 @@ def code_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     raise ShapeError(f"unknown 4-bit format {fmt!r}; choose one of {FORMATS}")
 
 
-def _expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """(G, N) group-major -> (N, K) per weight."""
-    return t.t().repeat_interleave(group_size, dim=1)[:, :k]
-
-
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
                group_size: int, fmt: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight (N, K) the kernels multiply by, in `dtype` (default: the scales' dtype).
@@ -165,13 +160,24 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     Scales and zeros are first cast to `dtype`, each weight is computed in fp32 and rounded once."""
     check_format(fmt)
     dtype = dtype or scales.dtype
-    codes = unpack_int4(qweight, in_features)
-    w = code_values(codes, fmt) * _expand_groups(scales.to(dtype).float(), in_features, group_size)
+    k = in_features
+    if fmt == "int4" and zeros is None:
+        raise ShapeError('fmt "int4" (asymmetric) needs zeros')
+    n, kb = qweight.shape
+    if kb != packed_cols(k):
+        raise ShapeError(f"qweight has {kb} bytes per row; K={k} needs {packed_cols(k)} (ceil(K/32)*16)")
+    b = qweight.view(n, kb // 16, 1, 16)
+    codes = torch.cat([b & 0xF, b >> 4], dim=2).view(n, 2 * kb)  # (N, Kp), k order
+    g = num_groups(k, group_size)
+    kg = g * group_size
+    if kg > codes.shape[1]:  # the last group is partial and longer than the padded row
+        codes = torch.nn.functional.pad(codes, (0, kg - codes.shape[1]), value=ZERO_CODE[fmt])
+    v = code_values(codes[:, :kg], fmt).view(n, g, group_size)
+    # broadcast the (G, N) scales over their groups instead of materialising an (N, K) copy
+    w = v.mul_(scales.to(dtype).float().t().unsqueeze(-1))
     if fmt == "int4":
-        if zeros is None:
-            raise ShapeError('fmt "int4" (asymmetric) needs zeros')
-        w = w + _expand_groups(zeros.to(dtype).float(), in_features, group_size)
-    return w.to(dtype)
+        w = w.add_(zeros.to(dtype).float().t().unsqueeze(-1))
+    return w.view(n, kg)[:, :k].to(dtype)
 
 
 # ---- quantisation -------------------------------------------------------------------------------
