@@ -146,3 +146,36 @@ def test_bytes_per_param():
     assert F.bytes_per_param(64, "int4") == 0.5625
     assert F.bytes_per_param(128, "int4_sym") == 0.515625
     assert F.bytes_per_param(64, "nf4", scale_bytes=4) == 0.5625
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_import_bitsandbytes_nf4_exactly(double_quant):
+    import bitsandbytes as bnb
+
+    from hprune.quant import W4A16Linear
+
+    lin = torch.nn.Linear(128, 48)
+    l4 = bnb.nn.Linear4bit(128, 48, compute_dtype=torch.float32, compress_statistics=double_quant,
+                           quant_type="nf4", device="cpu")
+    l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=double_quant, blocksize=64)
+    l4.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    l4 = l4.to("cpu")
+    q = W4A16Linear.from_bnb(l4)
+    assert q.fmt == "nf4" and q.group_size == 64
+    bnb_w = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state)
+    assert torch.equal(q.dequantize(torch.float32), bnb_w)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(q(x), l4(x), rtol=1e-5, atol=1e-5)
+
+
+def test_import_refuses_fp4_and_straddling_blocks():
+    import bitsandbytes.functional as bf
+
+    w = torch.randn(8, 96)
+    packed, st = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    with pytest.raises(ShapeError, match="straddle"):
+        F.from_bnb_4bit(packed, st)
+    packed, st = bf.quantize_4bit(torch.randn(8, 128), blocksize=64, quant_type="fp4")
+    with pytest.raises(ShapeError, match="NF4"):
+        F.from_bnb_4bit(packed, st)

@@ -485,3 +485,23 @@ def test_cuda_binding_syntax():
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"binding does not compile:\n{res.stderr[-4000:]}"
 
+
+
+def test_convert_bnb_model_then_artifact_round_trip(tmp_path):
+    """A bitsandbytes-NF4 model converts to W4A16Linear with unchanged outputs, and then saves."""
+    import hprune
+    from hprune.quant import convert_bnb_model
+
+    model = hprune.load_model("tiny-sd3")
+    quantize_model(model, backend="bnb", fmt="nf4", compress_statistics=True)
+    inputs = _sd3_inputs(model)
+    with torch.no_grad():
+        y_bnb = model(**inputs).sample
+    report = convert_bnb_model(model)
+    assert report.quantized and isinstance(model.transformer_blocks[0].attn.to_q, W4A16Linear)
+    with torch.no_grad():
+        y = model(**inputs).sample
+    torch.testing.assert_close(y, y_bnb, rtol=1e-4, atol=1e-4)
+    hprune.save_compressed(model, tmp_path / "conv")
+    with torch.no_grad():
+        assert torch.equal(hprune.load_compressed(tmp_path / "conv")(**inputs).sample, y)

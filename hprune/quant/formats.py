@@ -345,6 +345,39 @@ def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, fmt: st
     return QuantizedWeight(pack_int4(torch.cat(codes), fmt), s_all, z_all, k, group_size, fmt)
 
 
+def from_bnb_4bit(packed: torch.Tensor, quant_state) -> QuantizedWeight:
+    """Imports a bitsandbytes NF4 weight (e.g. `Linear4bit.weight` and its `.quant_state`).
+
+    bitsandbytes blocks run over the flattened (N, K) weight, two codes per byte (first in the
+    high nibble), one fp32 absmax per block (double-quantised absmax are dequantised here). The
+    blocks must not straddle rows (K % blocksize == 0) and the blocksize must be a multiple of 32;
+    the result uses group_size = blocksize and fp32 scales, so `dequantize(torch.float32)` equals
+    `bitsandbytes.functional.dequantize_4bit` exactly."""
+    qt = getattr(quant_state, "quant_type", None)
+    if qt != "nf4":
+        raise ShapeError(f"only NF4 bitsandbytes weights can be imported (got quant_type {qt!r}); "
+                         f"hprune formats are {FORMATS}")
+    shape = tuple(quant_state.shape)
+    if len(shape) != 2:
+        raise ShapeError(f"expected a 2-D (N, K) bitsandbytes weight, got shape {shape}")
+    n, k = shape
+    bs = int(quant_state.blocksize)
+    if bs % CHUNK or k % bs:
+        raise ShapeError(f"bitsandbytes blocksize {bs} must be a multiple of {CHUNK} dividing K={k} "
+                         f"(blocks may not straddle rows)")
+    absmax = quant_state.absmax
+    if getattr(quant_state, "nested", False):
+        import bitsandbytes.functional as bf
+
+        absmax = bf.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset
+    b = packed.reshape(-1).to(torch.uint8)
+    if b.numel() * 2 != n * k:
+        raise ShapeError(f"packed data has {b.numel()} bytes; a ({n}, {k}) weight needs {n * k // 2}")
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(n, k)
+    scales = absmax.float().reshape(n, k // bs).t().contiguous()
+    return QuantizedWeight(pack_int4(codes, "nf4"), scales, None, k, bs, "nf4")
+
+
 def quantization_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:
     """Relative Frobenius error ||W - deq(W)|| / ||W|| (fp32)."""
     w = weight.float()
@@ -355,5 +388,5 @@ __all__ = [
     "FORMATS", "CHUNK", "NF4_CODE", "ZERO_CODE", "FMT_ID", "DEFAULT_GROUP_SIZE", "DEFAULT_FORMAT",
     "QuantizedWeight", "quantize", "dequantize", "pack_int4", "unpack_int4", "code_values",
     "padded_k", "packed_cols", "num_groups", "nf4_code", "bytes_per_param", "check_format",
-    "check_group_size", "quantization_error",
+    "check_group_size", "quantization_error", "from_bnb_4bit",
 ]

@@ -68,6 +68,20 @@ class W4A16Linear(nn.Module):
             mod.bias = nn.Parameter(bias.detach().to(qw.scales.dtype).clone(), requires_grad=False)
         return mod
 
+    @classmethod
+    def from_bnb(cls, module: nn.Module, backend: str | None = None) -> "W4A16Linear":
+        """Imports a bitsandbytes NF4 `Linear4bit` (already quantised, i.e. on its device) exactly:
+        same codes, its absmax as fp32 scales, group_size = its blocksize."""
+        state = getattr(module.weight, "quant_state", None)
+        if state is None:
+            raise ShapeError(f"{type(module).__name__} has no quantised 4-bit weight (move it to its device first)")
+        qw = F.from_bnb_4bit(module.weight.data, state)
+        bias = module.bias.detach().float() if module.bias is not None else None
+        mod = cls.from_quantized(qw, None, backend=backend)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.to(qw.qweight.device), requires_grad=False)
+        return mod
+
     # -- the op -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias,
@@ -218,6 +232,37 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
     if backend == "bnb":
         spec["compress_statistics"] = compress_statistics
     recipe.record(model, "quantize", spec)
+    return report
+
+
+def convert_bnb_model(model: nn.Module) -> QuantReport:
+    """Replaces every bitsandbytes NF4 `Linear4bit` of `model` (e.g. loaded with diffusers'
+    BitsAndBytesConfig) by the identical W4A16Linear, so hprune's kernels run it and artifacts
+    store it. Records the step in the model's recipe. Returns a QuantReport (fmt "nf4")."""
+    import bitsandbytes as bnb
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    groups = {int(m.weight.quant_state.blocksize) for _, m in found if getattr(m.weight, "quant_state", None)}
+    if len(groups) > 1:
+        raise HpruneError(f"the model mixes bitsandbytes blocksizes {sorted(groups)}; hprune records one per step")
+    group = groups.pop() if groups else 64
+    before = _state_bytes(model)
+    report = QuantReport("hprune", "nf4", group, before, before)
+    for name, mod in found:
+        report.linear_bytes_before += _state_bytes(mod)
+        new = W4A16Linear.from_bnb(mod)
+        report.linear_bytes_after += _state_bytes(new)
+        _set_module(model, name, new)
+        report.quantized.append(name)
+    report.bytes_after = _state_bytes(model)
+    # bitsandbytes steps recorded by quantize_model(backend="bnb") are now hprune modules: drop
+    # them so the recipe replays (hprune artifacts cannot rebuild bitsandbytes layers)
+    done = set(report.quantized)
+    steps = [st for st in recipe.get_recipe(model)
+             if not (st.get("op") == "quantize" and st.get("backend") == "bnb" and set(st.get("modules", ())) <= done)]
+    object.__setattr__(model, recipe._ATTR, steps)  # noqa: SLF001 - rewriting the recipe this step supersedes
+    recipe.record(model, "quantize", {"backend": "hprune", "fmt": "nf4", "group_size": group,
+                                      "modules": list(report.quantized), "imported_from": "bitsandbytes"})
     return report
 
 
