@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             print_table([r for r in rows if r["K"] == k and r["N"] == n and r["M"] == m],
                         ["K", "N", "M", "method", "us", "tflops", "weight_gbps", "x_vs_bf16", "x_vs_bnb",
                          "max_rel_err", "targets", "note"])
-    payload = {"benchmark": "w4a16_mm", "env": env, "note": note, "dtype": args.dtype, "fmt": args.fmt,
+    if not gpu:  # CPU timings on a shared machine: record how busy it was
+        payload_load = {"loadavg_1_5_15min": os.getloadavg(), "cpu_count": os.cpu_count()}
+    else:
+        payload_load = {}
+    payload = {"benchmark": "w4a16_mm", "env": {**env, **payload_load}, "note": note, "dtype": args.dtype, "fmt": args.fmt,
                "group_size": args.group, "timing": args.timing if gpu else "cpu wall clock (median)",
                "shapes": shapes, "ms": ms, "rows": rows}
     if gpu and "triton" in backends:

@@ -31,6 +31,13 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def _heuristic_triton_configs(monkeypatch):
+    # Deterministic launch configurations (and no minutes of autotuning) in tests; the autotuner
+    # itself has its own GPU test.
+    monkeypatch.setenv("HPRUNE_TRITON_AUTOTUNE", "0")
+
+
 def make(n: int, k: int, group: int, fmt: str, dtype: torch.dtype, device, seed: int = 0, bias: bool = True):
     """Fresh random weight (std 0.05, like a trained Linear) quantised, and a bias."""
     gen = torch.Generator().manual_seed(seed)
@@ -193,6 +200,40 @@ def test_cuda_refuses_what_it_cannot_take_and_auto_falls_back():
     qw, s, z, b = make(40, 64, 32, "int4", torch.float32, "cuda")
     with pytest.raises(ShapeError, match="float16/bfloat16"):
         w4a16_mm(rand_x(3, 64, torch.float32, "cuda"), qw, s, z, 32, "int4", backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+@pytest.mark.parametrize("n,k", [(2432, 2432), (3072, 12288)])
+def test_triton_real_sizes_every_path(m, n, k):
+    """Real layer sizes through the heuristic config and forced split-K variants, launched
+    repeatedly (the serial split-K counters must return to zero)."""
+    from hprune.kernels.triton_w4a16 import Config, heuristic_config, w4a16_matmul
+
+    dev = torch.device("cuda")
+    qw, s, z, b = make(n, k, 64, "int4", torch.bfloat16, dev, seed=m)
+    x = rand_x(m, k, torch.bfloat16, dev, seed=m + 1)
+    ref = w4a16_mm_reference(x, qw, s, z, b, 64, "int4")
+    cfgs = [heuristic_config(m, n, k, dev), Config(16, 64, 128, split_k=8, split_mode=1),
+            Config(16, 64, 128, split_k=8, split_mode=0), Config(128, 128, 64, num_warps=8)]
+    if m <= 4:
+        cfgs.append(Config(m, 32, 256, split_k=4, use_dot=False))
+    for cfg in cfgs:
+        for _ in range(3):
+            assert_matches(w4a16_matmul(x, qw, s, z, b, 64, "int4", cfg), ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_autotuner_picks_a_correct_config(monkeypatch):
+    from hprune.kernels import triton_w4a16 as tw
+
+    monkeypatch.setenv("HPRUNE_TRITON_AUTOTUNE", "1")
+    dev = torch.device("cuda")
+    qw, s, z, b = make(1024, 1024, 64, "int4", torch.float16, dev)
+    x = rand_x(8, 1024, torch.float16, dev)
+    out = tw.w4a16_matmul(x, qw, s, z, b, 64, "int4")
+    assert_matches(out, w4a16_mm_reference(x, qw, s, z, b, 64, "int4"), torch.float16)
+    assert any(key.startswith("8 1024 1024") for key in tw.tuned_configs())
 
 
 @pytest.mark.gpu
@@ -444,49 +485,6 @@ def test_quantize_model_bad_arguments():
         quantize_model(model, group_size=100)
 
 
-# ---- compile checks of the CUDA sources ----------------------------------------------------------------
-
-def _nvcc() -> str | None:
-    return shutil.which("nvcc")
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not on PATH")
-def test_cuda_kernel_compiles_for_sm80_and_sm90a(tmp_path):
-    """The kernel TU (CUDA runtime only) through nvcc + ptxas for both targets (checks the PTX)."""
-    for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        cmd = [_nvcc(), "-std=c++17", "-O3", "-Xptxas", "-O1", "--threads", "2", "--expt-relaxed-constexpr",
-               f"-I{ROOT / 'csrc'}", "-gencode=arch=compute_80,code=sm_80",
-               "-gencode=arch=compute_90a,code=sm_90a", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"nvcc failed on {src.name}:\n{res.stderr[-4000:]}"
-
-
-def _cuda_include() -> Path | None:
-    for base in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
-        if (Path(base) / "include" / "cuda_runtime_api.h").exists():
-            return Path(base) / "include"
-    nv = _nvcc()
-    if nv:
-        inc = Path(nv).resolve().parents[1] / "include"
-        if (inc / "cuda_runtime_api.h").exists():
-            return inc
-    return None
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
-                    reason="needs g++ and the CUDA runtime headers")
-def test_cuda_binding_syntax():
-    """The torch binding against this torch's headers (CUDA build macros stubbed on a CPU torch)."""
-    import torch.utils.cpp_extension as ce
-
-    incs = [f"-I{p}" for p in ce.include_paths()] + [f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}"]
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DHPRUNE_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-           *incs, str(ROOT / "csrc" / "cuda" / "w4a16_binding.cpp")]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"binding does not compile:\n{res.stderr[-4000:]}"
-
-
-
 def test_convert_bnb_model_then_artifact_round_trip(tmp_path):
     """A bitsandbytes-NF4 model converts to W4A16Linear with unchanged outputs, and then saves."""
     import hprune
@@ -505,3 +503,82 @@ def test_convert_bnb_model_then_artifact_round_trip(tmp_path):
     hprune.save_compressed(model, tmp_path / "conv")
     with torch.no_grad():
         assert torch.equal(hprune.load_compressed(tmp_path / "conv")(**inputs).sample, y)
+
+
+# ---- compile checks of the CUDA sources ----------------------------------------------------------------
+# Both compiles take a minute of CPU; they start in the background when this module's first test
+# runs (only if the checks are selected) and overlap the interpreter tests, which use one core.
+
+def _nvcc() -> str | None:
+    return shutil.which("nvcc")
+
+
+def _cuda_include() -> Path | None:
+    for base in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
+        if (Path(base) / "include" / "cuda_runtime_api.h").exists():
+            return Path(base) / "include"
+    nv = _nvcc()
+    if nv:
+        inc = Path(nv).resolve().parents[1] / "include"
+        if (inc / "cuda_runtime_api.h").exists():
+            return inc
+    return None
+
+
+def _nvcc_cmds(out_dir: Path) -> list[list[str]]:
+    """nvcc + ptxas (which checks the inline PTX) of each kernel TU, for sm_80 and sm_90a."""
+    return [[_nvcc(), "-std=c++17", "-O3", "-Xptxas", "-O1", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}",
+             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+             "-c", str(src), "-o", str(out_dir / (src.stem + ".o"))]
+            for src in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+
+
+def _binding_cmd() -> list[str]:
+    """The torch binding against this torch's headers (CUDA build macros stubbed on a CPU torch)."""
+    import torch.utils.cpp_extension as ce
+
+    incs = [f"-I{p}" for p in ce.include_paths()] + [f"-I{_cuda_include()}", f"-I{ROOT / 'csrc'}"]
+    return ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DHPRUNE_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            *incs, str(ROOT / "csrc" / "cuda" / "w4a16_binding.cpp")]
+
+
+NVCC_TEST = "test_cuda_kernel_compiles_for_sm80_and_sm90a"
+BINDING_TEST = "test_cuda_binding_syntax"
+_JOBS: dict[str, list[subprocess.Popen]] = {}
+
+
+def _start(cmds: list[list[str]]) -> list[subprocess.Popen]:
+    return [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _background_compile_checks(request, tmp_path_factory):
+    selected = {item.name for item in request.session.items}
+    if NVCC_TEST in selected and _nvcc():
+        _JOBS["nvcc"] = _start(_nvcc_cmds(tmp_path_factory.mktemp("nvcc")))
+    if BINDING_TEST in selected and shutil.which("g++") and _cuda_include():
+        _JOBS["binding"] = _start([_binding_cmd()])
+    yield
+    for procs in _JOBS.values():
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    _JOBS.clear()
+
+
+def _finish(key: str, cmds) -> None:
+    for p, cmd in zip(_JOBS.pop(key, None) or _start(cmds), cmds):
+        _, err = p.communicate()
+        assert p.returncode == 0, f"{' '.join(map(str, cmd[:2]))} ... {cmd[-1]} failed:\n{err[-4000:]}"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not on PATH")
+def test_cuda_kernel_compiles_for_sm80_and_sm90a(tmp_path):
+    _finish("nvcc", _nvcc_cmds(tmp_path))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+                    reason="needs g++ and the CUDA runtime headers")
+def test_cuda_binding_syntax():
+    _finish("binding", [_binding_cmd()])

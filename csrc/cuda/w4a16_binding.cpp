@@ -107,6 +107,7 @@ at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, "w4a16_mm_cuda: tensors must be 16-byte aligned");
   }
   TORCH_CHECK(args.stride_xm % 8 == 0, "w4a16_mm_cuda: rows of x must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(args.bias) % 4 == 0, "w4a16_mm_cuda: bias must be 4-byte aligned");
   cudaError_t err = hprune::w4a16_launch(args, plan, stream.stream());
   TORCH_CHECK(err == cudaSuccess, "w4a16_mm_cuda: launch failed: ", cudaGetErrorString(err));
   return out;

@@ -129,7 +129,8 @@ def _cuda_why_not(device: torch.device) -> str:
             f"torch and nvcc: python setup.py build_ext --inplace")
 
 
-def cuda_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int) -> Optional[str]:
+def cuda_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                     bias: Optional[Tensor] = None) -> Optional[str]:
     """Why the CUDA kernel cannot take these (already validated) inputs, or None."""
     k = x.shape[-1]
     n = qweight.shape[0]
@@ -147,13 +148,15 @@ def cuda_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     for name, t in (("x", x2), ("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if t is not None and t.data_ptr() % 16:
             return f"the cuda backend needs {name} 16-byte aligned"
+    if bias is not None and bias.data_ptr() % 4:
+        return "the cuda backend needs bias 4-byte aligned"
     return None
 
 
 @dispatch.register(OP, "cuda", supports=_cuda_supports, why_not=_cuda_why_not)
 def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                   bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
-    why = cuda_unsupported(x, qweight, scales, zeros, group_size)
+    why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
     if why:
         raise ShapeError(why)
     return torch.ops.hprune.w4a16_mm_cuda(x, qweight, scales, zeros, bias, group_size, F.FMT_ID[fmt])
