@@ -127,8 +127,10 @@ def test_triton_configs(device, cfg, bias):
 
     config = _configs()[cfg]
     big_m = 70 if config.block_m >= 16 else 6  # the GEMV path is slow in the interpreter
-    for m, fmt, dtype in ((5, "int4", torch.float16), (big_m, "nf4", torch.bfloat16), (3, "int4_sym", torch.float32)):
-        n, k, group = 40, 456, 64
+    # K = 456 is not a multiple of any BLOCK_K (masked K tail); K = 512 is (the EVEN_K path)
+    for m, fmt, dtype, k in ((5, "int4", torch.float16, 456), (5, "int4", torch.float16, 512),
+                             (big_m, "nf4", torch.bfloat16, 512), (3, "int4_sym", torch.float32, 456)):
+        n, group = 40, 64
         qw, s, z, b = make(n, k, group, fmt, dtype, device, seed=m, bias=bias)
         x = rand_x(m, k, dtype, device, seed=m + 1)
         out = w4a16_matmul(x, qw, s, z, b, group, fmt, config)

@@ -65,7 +65,7 @@ def _w4a16_kernel(
     GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SPLIT_MODE: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -92,9 +92,14 @@ def _w4a16_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         kl = k0 + k_in_tile
         kh = kl + 16
-        ml = kl < K
-        mh = kh < K
-        wq = tl.load(w_cols + (k0 // 2 + jj)[:, None], mask=ml[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        if EVEN_K:  # K % BLOCK_K == 0: no K masks, so the loads stay vectorised
+            ml = tl.full((HALF,), 1, tl.int1)
+            mh = ml
+            wq = tl.load(w_cols + (k0 // 2 + jj)[:, None], mask=mask_n[None, :], other=0).to(tl.int32)
+        else:
+            ml = kl < K
+            mh = kh < K
+            wq = tl.load(w_cols + (k0 // 2 + jj)[:, None], mask=ml[:, None] & mask_n[None, :], other=0).to(tl.int32)
         if GROUP % BLOCK_K == 0:  # the whole tile lies in one group: one scale per column
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -113,8 +118,12 @@ def _w4a16_kernel(
                 z = 0.0
         wl = _dequant(wq & 0xF, s, z, lut_ptr, FMT)
         wh = _dequant(wq >> 4, s, z, lut_ptr, FMT)
-        xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None] & ml[None, :], other=0.0)
-        xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None] & mh[None, :], other=0.0)
+        if EVEN_K:
+            xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None], other=0.0)
+            xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None] & ml[None, :], other=0.0)
+            xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None] & mh[None, :], other=0.0)
         if UPCAST:
             xl = xl.to(tl.float32)
             xh = xh.to(tl.float32)
@@ -310,7 +319,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         GROUP=group_size, FMT=F.FMT_ID[fmt], HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split, SPLIT_MODE=cfg.split_mode, GROUP_M=cfg.group_m,
-        USE_DOT=cfg.use_dot, UPCAST=upcast, FP32_DOT=fp32_dot,
+        USE_DOT=cfg.use_dot, UPCAST=upcast, FP32_DOT=fp32_dot, EVEN_K=k % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)
