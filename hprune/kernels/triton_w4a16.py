@@ -1,0 +1,380 @@
+"""Triton kernel of w4a16_mm: dequantise 4-bit weights in registers inside a tensor-core GEMM.
+
+Layout (hprune.quant.formats): one 16-byte chunk of a packed row holds 32 consecutive k, the low
+nibbles the first 16 and the high nibbles the next 16. A K tile of BLOCK_K values is BLOCK_K/2
+contiguous bytes per output row; unpacking gives two (BLOCK_K/2, BLOCK_N) weight tiles whose
+matching activations are two runs of contiguous columns of x, so each K step is two `tl.dot`s
+with no shuffles. Each weight is computed in fp32 ((code | 0x4B000000) bit trick for an exact
+int -> float, then * scale (+ zero)), rounded once to the activation dtype, as the reference.
+
+Configurations (`Config`), picked by M:
+  small M (<= 16)   BLOCK_M = 16 (or 1-4 with USE_DOT=False: a GEMV on CUDA cores), small
+                    BLOCK_N and split-K so that enough programs stream the weight: it is
+                    memory bound, ideally ~3.5x faster than bf16.
+  medium M          BLOCK_M 32/64, split-K when the grid is still small.
+  large M (> 128)   128x128 / 128x256 tiles, 8 warps, grouped (L2-friendly) tile order: compute
+                    bound; the dequantisation cost is amortised over BLOCK_M rows.
+Split-K reduces either with fp32 atomics into a zeroed buffer (SPLIT_MODE 0, three launches) or
+"serially" (SPLIT_MODE 1: partials to a workspace, the last program of a tile, found with an
+acq_rel atomic counter, sums them and writes the output; one launch).
+
+On a GPU the config is autotuned per (M bucket, N, K, dtype, format, group size) on first use
+(HPRUNE_TRITON_AUTOTUNE=0 keeps the heuristic choice). Under TRITON_INTERPRET=1 (CPU tests)
+the heuristic is used, and bf16 is computed from fp32 upcasts with an exact round-to-bf16
+(UPCAST) because the interpreter does not implement bf16 (DESIGN §7).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hprune.kernels import dispatch
+from hprune.quant import formats as F
+
+
+@triton.jit
+def _round_bf16(v):
+    # fp32 -> nearest-even bf16 value, kept in fp32 (used only under the interpreter)
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant(codes, s, z, lut_ptr, FMT: tl.constexpr):
+    # codes int32 in 0..15 -> fp32 weights; exact int->float through the 2^23 exponent trick
+    if FMT == 2:
+        v = tl.load(lut_ptr + codes)
+        return v * s
+    f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+    if FMT == 1:
+        return (f - 8388616.0) * s  # (q - 8) * s
+    return (f - 8388608.0) * s + z  # q * s + z
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SPLIT_MODE: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped tile order: GROUP_M row-tiles walk the N tiles together (L2 reuse of x and W)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    HALF: tl.constexpr = BLOCK_K // 2
+    jj = tl.arange(0, HALF)
+    k_in_tile = (jj // 16) * 32 + (jj % 16)  # k of the low nibble of tile byte jj
+
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        kl = k0 + k_in_tile
+        kh = kl + 16
+        if EVEN_K:  # K % BLOCK_K == 0: no K masks, so the loads stay vectorised
+            ml = tl.full((HALF,), 1, tl.int1)
+            mh = ml
+            wq = tl.load(w_cols + (k0 // 2 + jj)[:, None], mask=mask_n[None, :], other=0).to(tl.int32)
+        else:
+            ml = kl < K
+            mh = kh < K
+            wq = tl.load(w_cols + (k0 // 2 + jj)[:, None], mask=ml[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        if GROUP % BLOCK_K == 0:  # the whole tile lies in one group: one scale per column
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if FMT == 0:
+                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                z = 0.0
+        else:  # several groups per tile (a chunk never straddles two): per-row gather
+            gi = kl // GROUP
+            sp = gi[:, None] * N + offs_n[None, :]
+            smask = ml[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + sp, mask=smask, other=0.0).to(tl.float32)
+            if FMT == 0:
+                z = tl.load(z_ptr + sp, mask=smask, other=0.0).to(tl.float32)
+            else:
+                z = 0.0
+        wl = _dequant(wq & 0xF, s, z, lut_ptr, FMT)
+        wh = _dequant(wq >> 4, s, z, lut_ptr, FMT)
+        if EVEN_K:
+            xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None], other=0.0)
+            xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None] & ml[None, :], other=0.0)
+            xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None] & mh[None, :], other=0.0)
+        if UPCAST:
+            xl = xl.to(tl.float32)
+            xh = xh.to(tl.float32)
+            wl = _round_bf16(wl)
+            wh = _round_bf16(wh)
+        elif not FP32_DOT:
+            wl = wl.to(x_ptr.dtype.element_ty)
+            wh = wh.to(x_ptr.dtype.element_ty)
+        if USE_DOT:
+            if FP32_DOT:
+                acc = tl.dot(xl, wl, acc, input_precision="ieee")
+                acc = tl.dot(xh, wh, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xl, wl, acc)
+                acc = tl.dot(xh, wh, acc)
+        else:  # GEMV: broadcast multiply and reduce on CUDA cores (tiny BLOCK_M)
+            acc += tl.sum(xl.to(tl.float32)[:, :, None] * wl.to(tl.float32)[None, :, :], axis=1)
+            acc += tl.sum(xh.to(tl.float32)[:, :, None] * wh.to(tl.float32)[None, :, :], axis=1)
+
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    elif SPLIT_MODE == 0:
+        # fp32 atomics into a zeroed buffer; the bias is added once, by the first K slice
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(out_ptr + out_offs, acc, mask=omask)
+    else:
+        # serial split-K: publish the partial, count arrivals; the last one reduces
+        ws_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) atomic
+        count = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + sk * M * N + ws_offs, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch
+
+
+# ---- configurations -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration of the kernel (see the module docstring)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    split_mode: int = 1  # 0: fp32 atomics + cast, 1: serial (one launch)
+    group_m: int = 8
+    use_dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def short(self) -> str:
+        s = f"{self.block_m}x{self.block_n}x{self.block_k}"
+        if self.split_k > 1:
+            s += f" sk{self.split_k}{'a' if self.split_mode == 0 else 's'}"
+        if not self.use_dot:
+            s += " gemv"
+        return s + f" w{self.num_warps}s{self.num_stages}"
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # interpreter: any number works; H100-like keeps CPU and GPU choices alike
+
+
+def _with_split(cfg: Config, m: int, n: int, k: int, sms: int, max_split: int = 16) -> Config:
+    """Splits K until the grid has about two programs per SM (keeping >= 2 K tiles per split)."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = 1
+    while split < max_split and tiles * split < 2 * sms and k_tiles >= 4 * split:
+        split *= 2
+    return replace(cfg, split_k=split)
+
+
+def heuristic_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    """A reasonable configuration without tuning."""
+    sms = _sms(device)
+    if m <= 16:
+        cfg = Config(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
+        return _with_split(cfg, m, n, k, sms)
+    if m <= 128:
+        cfg = Config(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
+        return _with_split(cfg, m, n, k, sms)
+    return Config(128, 128, 64, num_warps=8, num_stages=3)
+
+
+def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+    """Configurations the autotuner times for this regime (H100/H200 oriented)."""
+    sms = _sms(device)
+    out: list[Config] = []
+    if m <= 16:
+        for bn, bk, st in ((32, 128, 4), (64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 256, 3)):
+            base = Config(16, bn, bk, num_warps=4, num_stages=st)
+            sp = _with_split(base, m, n, k, sms)
+            out += [sp, replace(sp, split_mode=0)] if sp.split_k > 1 else [sp]
+            out.append(base)
+        if m <= 4:
+            for bn, bk in ((32, 256), (64, 128)):
+                base = Config(_next_pow2(m), bn, bk, use_dot=False, num_warps=4, num_stages=3)
+                out.append(_with_split(base, m, n, k, sms))
+    elif m <= 128:
+        for bm, bn, bk, w, st in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+                                  (32, 128, 128, 4, 3), (64, 128, 128, 8, 3)):
+            if bm > _next_pow2(m) and bm > 32:
+                continue
+            base = Config(bm, bn, bk, num_warps=w, num_stages=st)
+            sp = _with_split(base, m, n, k, sms)
+            out += [sp, base] if sp.split_k > 1 else [base]
+    else:
+        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                  (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                                  (256, 128, 64, 8, 3)):
+            out.append(Config(bm, bn, bk, num_warps=w, num_stages=st))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+# ---- launching ------------------------------------------------------------------------------------
+
+_LUT: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_TUNED: dict[tuple, Config] = {}
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    if device not in _LUT:
+        _LUT[device] = F.nf4_code(device)
+    return _LUT[device]
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    # Arrival counters of serial split-K; every launch leaves them at zero. One set per stream
+    # so concurrent launches on different streams do not share them.
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], group_size: int, fmt: str, cfg: Config) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[0]
+    dev = x.device
+    upcast = x.dtype == torch.bfloat16 and dev.type == "cpu"  # interpreter: no bf16 arithmetic
+    fp32_dot = x.dtype == torch.float32 or upcast
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    res_dtype = torch.float32 if upcast else x.dtype
+    ws = cnt = None
+    if split > 1 and cfg.split_mode == 0:
+        out = torch.zeros((m, n), dtype=torch.float32, device=dev)
+    else:
+        out = torch.empty((m, n), dtype=res_dtype, device=dev)
+        if split > 1:
+            ws = torch.empty((split, m, n), dtype=torch.float32, device=dev)
+            cnt = _counters(dev, tiles)
+    dummy = scales
+    _w4a16_kernel[(tiles, split)](
+        x, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy,
+        _lut(dev), out, ws if ws is not None else out, cnt if cnt is not None else qweight,
+        m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
+        GROUP=group_size, FMT=F.FMT_ID[fmt], HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=split, SPLIT_MODE=cfg.split_mode, GROUP_M=cfg.group_m,
+        USE_DOT=cfg.use_dot, UPCAST=upcast, FP32_DOT=fp32_dot, EVEN_K=k % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _m_bucket(m: int) -> int:
+    return min(_next_pow2(m), 8192)
+
+
+def _autotune_enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or dispatch.triton_interpret():
+        return False
+    if os.environ.get("HPRUNE_TRITON_AUTOTUNE", "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def tuned_configs() -> dict[str, dict]:
+    """The configurations picked so far: {'M<=bucket N K dtype fmt g': Config fields}."""
+    return {" ".join(map(str, key[1:])): asdict(cfg) for key, cfg in _TUNED.items()}
+
+
+def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], group_size: int, fmt: str) -> Config:
+    m, k = x.shape
+    n = qweight.shape[0]
+    key = (x.device, _m_bucket(m), n, k, x.dtype, fmt, group_size, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if not _autotune_enabled(x.device):
+        return heuristic_config(m, n, k, x.device)
+    best, best_t = None, float("inf")
+    for c in candidate_configs(m, n, k, x.device):
+        try:
+            t = triton.testing.do_bench(lambda c=c: _launch(x, qweight, scales, zeros, bias, group_size, fmt, c),
+                                        warmup=5, rep=25, return_mode="median")
+        except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config on this GPU
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    cfg = best or heuristic_config(m, n, k, x.device)
+    _TUNED[key] = cfg
+    return cfg
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], group_size: int, fmt: str, config: Optional[Config] = None
+                 ) -> torch.Tensor:
+    """x (M, K) fp16/bf16/fp32 (unit stride on K); qweight uint8 (N, Kp/2); scales/zeros (G, N) and
+    bias (N,) in x's dtype. Returns (M, N) in x's dtype. `config` overrides the tuned choice."""
+    if dispatch.triton_interpret() and x.device.type != "cpu":
+        raise RuntimeError("TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only")
+    cfg = config or get_config(x, qweight, scales, zeros, bias, group_size, fmt)
+    return _launch(x, qweight, scales, zeros, bias, group_size, fmt, cfg)
+
+
+__all__ = ["Config", "w4a16_matmul", "heuristic_config", "candidate_configs", "get_config", "tuned_configs"]

@@ -1,0 +1,246 @@
+"""`torch.ops.hprune.w4a16_mm`: y = x @ W^T (+ bias) with W stored as packed 4-bit codes.
+
+One op (torch.library schema + fake kernel, so torch.compile traces through it), three backends
+behind `hprune.kernels.dispatch` (op name "w4a16_mm"):
+
+    cuda       CUDA C++ mma.sync kernel from hprune._C (sm_80+; fp16/bf16; K, N multiples of 8)
+    triton     Triton kernel (any shape; fp16/bf16/fp32); on the CPU only under TRITON_INTERPRET=1
+    reference  plain PyTorch: dequantise, fp32 matmul, round once. The CPU path and the oracle.
+
+Force one with `backend=` (strict), `hprune.kernels.use_backend(name)`, or the environment
+(`HPRUNE_BACKEND_W4A16_MM=triton`, `HPRUNE_BACKEND=reference`). When the automatic choice lands
+on the CUDA backend for inputs it does not take (fp32 activations, K or N not a multiple of 8,
+unusual group sizes, misaligned pointers) the op uses Triton instead; a forced "cuda" raises
+ShapeError naming the reason.
+
+The packed layout and the exact weights used are documented in `hprune.quant.formats`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from hprune.errors import BackendUnavailableError, ShapeError
+from hprune.kernels import dispatch
+from hprune.quant import formats as F
+
+OP = "w4a16_mm"
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+             group_size: int, fmt: str) -> tuple[int, int, int]:
+    """Checks every argument; returns (M, N, K). Raises ShapeError naming the first problem."""
+    F.check_format(fmt)
+    F.check_group_size(group_size)
+    if x.dim() < 1:
+        raise ShapeError("x must have at least one dimension (..., K)")
+    if x.dtype not in ACT_DTYPES:
+        raise ShapeError(f"x has dtype {x.dtype}; w4a16_mm takes float16, bfloat16 or float32 activations")
+    k = x.shape[-1]
+    if k == 0:
+        raise ShapeError("x has K = 0 input features")
+    if x.dim() > 1 and x.stride(-1) != 1 and x.numel() > 0:
+        raise ShapeError(f"x must be contiguous along K (stride {x.stride(-1)} on the last dimension); "
+                         f"call .contiguous() first")
+    if qweight.dtype != torch.uint8:
+        raise ShapeError(f"qweight must be uint8 (packed 4-bit codes), got {qweight.dtype}")
+    if qweight.dim() != 2:
+        raise ShapeError(f"qweight must be 2-D (N, ceil(K/32)*16), got shape {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    if qweight.shape[1] != F.packed_cols(k):
+        raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but x has K={k} input features, "
+                         f"which need ceil(K/32)*16 = {F.packed_cols(k)}")
+    if not qweight.is_contiguous():
+        raise ShapeError("qweight must be contiguous")
+    g = F.num_groups(k, group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is None:
+            continue
+        if t.dtype not in ACT_DTYPES:
+            raise ShapeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if tuple(t.shape) != (g, n):
+            raise ShapeError(f"{name} has shape {tuple(t.shape)}; expected (ceil(K/group_size), N) = ({g}, {n}) "
+                             f"for K={k}, group_size={group_size}")
+        if not t.is_contiguous():
+            raise ShapeError(f"{name} must be contiguous")
+    if fmt == "int4" and zeros is None:
+        raise ShapeError('fmt "int4" (asymmetric) needs zeros; use fmt "int4_sym" for symmetric weights')
+    if fmt != "int4" and zeros is not None:
+        raise ShapeError(f'fmt {fmt!r} takes no zeros (only the asymmetric "int4" does)')
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ShapeError(f"bias must be (N,) = ({n},), got shape {tuple(bias.shape)}")
+        if bias.dtype not in ACT_DTYPES:
+            raise ShapeError(f"bias must be a float tensor, got {bias.dtype}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ShapeError(f"{name} is on {t.device} but x is on {x.device}")
+    m = x.numel() // k
+    return m, n, k
+
+
+def _as_act(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # The kernels read scales / zeros / bias in the activation dtype (see hprune.quant.formats).
+    return None if t is None else t.to(dtype).contiguous()
+
+
+# ---- reference backend --------------------------------------------------------------------------
+
+@dispatch.register(OP, "reference")
+def w4a16_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                       bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
+    """x (M, K) T; returns (M, N) T = round_T(x.float() @ W.float().T + bias), W = dequantize(..., T)."""
+    k = x.shape[-1]
+    w = F.dequantize(qweight, scales, zeros, k, group_size, fmt, dtype=x.dtype)
+    out = x.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+# ---- Triton backend -----------------------------------------------------------------------------
+
+@dispatch.register(OP, "triton", supports=dispatch.triton_supports, auto=dispatch.triton_auto,
+                   why_not=dispatch.triton_why_not)
+def w4a16_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                    bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
+    from hprune.kernels.triton_w4a16 import w4a16_matmul
+
+    return w4a16_matmul(x, qweight, scales, zeros, bias, group_size, fmt)
+
+
+# ---- CUDA C++ backend ---------------------------------------------------------------------------
+
+def _cuda_supports(device: torch.device) -> bool:
+    return device.type == "cuda" and dispatch.ext_has("w4a16_mm_cuda")
+
+
+def _cuda_why_not(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"the cuda backend of {OP} needs a CUDA tensor (got device {device})"
+    from hprune._ext import build_info
+
+    return (f"the cuda backend of {OP} is not in this build of hprune._C ({build_info()}); rebuild with a CUDA "
+            f"torch and nvcc: python setup.py build_ext --inplace")
+
+
+def cuda_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                     bias: Optional[Tensor] = None) -> Optional[str]:
+    """Why the CUDA kernel cannot take these (already validated) inputs, or None."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda backend takes float16/bfloat16 activations, not {x.dtype}"
+    if k % 8:
+        return f"the cuda backend needs K % 8 == 0 (K={k})"
+    if n % 8:
+        return f"the cuda backend needs N % 8 == 0 (N={n})"
+    if not (group_size in (32, 64) or group_size % 128 == 0):
+        return f"the cuda backend takes group_size 32, 64 or a multiple of 128 (got {group_size})"
+    x2 = x.reshape(-1, k)
+    if x2.stride(0) % 8:
+        return "the cuda backend needs the rows of x 16-byte aligned"
+    for name, t in (("x", x2), ("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and t.data_ptr() % 16:
+            return f"the cuda backend needs {name} 16-byte aligned"
+    if bias is not None and bias.data_ptr() % 4:
+        return "the cuda backend needs bias 4-byte aligned"
+    return None
+
+
+@dispatch.register(OP, "cuda", supports=_cuda_supports, why_not=_cuda_why_not)
+def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                  bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
+    why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
+    if why:
+        raise ShapeError(why)
+    return torch.ops.hprune.w4a16_mm_cuda(x, qweight, scales, zeros, bias, group_size, F.FMT_ID[fmt])
+
+
+# ---- the op ---------------------------------------------------------------------------------------
+
+def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+            backend: Optional[str]) -> dispatch.Backend:
+    b = dispatch.select(OP, x.device, backend)
+    if b.name == "cuda":
+        why = cuda_unsupported(x, qweight, scales, zeros, group_size)
+        if why:
+            forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
+            if forced == "cuda":
+                raise ShapeError(why)
+            # automatic choice: the next backend that runs here takes shapes CUDA does not
+            for name in ("triton", "reference"):
+                if name in dispatch.available(OP, x.device) and dispatch._REGISTRY[OP][name].auto(x.device):  # noqa: SLF001
+                    return dispatch._REGISTRY[OP][name]  # noqa: SLF001
+    return b
+
+
+@torch.library.custom_op("hprune::w4a16_mm", mutates_args=())
+def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                 group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
+    m, n, k = validate(x, qweight, scales, zeros, bias, group_size, fmt)
+    out_shape = (*x.shape[:-1], n)
+    if m == 0:
+        return x.new_empty(out_shape)
+    b = _choose(x, qweight, scales, zeros, group_size, backend)
+    x2 = x.reshape(m, k)
+    out = b.fn(x2, qweight, _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype),
+               group_size, fmt)
+    return out.reshape(out_shape)
+
+
+@_w4a16_mm_op.register_fake
+def _w4a16_mm_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                   group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
+    validate(x, qweight, scales, zeros, bias, group_size, fmt)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, zeros, bias, group_size, fmt, _backend = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (x.shape[-1], group_size, fmt, x.dtype, bias is not None)
+
+
+def _backward(ctx, grad: Tensor):
+    # dL/dx = grad @ W (W the dequantised weight); codes and scales are not trained.
+    qweight, scales, zeros = ctx.saved_tensors
+    k, group_size, fmt, dtype, has_bias = ctx.meta
+    w = F.dequantize(qweight, scales, zeros, k, group_size, fmt, dtype=dtype)
+    gx = (grad.float() @ w.float()).to(dtype) if ctx.needs_input_grad[0] else None
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias and ctx.needs_input_grad[4] else None
+    return gx, None, None, None, gb, None, None, None
+
+
+_w4a16_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
+             group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> Tensor:
+    """y = x @ W^T + bias with W packed in 4 bits (layout: hprune.quant.formats).
+
+    Args:
+        x: (..., K) float16 / bfloat16 (GPU kernels) or float32, unit stride along K.
+        qweight: uint8 (N, ceil(K/32)*16), packed codes.
+        scales: (G, N) float, G = ceil(K / group_size); used in x's dtype.
+        zeros: (G, N) float additive offsets for fmt "int4" (asymmetric); None otherwise.
+        group_size: K values per scale (a multiple of 32).
+        fmt: "int4" (needs zeros), "int4_sym" or "nf4"; default: "int4" if zeros is given else "int4_sym".
+        bias: (N,) or None.
+        backend: force "cuda", "triton" or "reference" (default: automatic, see module docstring).
+    Returns (..., N) in x's dtype.
+    Raises ShapeError for bad arguments, BackendUnavailableError for a forced backend that cannot run."""
+    if fmt is None:
+        fmt = "int4" if zeros is not None else "int4_sym"
+    if backend is not None and backend not in dispatch.PREFERENCE and backend != "auto":
+        raise BackendUnavailableError(f"unknown backend {backend!r} for {OP}; choose from {dispatch.PREFERENCE}")
+    return torch.ops.hprune.w4a16_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend)
+
+
+__all__ = ["w4a16_mm", "w4a16_mm_reference", "validate", "cuda_unsupported", "OP"]

@@ -1,0 +1,49 @@
+"""4-bit weight quantisation (W4A16): formats and packing, `W4A16Linear`, `quantize_linear`,
+`quantize_model` (hprune kernels, or bitsandbytes Linear4bit for comparison).
+
+    from hprune.quant import quantize_model
+    report = quantize_model(transformer)            # int4, group 64, Linear layers of the blocks
+    print(report)
+
+The "quantize" step is recorded in the model's recipe, so `hprune.save_compressed` /
+`hprune.load_compressed` round-trip quantised models.
+
+Names are imported lazily: hprune.kernels (below this package) imports hprune.quant.formats, and
+the modules here import hprune.kernels, so this file must not import them eagerly.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch.nn as nn
+
+from hprune import recipe
+
+_LAZY = {
+    "DEFAULT_FORMAT": "hprune.quant.formats", "DEFAULT_GROUP_SIZE": "hprune.quant.formats",
+    "FORMATS": "hprune.quant.formats", "NF4_CODE": "hprune.quant.formats",
+    "QuantizedWeight": "hprune.quant.formats", "bytes_per_param": "hprune.quant.formats",
+    "dequantize": "hprune.quant.formats", "pack_int4": "hprune.quant.formats", "quantize": "hprune.quant.formats",
+    "unpack_int4": "hprune.quant.formats", "from_bnb_4bit": "hprune.quant.formats",
+    "convert_bnb_model": "hprune.quant.linear",
+    "BLOCK_PREFIXES": "hprune.quant.linear", "QuantReport": "hprune.quant.linear",
+    "W4A16Linear": "hprune.quant.linear", "eligible_linears": "hprune.quant.linear",
+    "quantize_linear": "hprune.quant.linear", "quantize_model": "hprune.quant.linear",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hprune.quant' has no attribute {name!r}")
+
+
+@recipe.register_op("quantize")
+def _replay(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    from hprune.quant.linear import replay_quantize
+
+    return replay_quantize(model, spec)
+
+
+__all__ = list(_LAZY)
