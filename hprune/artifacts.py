@@ -66,6 +66,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     class_name = model_class_name(model)
     if class_name is None:
         raise HpruneError(f"save_compressed expects a diffusers SD3/FLUX transformer, got {type(model).__name__}")
+    if any(st.get("op") == "quantize" and st.get("backend") == "bnb" for st in recipe.get_recipe(model)):
+        raise HpruneError("bitsandbytes-quantised layers (backend='bnb') cannot be stored in an hprune artifact; "
+                          "convert them first with hprune.quant.convert_bnb_model(model) (exact for NF4)")
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.device.type == "meta"]
     if meta:
