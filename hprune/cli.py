@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "calib", "probe", "plan", "prune", "demo"]
+COMMANDS = ["info", "calib", "probe", "plan", "prune", "compress", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,3 +72,20 @@ def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str],
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
     return _save(fig, path)
+
+
+def line_plot(series: dict[str, Sequence[float]], path: str | os.PathLike, title: str = "", xlabel: str = "",
+              ylabel: str = "", logy: bool = False) -> Path:
+    """One line per named series (x = index); writes a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for label, ys in series.items():
+        ax.plot(range(len(ys)), list(ys), label=label, linewidth=1.2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -63,14 +63,18 @@ def test_info_corrupted_weights(capsys, tmp_path):
 
 def test_demo_end_to_end(capsys, tmp_path):
     out_dir = tmp_path / "demo"
-    code, out, _ = run(capsys, "demo", "--out", str(out_dir))
+    code, out, _ = run(capsys, "demo", "--out", str(out_dir), "--steps", "30")
     assert code == 0
-    assert sorted(os.listdir(out_dir)) == ["artifact", "images.png", "report.json", "report.md"]
+    assert sorted(os.listdir(out_dir)) == ["artifact", "distill_loss.png", "images.png", "plan.json", "report.json",
+                                           "report.md", "sensitivity.json", "sensitivity.png"]
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["reload_bit_identical"] is True
     stages = {r["stage"]: r for r in rep["stages"]}
+    assert list(stages) == ["original", "pruned", "distilled", "quantised (hprune int4)"]
     assert stages["pruned"]["params"] < stages["original"]["params"]
-    assert 0 < stages["pruned"]["rel_mse"] < 1
+    assert 0 < stages["distilled"]["rel_mse"] < stages["pruned"]["rel_mse"] < 1
+    assert stages["quantised (hprune int4)"]["bytes"] < stages["distilled"]["bytes"] / 2
+    assert rep["schedule"]["sgd"] and rep["schedule"]["pwp"]
     assert (out_dir / "images.png").read_bytes()[:4] == b"\x89PNG"
     # the output folder now exists: a second run refuses, nothing changes
     before = (out_dir / "report.json").read_bytes()

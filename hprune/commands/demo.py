@@ -1,6 +1,7 @@
-"""Run the compression pipeline end to end on a built-in tiny model on the CPU (a few minutes):
-prune, measure fidelity, save and reload the artifact, generate images with the original and the
-compressed model, and write report.md / report.json / images.png to the output folder."""
+"""Run the whole compression pipeline on a built-in tiny model on the CPU (a few minutes):
+calibrate, probe ΔP, plan with HPP, prune, distill (PWP + SGDistill), quantise to 4 bits, save and
+reload, then generate images with the original and the compressed model. Writes the artifact,
+report.md / report.json, sensitivity.png, distill_loss.png and images.png to the output folder."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,9 @@ HELP = "run the whole pipeline on a built-in tiny model (CPU, minutes)"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-sd3", choices=["tiny-sd3", "tiny-sd35", "tiny-flux"])
     p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
-    p.add_argument("--ratio", type=float, default=0.25, help="fraction of transformer parameters to remove (default 0.25)")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of transformer parameters to remove (default 0.3)")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
+    p.add_argument("--quant", default="int4", choices=["int4", "bnb-nf4", "none"])
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 
@@ -21,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.ratio < 1:
         raise HpruneError(f"--ratio must be in (0, 1), got {args.ratio}")
-    run_demo(args.out, model_name=args.model, ratio=args.ratio, overwrite=args.overwrite)
+    run_demo(args.out, model_name=args.model, ratio=args.ratio, steps=args.steps, quant=args.quant,
+             overwrite=args.overwrite)
     return 0

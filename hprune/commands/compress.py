@@ -1,0 +1,65 @@
+"""Compress a model end to end: calibrate, probe ΔP, plan (HPP), prune, distill with PWP and
+SGDistill, quantise to 4 bits, save. Writes the artifact and a report (JSON + Markdown:
+parameters, bytes, fidelity after each stage, time per stage) to --out.
+
+Runs on N processes with torchrun (the student is sharded with FSDP2):
+    torchrun --nproc-per-node 8 -m hprune compress ./sd35-large --calib calib.safetensors ..."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of transformer parameters to remove")
+    p.add_argument("--quant", default="int4", choices=["int4", "bnb-nf4", "none"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--calib", help="calibration set (`hprune calib`); built-in tiny models make one")
+    p.add_argument("--method", default="hpp", choices=["hpp", "koala", "bksdm"])
+    p.add_argument("--protect", type=int, help="leading blocks never pruned")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (0: none)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--no-pwp", action="store_true", help="do not freeze the blocks before the first pruned one")
+    p.add_argument("--sgd", default="auto", choices=["auto", "on", "off"],
+                   help="Sensitivity-Guided Distillation (auto: above 25%% removal)")
+    p.add_argument("--group-size", type=int, default=64, help="4-bit group size")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
+    p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hprune.calib import CalibrationSet, synthetic
+    from hprune.compress import CompressOptions, compress
+    from hprune.errors import HpruneError
+    from hprune.io import check_output
+    from hprune.models import load_model
+    from hprune.models.registry import BUILTINS
+
+    opts = CompressOptions(ratio=args.ratio, quant=args.quant, group_size=args.group_size, method=args.method,
+                           protect=args.protect, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
+                           checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed)
+    opts.validate()
+    check_output(args.out, args.overwrite)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    teacher = load_model(args.model, device=device, dtype=dtype, meta=False)
+    if next(teacher.parameters()).device.type == "meta":
+        raise HpruneError(f"{args.model} has no weights here; give a local checkpoint")
+    if args.calib:
+        calib = CalibrationSet.load(args.calib)
+    elif args.model in BUILTINS and BUILTINS[args.model].tiny:
+        calib = synthetic(teacher, n_prompts=10, num_steps=8, seed=args.seed)
+    else:
+        raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
+    compress(teacher, calib, opts, args.out, overwrite=args.overwrite, name=args.model)
+    return 0
