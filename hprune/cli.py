@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "demo"]
+COMMANDS = ["info", "demo", "obs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
