@@ -69,22 +69,23 @@ def find_linear_units(model: nn.Module, blocks: Iterable[int] | None = None) -> 
         blk = ad.get_block(model, info.index)
         lins = [(n, m) for n, m in blk.named_modules() if isinstance(m, nn.Linear) and n and not _is_modulation(n)]
         by_name = dict(lins)
-        taken: set[str] = set()
-        block_units: list[LinearUnit] = []
-        for local, lin in lins:
-            if local in taken:
-                continue
-            members = [local]
+
+        def leader(local: str) -> str:
             parent, _, leaf = local.rpartition(".")
             for tup in _SHARED_INPUT:
-                if leaf == tup[0]:
-                    members += [f"{parent}.{o}" if parent else o for o in tup[1:]
-                                if (f"{parent}.{o}" if parent else o) in by_name]
-            if info.kind == "flux_single" and local == "attn.to_q" and "proj_mlp" in by_name:
-                members.append("proj_mlp")
-            taken.update(members)
-            block_units.append(LinearUnit(f"{info.name}.{local}", info.index,
-                                          [(f"{info.name}.{m}", by_name[m]) for m in members]))
+                if leaf in tup:  # the first of the tuple still present (add_q_proj may be gone)
+                    present = [f"{parent}.{o}" if parent else o for o in tup]
+                    return next(p for p in present if p in by_name)
+            if info.kind == "flux_single" and local == "proj_mlp" and "attn.to_q" in by_name:
+                return "attn.to_q"  # proj_mlp reads the same normed input as q/k/v
+            return local
+
+        members: dict[str, list[str]] = {}
+        for local, _ in lins:  # dict order: a unit sits where its first member appears
+            members.setdefault(leader(local), []).append(local)
+        block_units = [LinearUnit(f"{info.name}.{lead}", info.index,
+                                  [(f"{info.name}.{m}", by_name[m]) for m in [lead] + [x for x in ms if x != lead]])
+                       for lead, ms in members.items()]
         units += block_units
     return units
 
@@ -150,7 +151,8 @@ def _structured_group(model: nn.Module, names: list[str], blocks: Iterable[int] 
     states = {c: S.ColumnOBS(lin[c].weight, hs[c], percdamp) for c in sorted(consumers)} if method == "obs" else {}
     keeps = []
     for site in sites:
-        n_remove = S.removal_count(site.count, sparsity)
+        # Neuron counts stay multiples of 8 (tensor-core friendly, and N:M-prunable afterwards).
+        n_remove = S.removal_count(site.count, sparsity, 8 if site.kind == S.NEURONS else 1)
         cols = [site.columns(off) for _, off in site.consumers]
         if n_remove == 0:
             keep = torch.arange(site.count)

@@ -147,9 +147,14 @@ def _single_attn_cols(block: nn.Module) -> int:
     return attn.to_q.out_features if attn is not None else 0
 
 
-def removal_count(count: int, sparsity: float) -> int:
-    """Groups to remove from `count` at `sparsity`: rounded, and at least one group is kept."""
-    return max(0, min(count - 1, int(round(sparsity * count))))
+def removal_count(count: int, sparsity: float, multiple: int = 1) -> int:
+    """Groups to remove from `count` at `sparsity`, rounded so that the number kept is a multiple
+    of `multiple` when `count` is (GEMM-friendly widths; N:M pruning afterwards needs widths
+    divisible by M), and at least one group (or `multiple`) is kept."""
+    keep = count - int(round(sparsity * count))
+    if multiple > 1 and count % multiple == 0:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+    return max(0, min(count - 1, count - keep))
 
 
 # -- the OBS state of one consumer Linear ----------------------------------------------------------
@@ -211,7 +216,7 @@ def wanda_group_scores(weights: Sequence[torch.Tensor], hessians: Sequence[torch
 
 
 def greedy_obs_removal(states: Sequence[ColumnOBS], cols: Sequence[torch.Tensor], n_remove: int,
-                       max_rounds: int = 64) -> torch.Tensor:
+                       max_rounds: int = 32) -> torch.Tensor:
     """Removes `n_remove` of G groups from every state, cheapest summed loss first, re-scoring
     after each round; a round removes ceil(n_remove / max_rounds) groups (one at a time for heads
     in practice). cols[i]: (G, g) columns of the groups in states[i]. Returns the kept group
