@@ -11,6 +11,13 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+# pytest-xdist runs one process per worker: give each its share of the cores. With the default
+# (every worker using all cores) the intra-op thread pools oversubscribe the CPU and small ops
+# spin-wait on each other: measured 6 min instead of under 1 for tests/test_obs_*.py on 2 cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
