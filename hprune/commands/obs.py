@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights (unstructured, default 0.5) or of heads and FFN neurons per layer "
                         "(structured); N:M patterns imply 1 - N/M")
     p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M | structured")
-    p.add_argument("--groups", type=int, default=1, help="K of group-wise sequential pruning (default 1)")
+    p.add_argument("--groups", type=int, default=1, help="K of group-wise sequential pruning (default 1); Hessian memory is one group's, "
+                        "so use 4+ on real-size models")
     p.add_argument("--weighting", default=DEFAULT_WEIGHTING, choices=WEIGHTINGS,
                    help=f"timestep weights of the Hessian (default {DEFAULT_WEIGHTING})")
     p.add_argument("--alpha", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"),

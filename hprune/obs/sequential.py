@@ -144,37 +144,45 @@ def _structured_group(model: nn.Module, names: list[str], blocks: Iterable[int] 
     """Prunes the structured sites named `names` (rediscovered on the current model); returns
     their shrink entries in the order they were applied."""
     sites = [s for s in S.find_sites(model, blocks) if s.name in names]
-    consumers = {c for s in sites for c, _ in s.consumers}
+    consumers = sorted({c for s in sites for c, _ in s.consumers})
     lin = {c: model.get_submodule(c) for c in consumers}
-    hs = _collect(model, calib, {c: [lin[c]] for c in sorted(consumers)}, weights, progress, desc) \
+    hs = _collect(model, calib, {c: [lin[c]] for c in consumers}, weights, progress, desc) \
         if method != "magnitude" else {}
-    states = {c: S.ColumnOBS(lin[c].weight, hs[c], percdamp) for c in sorted(consumers)} if method == "obs" else {}
-    keeps = []
+    # Sites that share a consumer (a FLUX single block's heads and neurons: proj_out) are pruned
+    # together; the float64 OBS states live only while their cluster is processed.
+    clusters: dict[str, list[S.StructuredSite]] = {}
     for site in sites:
-        # Neuron counts stay multiples of 8 (tensor-core friendly, and N:M-prunable afterwards).
-        n_remove = S.removal_count(site.count, sparsity, 8 if site.kind == S.NEURONS else 1)
-        cols = [site.columns(off) for _, off in site.consumers]
-        if n_remove == 0:
-            keep = torch.arange(site.count)
-        elif method == "obs":
-            keep = S.greedy_obs_removal([states[c] for c, _ in site.consumers], cols, n_remove)
-        else:
-            ws = [lin[c].weight for c, _ in site.consumers]
-            score = (S.magnitude_group_scores(ws, cols) if method == "magnitude"
-                     else S.wanda_group_scores(ws, [hs[c] for c, _ in site.consumers], cols))
-            keep = torch.topk(score.cpu(), site.count - n_remove).indices.sort().values
-        keeps.append((site, keep))
-    with torch.no_grad():  # compensated consumer weights go back in before the columns are sliced
-        for c, st in states.items():
-            lin[c].weight.copy_(st.W.to(lin[c].weight.dtype))
+        clusters.setdefault(site.owner or site.name, []).append(site)
     entries = []
-    # Higher column offsets first, so a shared consumer's (FLUX proj_out) lower offsets stay valid.
-    for site, keep in sorted(keeps, key=lambda sk: -max(off for _, off in sk[0].consumers)):
-        if len(keep) == site.count:
-            continue
-        entry = S.shrink_entry(site, keep)
-        S.apply_shrink(model, entry, keep)
-        entries.append(entry)
+    for cluster in clusters.values():
+        used = sorted({c for site in cluster for c, _ in site.consumers})
+        states = {c: S.ColumnOBS(lin[c].weight, hs[c], percdamp) for c in used} if method == "obs" else {}
+        keeps = []
+        for site in cluster:
+            # Neuron counts stay multiples of 8 (tensor-core friendly, and N:M-prunable afterwards).
+            n_remove = S.removal_count(site.count, sparsity, 8 if site.kind == S.NEURONS else 1)
+            cols = [site.columns(off) for _, off in site.consumers]
+            if n_remove == 0:
+                continue
+            if method == "obs":
+                keep = S.greedy_obs_removal([states[c] for c, _ in site.consumers], cols, n_remove)
+            else:
+                ws = [lin[c].weight for c, _ in site.consumers]
+                score = (S.magnitude_group_scores(ws, cols) if method == "magnitude"
+                         else S.wanda_group_scores(ws, [hs[c] for c, _ in site.consumers], cols))
+                keep = torch.topk(score.cpu(), site.count - n_remove).indices.sort().values
+            keeps.append((site, keep))
+        with torch.no_grad():  # compensated consumer weights go back in before the columns are sliced
+            for c, st in states.items():
+                lin[c].weight.copy_(st.W.to(lin[c].weight.dtype))
+        del states
+        for c in used:
+            hs.pop(c, None)
+        # Higher column offsets first, so a shared consumer's lower offsets stay valid.
+        for site, keep in sorted(keeps, key=lambda sk: -max(off for _, off in sk[0].consumers)):
+            entry = S.shrink_entry(site, keep)
+            S.apply_shrink(model, entry, keep)
+            entries.append(entry)
     return entries
 
 
@@ -190,9 +198,12 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
         calib: a CalibrationSet for this model (its prompt embeddings, seeds, schedule and guidance
             drive the calibration denoising loop). Not needed for method="magnitude".
         sparsity: fraction of weights (unstructured; default 0.5) or of heads and neurons per
-            attention / FFN (structured); N:M patterns imply 1 - N/M.
+            attention / FFN (structured; kept neuron counts are rounded to multiples of 8, at
+            least one head stays); N:M patterns imply 1 - N/M.
         pattern: "unstructured", "2:4", "4:8" (any "N:M") or "structured".
-        groups: K of group-wise sequential pruning (1 = plain one-shot).
+        groups: K of group-wise sequential pruning (1 = plain one-shot). The Hessians of one
+            group are held at once (float32, in_features² each: ~0.9 GB per block for SD3.5-Large,
+            ~2 GB for a FLUX single block), so real-size models want K of 4 or more.
         weighting: step weights of the Hessian, see hprune.obs.hessian.WEIGHTINGS.
         method: "obs" (with compensation), "wanda" or "magnitude" (masks only).
         blocks: block indices to prune (default all), e.g. to spare the first and last.
