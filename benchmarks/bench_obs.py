@@ -61,13 +61,13 @@ def model_inputs(model: torch.nn.Module, name: str, resolution: int, batch: int,
                          device=device, dtype=p.dtype)
 
 
-def time_forward(model: torch.nn.Module, x: dict, device: torch.device, rep: int) -> float:
+def time_forward(model: torch.nn.Module, x: dict, device: torch.device, rep: int, min_time_s: float = 0.0) -> float:
+    """Median ms of one transformer forward."""
     @torch.no_grad()
     def step() -> None:
         model(**x, return_dict=False)
 
-    # CPU wall clock is noisy on a shared machine: at least 3 s of repetitions per variant.
-    return bench(step, device, warmup=max(2, rep // 5), rep=rep, min_time_s=0.0 if device.type == "cuda" else 3.0)
+    return bench(step, device, warmup=max(2, rep // 5), rep=rep, min_time_s=min_time_s)
 
 
 def linear_microbench(model: torch.nn.Module, tokens: int, device: torch.device, rep: int) -> list[dict[str, Any]]:
@@ -92,16 +92,56 @@ def linear_microbench(model: torch.nn.Module, tokens: int, device: torch.device,
     return rows
 
 
+def _tokens(model: torch.nn.Module, x: dict) -> int:
+    hs = x["hidden_states"]
+    img = hs.shape[1] if hs.ndim == 3 else hs.shape[-1] * hs.shape[-2] // model.config.patch_size ** 2
+    return img + x["encoder_hidden_states"].shape[1]
+
+
+def run_model_cpu(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Tiny model on the CPU: the variants are timed in alternating rounds, so load from other
+    processes on a shared machine hits them alike; the median over rounds is reported."""
+    import copy
+    import statistics
+
+    from hprune.models.stats import param_count
+    from hprune.obs import obs_prune_model
+
+    device = torch.device("cpu")
+    dense = build(name, device, None)
+    x = model_inputs(dense, name, args.resolution, args.batch, device)
+    masked = copy.deepcopy(dense)
+    obs_prune_model(masked, None, pattern="2:4", method="magnitude")
+    structured = copy.deepcopy(dense)
+    obs_prune_model(structured, None, args.structured, "structured", method="magnitude")
+    variants = {"dense": dense, "2:4 masked (dense matmuls)": masked, f"structured {args.structured:g}": structured}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, m in variants.items():
+            times[k].append(time_forward(m, x, device, args.rep, min_time_s=0.0))
+    base = statistics.median(times["dense"])
+    rows = []
+    for k, m in variants.items():
+        ms = statistics.median(times[k])
+        rows.append({"variant": k, "ms": round(ms, 3), "speedup": round(base / ms, 3), "params": param_count(m)})
+    rows.insert(2, {"variant": "2:4 semi-structured", "ms": None, "speedup": None,
+                    "note": "needs CUDA (torch.sparse.to_sparse_semi_structured)"})
+    return {"model": name, "blocks": None, "batch": args.batch, "tokens": _tokens(dense, x), "resolution": None,
+            "rounds": args.rounds, "rows": rows, "linears": []}
+
+
 def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Real-size model on the GPU: dense, then 2:4 in place (masked, then converted), then a
+    fresh copy pruned structurally (one model in memory at a time)."""
     from hprune.models.stats import param_count
     from hprune.obs import obs_prune_model, to_semi_structured
 
+    if device.type != "cuda":
+        return run_model_cpu(name, args)
     rows: list[dict[str, Any]] = []
     model = build(name, device, args.blocks)
     x = model_inputs(model, name, args.resolution, args.batch, device)
-    tokens = (x["hidden_states"].shape[1] if x["hidden_states"].ndim == 3
-              else x["hidden_states"].shape[-1] * x["hidden_states"].shape[-2] // model.config.patch_size ** 2)
-    tokens += x["encoder_hidden_states"].shape[1]
+    tokens = _tokens(model, x)
     dense = time_forward(model, x, device, args.rep)
     rows.append({"variant": "dense", "ms": round(dense, 3), "speedup": 1.0, "params": param_count(model)})
 
@@ -109,30 +149,25 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
     masked = time_forward(model, x, device, args.rep)
     rows.append({"variant": "2:4 masked (dense matmuls)", "ms": round(masked, 3),
                  "speedup": round(dense / masked, 3), "params": param_count(model)})
-    if device.type == "cuda":
-        converted = to_semi_structured(model)
-        sparse = time_forward(model, x, device, args.rep)
-        rows.append({"variant": f"2:4 semi-structured ({len(converted)} Linears)", "ms": round(sparse, 3),
-                     "speedup": round(dense / sparse, 3), "params": param_count(model)})
-    else:
-        rows.append({"variant": "2:4 semi-structured", "ms": None, "speedup": None,
-                     "note": "needs CUDA (torch.sparse.to_sparse_semi_structured)"})
+    converted = to_semi_structured(model)
+    sparse = time_forward(model, x, device, args.rep)
+    rows.append({"variant": f"2:4 semi-structured ({len(converted)} Linears)", "ms": round(sparse, 3),
+                 "speedup": round(dense / sparse, 3), "params": param_count(model)})
     del model
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
 
     model = build(name, device, args.blocks)
     obs_prune_model(model, None, args.structured, "structured", method="magnitude")
     structured = time_forward(model, x, device, args.rep)
     rows.append({"variant": f"structured {args.structured:g}", "ms": round(structured, 3),
                  "speedup": round(dense / structured, 3), "params": param_count(model)})
-    micro = linear_microbench(build(name, device, 1), tokens * args.batch, device, args.rep) \
-        if device.type == "cuda" else []
     del model
     gc.collect()
+    torch.cuda.empty_cache()
+    micro = linear_microbench(build(name, device, 1), tokens * args.batch, device, args.rep)
     return {"model": name, "blocks": args.blocks, "batch": args.batch, "tokens": tokens,
-            "resolution": args.resolution if device.type == "cuda" else None, "rows": rows, "linears": micro}
+            "resolution": args.resolution, "rows": rows, "linears": micro}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (memory)")
     p.add_argument("--structured", type=float, default=0.3, help="structured sparsity (default 0.3)")
-    p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--rep", type=int, default=20, help="timed repetitions per measurement")
+    p.add_argument("--rounds", type=int, default=7, help="CPU: alternating rounds over the variants")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -166,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if r["linears"]:
             print_table(r["linears"], ["out", "in", "tokens", "dense_ms", "sparse_ms", "speedup"],
                         title=f"{name}: block Linears alone (bf16 GEMM vs 2:4)")
-    write_results("obs", {"env": env, "args": vars(args), "results": results}, device, args.out)
+    write_results("obs", {"env": env, "args": vars(args), "torch_threads": torch.get_num_threads(),
+                          "results": results}, device, args.out)
     return 0
 
 

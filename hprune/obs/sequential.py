@@ -202,8 +202,8 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             least one head stays); N:M patterns imply 1 - N/M.
         pattern: "unstructured", "2:4", "4:8" (any "N:M") or "structured".
         groups: K of group-wise sequential pruning (1 = plain one-shot). The Hessians of one
-            group are held at once (float32, in_features² each: ~0.9 GB per block for SD3.5-Large,
-            ~2 GB for a FLUX single block), so real-size models want K of 4 or more.
+            group are held at once (float32, in_features² each: ~0.9 GB per SD3.5-Large block,
+            ~1-1.4 GB per FLUX block), so real-size models want K of 4 or more.
         weighting: step weights of the Hessian, see hprune.obs.hessian.WEIGHTINGS.
         method: "obs" (with compensation), "wanda" or "magnitude" (masks only).
         blocks: block indices to prune (default all), e.g. to spare the first and last.

@@ -46,6 +46,24 @@ def _shape_fits(weight: torch.Tensor) -> bool:
     return r % cons.sparse_min_rows == 0 and c % cons.sparse_min_cols == 0
 
 
+def _convert(converter: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Compresses with cuSPARSELt (torch's default); a torch built without it falls back to the
+    CUTLASS kernels once, then stays there."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    try:
+        return converter(w)
+    except RuntimeError as exc:
+        if converter is not torch.sparse.to_sparse_semi_structured or SparseSemiStructuredTensor._FORCE_CUTLASS:
+            raise BackendUnavailableError(f"semi-structured sparse conversion failed: {exc}") from None
+        SparseSemiStructuredTensor._FORCE_CUTLASS = True
+        try:
+            return converter(w)
+        except RuntimeError as exc2:
+            raise BackendUnavailableError(f"semi-structured sparse conversion failed with cuSPARSELt and "
+                                          f"CUTLASS: {exc2}") from None
+
+
 def to_semi_structured(model: nn.Module, *, prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks."),
                        converter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """Converts, in place, the exactly-2:4-sparse Linears under `prefixes` to semi-structured
@@ -69,7 +87,7 @@ def to_semi_structured(model: nn.Module, *, prefixes: tuple[str, ...] = ("transf
         if converter is torch.sparse.to_sparse_semi_structured and not _shape_fits(lin.weight):
             continue
         new = SemiStructuredLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        new.weight = nn.Parameter(converter(lin.weight.detach()), requires_grad=False)
+        new.weight = nn.Parameter(_convert(converter, lin.weight.detach()), requires_grad=False)
         new.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
         model.set_submodule(name, new)
         converted.append(name)
