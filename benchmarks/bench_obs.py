@@ -136,8 +136,6 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
     from hprune.models.stats import param_count
     from hprune.obs import obs_prune_model, to_semi_structured
 
-    if device.type != "cuda":
-        return run_model_cpu(name, args)
     rows: list[dict[str, Any]] = []
     model = build(name, device, args.blocks)
     x = model_inputs(model, name, args.resolution, args.batch, device)
@@ -155,7 +153,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
                  "speedup": round(dense / sparse, 3), "params": param_count(model)})
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     model = build(name, device, args.blocks)
     obs_prune_model(model, None, args.structured, "structured", method="magnitude")
@@ -164,7 +163,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
                  "speedup": round(dense / structured, 3), "params": param_count(model)})
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     micro = linear_microbench(build(name, device, 1), tokens * args.batch, device, args.rep)
     return {"model": name, "blocks": args.blocks, "batch": args.batch, "tokens": tokens,
             "resolution": args.resolution, "rows": rows, "linears": micro}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {env['device']}", flush=True)
     results = []
     for name in models:
-        r = run_model(name, device, args)
+        r = run_model(name, device, args) if device.type == "cuda" else run_model_cpu(name, args)
         results.append(r)
         title = (f"{name}" + (f" (first {args.blocks} blocks)" if args.blocks else "")
                  + f", batch {args.batch}, {r['tokens']} tokens, {env['device']}")

@@ -102,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     from hprune.obs import obs_prune_model
     from hprune.report import format_table, human_bytes, human_count
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise HpruneError(f"--device: unknown device {args.device!r} (use cuda, cuda:N or cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HpruneError("--device cuda: no CUDA GPU is available here")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, device=device, dtype=dtype, config=args.config)
     if any(p.device.type == "meta" for p in model.parameters()):

@@ -64,7 +64,8 @@ def _convert(converter: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor)
                                           f"CUTLASS: {exc2}") from None
 
 
-def to_semi_structured(model: nn.Module, *, prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks."),
+def to_semi_structured(model: nn.Module, *,
+                       prefixes: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks."),
                        converter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """Converts, in place, the exactly-2:4-sparse Linears under `prefixes` to semi-structured
     sparse weights. Returns the converted layer paths.
