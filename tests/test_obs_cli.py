@@ -99,5 +99,9 @@ def test_cli_existing_out_and_real_size_without_weights(capsys, tmp_path):
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "obs", "sd3.5-large", "--method", "magnitude", "--out", str(tmp_path / "big"))
         assert code == 1 and "has no weights here" in err
+        code, _, err = run(capsys, "obs", "tiny-sd3", "--device", "cuda", "--out", str(tmp_path / "g"))
+        assert code == 1 and "no CUDA GPU is available" in err
+    code, _, err = run(capsys, "obs", "tiny-sd3", "--device", "tpu9", "--out", str(tmp_path / "g"))
+    assert code == 1 and "unknown device 'tpu9'" in err
     code, _, err = run(capsys, "obs", "./no-such-model", "--out", str(tmp_path / "x"))
     assert code == 1 and "model path not found" in err
