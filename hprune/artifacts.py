@@ -74,6 +74,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     if meta:
         raise HpruneError(f"cannot save a model whose weights are on the meta device (e.g. {meta[0]}); "
                           f"load or randomise real weights first")
+    odd = [k for k, v in state.items() if type(v) is not torch.Tensor]
+    if odd:
+        raise HpruneError(f"cannot save {odd[0]}: it is a {type(state[odd[0]]).__name__}, not a plain tensor "
+                          f"(e.g. a weight converted by hprune.obs.to_semi_structured); save before converting")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         wfile = tmp / WEIGHTS_FILE

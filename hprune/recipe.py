@@ -45,6 +45,7 @@ def known_ops() -> list[str]:
 def _import_op_providers() -> None:
     # Importing the stage modules registers their ops.
     import hprune.models.surgery  # noqa: F401
+    import hprune.obs.sequential  # noqa: F401  (ops "sparsity" and "shrink")
 
     try:
         import hprune.quant  # noqa: F401
