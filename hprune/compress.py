@@ -104,6 +104,12 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     from hprune.report import format_table, human_bytes, human_count
 
     opts.validate()
+    from hprune.models import get_adapter
+
+    n_blocks = get_adapter(teacher).num_blocks(teacher)
+    if opts.protect is not None and not 0 <= opts.protect < n_blocks:
+        raise HpruneError(f"protect must be between 0 and {n_blocks - 1} (the model has {n_blocks} blocks), "
+                          f"got {opts.protect}: the ratio cannot be met with every block protected")
     rank = dist.setup(next(teacher.parameters()).device)[0]
     main = rank == 0
     check_output(out, overwrite)

@@ -124,6 +124,9 @@ def plan_hpp(table: SensitivityTable, ratio: float, *, granularity: str = "hybri
             key = cost / params if rank == "per_param" and params else cost
             cands.append((key, i, piece, {"dP": dp, "W_pos": w, "params": params}))
     if not cands:
+        _check_ratio(ratio)
+        if protect >= n:
+            raise PlanError(f"ratio {ratio:.3g} cannot be met: all {n} blocks are protected (protect={protect})")
         raise PlanError("the sensitivity table has no probes for the requested granularity")
     return _greedy(table, ratio, cands, protect, "hpp" if positional else "delta-only",
                    {"granularity": granularity, "positional": positional, "rank": rank})

@@ -31,7 +31,7 @@ def test_entry_point_runs_as_a_program():
 def test_info_tiny_and_real_size(capsys):
     code, out, _ = run(capsys, "info", "tiny-flux")
     assert code == 0
-    assert "single_transformer_blocks.3" in out and "flux_single" in out and "INT4 g128" in out
+    assert "single_transformer_blocks.3" in out and "flux_single" in out and "INT4 g64" in out
     code, out, _ = run(capsys, "info", "sd3.5-large", "--json")
     assert code == 0
     rep = json.loads(out)

@@ -159,3 +159,17 @@ def test_check_safetensors_headers(tmp_path):
     assert check_safetensors(p)["w"]["shape"] == [4]
     with pytest.raises(CheckpointError, match="not found"):
         check_safetensors(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux"])
+def test_int4_byte_estimate_equals_quantized_model(name):
+    """`hprune info`'s INT4 figure is what quantize_model really stores (bf16 for the rest)."""
+    import torch
+
+    from hprune.models import bytes_at
+    from hprune.quant import quantize_model
+
+    m = fresh(name)
+    estimate = bytes_at(m, torch.bfloat16, int4_group=64)
+    quantize_model(m)  # defaults: int4 asymmetric, group 64, the blocks' Linear layers
+    assert bytes_at(m, torch.bfloat16) == estimate

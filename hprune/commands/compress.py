@@ -50,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
                            checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed)
     opts.validate()
     check_output(args.out, args.overwrite)
+    if args.model in BUILTINS and not BUILTINS[args.model].tiny:
+        raise HpruneError(f"{args.model} is an architecture without trained weights here; "
+                          f"give a local checkpoint (diffusers folder or .safetensors)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    teacher = load_model(args.model, device=device, dtype=dtype, meta=False)
-    if next(teacher.parameters()).device.type == "meta":
-        raise HpruneError(f"{args.model} has no weights here; give a local checkpoint")
+    teacher = load_model(args.model, device=device, dtype=dtype)
     if args.calib:
         calib = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS and BUILTINS[args.model].tiny:

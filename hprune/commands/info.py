@@ -1,5 +1,6 @@
 """Show a model's blocks, their removable components and parameter counts, and its size in bytes
-at bf16 and at INT4 (group-wise, 16-bit scales; Linear weights inside the blocks quantised).
+at bf16 and at INT4 (hprune's default format: asymmetric, group 64, bf16 scale and zero; the Linear
+weights inside the blocks quantised, as `hprune compress` does).
 
 MODEL is a built-in name (tiny-sd3, tiny-sd35, tiny-flux, sd3.5-large, sd3.5-medium,
 flux.1-schnell, flux.1-dev), a local diffusers model or pipeline folder, a .safetensors file
@@ -15,7 +16,8 @@ HELP = "blocks, components, parameters and bytes of a model"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--group-size", type=int, default=128, help="INT4 group size for the byte estimate (default 128)")
+    p.add_argument("--group-size", type=int, default=64, help="4-bit group size for the byte estimate (default 64, "
+                   "as hprune.quant.quantize_model)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--config", help="config.json for a lone .safetensors MODEL")
 

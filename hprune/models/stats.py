@@ -29,18 +29,14 @@ def param_count(module: nn.Module) -> int:
     return n
 
 
-def int4_linear_bytes(out_features: int, in_features: int, group_size: int = 128, scale_bytes: int = 2,
-                      asymmetric: bool = False) -> int:
-    """Bytes of one Linear weight in group-wise INT4: two weights per byte plus one scale (and a
-    zero point if asymmetric) per group of `group_size` input features per output row."""
-    groups = math.ceil(in_features / group_size)
-    return out_features * math.ceil(in_features / 2) + out_features * groups * scale_bytes * (2 if asymmetric else 1)
-
-
 def bytes_at(module: nn.Module, dtype: torch.dtype = torch.bfloat16, int4_group: int | None = None,
-             quantize_prefix: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks.")) -> int:
+             quantize_prefix: tuple[str, ...] = ("transformer_blocks.", "single_transformer_blocks."),
+             int4_fmt: str = "int4") -> int:
     """Bytes the module would take with floating tensors stored as `dtype`; with `int4_group`,
-    Linear weights under `quantize_prefix` (the blocks) count as INT4 with 16-bit group scales."""
+    Linear weights under `quantize_prefix` (the blocks) count as packed 4-bit weights of format
+    `int4_fmt` (exactly as hprune.quant.quantize_model would store them)."""
+    from hprune.quant.formats import packed_nbytes
+
     elt = torch.empty((), dtype=dtype).element_size()
     q_weights: set[str] = set()
     total = 0
@@ -48,7 +44,7 @@ def bytes_at(module: nn.Module, dtype: torch.dtype = torch.bfloat16, int4_group:
         for name, m in module.named_modules():
             if isinstance(m, nn.Linear) and name.startswith(quantize_prefix):
                 q_weights.add(f"{name}.weight")
-                total += int4_linear_bytes(m.out_features, m.in_features, int4_group)
+                total += packed_nbytes(m.out_features, m.in_features, int4_group, int4_fmt)
     for name, t in module.state_dict().items():
         if name in q_weights:
             continue
@@ -56,7 +52,7 @@ def bytes_at(module: nn.Module, dtype: torch.dtype = torch.bfloat16, int4_group:
     return total
 
 
-def model_report(model: nn.Module, int4_group: int = 128) -> dict[str, Any]:
+def model_report(model: nn.Module, int4_group: int = 64) -> dict[str, Any]:
     """Blocks, components and their parameters; totals in parameters and bytes (stored, bf16, INT4)."""
     ad = get_adapter(model)
     blocks = []

@@ -108,6 +108,13 @@ def bytes_per_param(group_size: int, fmt: str, scale_bytes: int = 2) -> float:
     return 0.5 + per_group / group_size
 
 
+def packed_nbytes(out_features: int, in_features: int, group_size: int = DEFAULT_GROUP_SIZE,
+                  fmt: str = DEFAULT_FORMAT, scale_bytes: int = 2) -> int:
+    """Exact bytes of one packed weight (qweight + scales + zeros for "int4"), as W4A16Linear stores it."""
+    groups = num_groups(in_features, group_size)
+    return out_features * packed_cols(in_features) + groups * out_features * scale_bytes * (2 if fmt == "int4" else 1)
+
+
 # ---- packing ------------------------------------------------------------------------------------
 
 def pack_int4(codes: torch.Tensor, fmt: str = "int4") -> torch.Tensor:
