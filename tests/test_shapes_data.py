@@ -166,3 +166,18 @@ def test_tokenizer_and_text_encoder_shapes():
     assert e.shape == (3, tok.max_len, 16) and p.shape == (3, 8)
     assert e[1].abs().sum() == 0 and p[1].abs().sum() == 0  # empty caption: the unconditional input
     assert e[0].abs().sum() > 0
+
+
+def test_thin_fringes_and_specks_are_not_objects():
+    """A generated object's edge can drift towards a neighbouring palette colour; such a fringe
+    (and a speck) has no interior, so it neither counts nor takes part in the assignment."""
+    img = D.render([D.PlacedObject("yellow", "square", 8, 8, 10, 10)])
+    ring = np.zeros((32, 32), dtype=bool)
+    ring[6:20, 6:20] = True
+    ring[8:18, 8:18] = False  # a 2-pixel wide red frame: 96 pixels, no interior
+    img[:, ring] = np.asarray(D.PALETTE["red"], dtype=np.float32)[:, None]
+    img[:, 25:27, 25:27] = np.asarray(D.PALETTE["green"], dtype=np.float32)[:, None, None]
+    assert [d.colour for d in detect(img)] == ["yellow"]
+    assert score_image(img, "a large yellow square")["score"] == 1.0
+    img[:, 22:26, 22:26] = np.asarray(D.PALETTE["green"], dtype=np.float32)[:, None, None]  # 4x4: an object
+    assert _failed(score_image(img, "a large yellow square")) == {"count"}

@@ -3,8 +3,10 @@
 Detection (exact on rendered ground truth):
   1. every pixel goes to the nearest of the palette colours and the background, if it lies within
      `TOLERANCE` of it (else it is left out, as background);
-  2. each colour's pixels split into 8-connected components; components of at least `MIN_AREA`
-     pixels are the detected objects;
+  2. each colour's pixels split into 8-connected components; a component is a detected object when
+     it has at least `MIN_AREA` pixels and at least `MIN_CORE` interior pixels (all 8 neighbours
+     of its colour): thin colour fringes and speckles of a generated image have no interior and
+     are not objects (the smallest rendered object, a 6-pixel triangle, has 4 interior pixels);
   3. an object's shape is the template (circle / square / triangle rendered into the object's own
      bounding box, hprune.shapes.data.shape_mask) with the highest IoU with its pixels; its size
      word is "small" when the box's longer side is at most SIZE_SPLIT pixels; its position is the
@@ -31,6 +33,7 @@ from hprune.shapes.data import (BACKGROUND, PALETTE, SHAPES, SIZE_SPLIT, Caption
 
 TOLERANCE = 0.5  # Euclidean RGB distance; palette colours are >= 1.0 apart, so assignment is unique
 MIN_AREA = 10  # pixels; the smallest rendered object (a 6-pixel triangle) has 24
+MIN_CORE = 3  # interior pixels; the smallest rendered object has 4
 MAX_OBJECTS = 8  # only the largest detected objects take part in the assignment
 ATTRIBUTES = ("present", "colour", "shape", "size", "position", "count")
 
@@ -91,6 +94,16 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` whose 8 neighbours are all in `mask` (outside the image counts as not)."""
+    m = np.pad(mask, 1)
+    core = m.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            core &= np.roll(np.roll(m, dy, 0), dx, 1)
+    return core[1:-1, 1:-1]
+
+
 def classify_shape(pixels: np.ndarray) -> tuple[str, float, tuple[int, int, int, int]]:
     """Best template for a component's (y, x) pixels: (shape, IoU, box (x0, y0, w, h))."""
     ys, xs = pixels[:, 0], pixels[:, 1]
@@ -120,8 +133,9 @@ def detect(image: Any) -> list[Detected]:
         mask = label == k
         if not mask.any():
             continue
+        core = _interior(mask)
         for pix in _components(mask):
-            if len(pix) < MIN_AREA:
+            if len(pix) < MIN_AREA or core[pix[:, 0], pix[:, 1]].sum() < MIN_CORE:
                 continue
             shape, iou, box = classify_shape(pix)
             found.append(Detected(names[k], shape, box, int(len(pix)), iou))
