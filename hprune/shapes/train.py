@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ class TrainConfig:
     eval_steps: int = 20
     guidance: float = 4.0
     log_every: int = 50
+    snapshot_every: int = 0  # write the EMA weights to <out>/snapshot every N steps (0: never)
+    init: str = ""  # a teacher folder to start from (continued training); its recipe is kept
 
     def transformer_config(self) -> dict[str, Any]:
         hidden = self.num_heads * self.head_dim
@@ -154,6 +156,13 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, text = build(cfg)
+    init_recipe = None
+    if cfg.init:  # continue from a previous run's (EMA, fp16-rounded) weights
+        from hprune.shapes.checkpoint import load_recipe, load_text_encoder, load_transformer
+
+        model.load_state_dict(load_transformer(cfg.init).state_dict())
+        text.load_state_dict(load_text_encoder(cfg.init).state_dict())
+        init_recipe = load_recipe(cfg.init)
     model.to(device).train()
     text.to(device).train()
     ema_model = [p.detach().clone() for p in model.parameters()]
@@ -194,7 +203,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
         with torch.no_grad():
             torch._foreach_lerp_(ema_model, [p.detach() for p in model.parameters()], 1 - decay)
             torch._foreach_lerp_(ema_text, [p.detach() for p in text.parameters()], 1 - decay)
-        run_loss += float(loss)
+        run_loss += loss.item()
         run_n += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             el = time.perf_counter() - t0
@@ -204,6 +213,8 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
             eta = el / (step + 1) * (cfg.steps - step - 1)
             log(f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{(step + 1) * b / el:.1f} samples/s elapsed {el / 60:.1f} min eta {eta / 60:.1f} min")
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            _snapshot(out / "snapshot", model, text, ema_model, ema_text, {"step": step + 1, "config": asdict(cfg)})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = _eval_ema(model, text, ema_model, ema_text, cfg)
             evals.append({"step": step + 1, **ev})
@@ -246,10 +257,35 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
         "final_eval": {"captions": cfg.eval_captions, "steps": cfg.eval_steps, "guidance": cfg.guidance,
                        "split": "heldout", "seed": 0},
     }
+    if init_recipe is not None:  # the whole history: earlier stages' recipes and the totals
+        recipe["init_from"] = init_recipe
+        recipe["total_steps"] = cfg.steps + init_recipe.get("total_steps", init_recipe["steps"])
+        recipe["total_train_seconds"] = round(train_s + init_recipe.get("total_train_seconds",
+                                                                        init_recipe["train_seconds"]), 1)
     save_teacher(out, model, text, recipe)
     _grid(model, text, out / "samples.png")
     log(f"wrote {out}")
     return recipe
+
+
+def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
+              ema_text: list[torch.Tensor], info: dict[str, Any]) -> None:
+    """Writes the current EMA weights in the teacher layout (no evaluation), replacing the last one."""
+    import copy
+    import shutil
+
+    m, t = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
+    with torch.no_grad():
+        for p, e in zip(m.parameters(), ema_model):
+            p.copy_(e)
+        for p, e in zip(t.parameters(), ema_text):
+            p.copy_(e)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_teacher(tmp, m.cpu(), t.cpu(), {**info, "final_eval": {"guidance": info["config"]["guidance"]},
+                                         "snapshot": True})
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _eval_ema(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor], ema_text: list[torch.Tensor],
@@ -282,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (the teacher layout)")
     for f in TrainConfig.__dataclass_fields__.values():
-        kind = {"int": int, "float": float}.get(str(f.type), None)
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type), None)
         if kind is None:
             kind = int if isinstance(f.default, int) else float
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
