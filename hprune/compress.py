@@ -115,7 +115,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     check_output(out, overwrite)
     calib.check_fits(teacher)
     train_cal, eval_cal = split_holdout(calib, opts.holdout)
-    eval_batches = list(eval_cal.batches(4, indices=_spread(len(eval_cal), 8)))
+    p0 = next(teacher.parameters())
+    eval_batches = list(eval_cal.batches(4, device=p0.device, dtype=p0.dtype if p0.is_floating_point() else None,
+                                         indices=_spread(len(eval_cal), 8)))
     say = log if main else (lambda _m: None)
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()

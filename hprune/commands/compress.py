@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from hprune.commands import add_device_arguments, device_and_dtype
+
 HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 
 
@@ -29,14 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(p)
     p.add_argument("--overwrite", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from hprune.calib import CalibrationSet, synthetic
     from hprune.compress import CompressOptions, compress
     from hprune.errors import HpruneError
@@ -53,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model in BUILTINS and not BUILTINS[args.model].tiny:
         raise HpruneError(f"{args.model} is an architecture without trained weights here; "
                           f"give a local checkpoint (diffusers folder or .safetensors)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device, dtype = device_and_dtype(args)
     teacher = load_model(args.model, device=device, dtype=dtype)
     if args.calib:
         calib = CalibrationSet.load(args.calib)
