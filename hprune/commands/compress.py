@@ -16,7 +16,9 @@ HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ratio", type=float, required=True, help="fraction of transformer parameters to remove")
-    p.add_argument("--quant", default="int4", choices=["int4", "bnb-nf4", "none"])
+    p.add_argument("--quant", default="int4", choices=["int4", "int4-fp8", "bnb-nf4", "none"],
+                   help="int4: hprune W4A16; int4-fp8: the same weights with FP8 activations (W4A8); "
+                        "bnb-nf4: bitsandbytes NF4; none")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--calib", help="calibration set (`hprune calib`); built-in tiny models make one")
     p.add_argument("--method", default="hpp", choices=["hpp", "koala", "bksdm"])
