@@ -130,6 +130,13 @@ def run_model_cpu(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds, "rows": rows, "linears": []}
 
 
+def _release(device: torch.device) -> None:
+    """Return the memory of a model just dropped, so the next variant starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Real-size model on the GPU: dense, then 2:4 in place (masked, then converted), then a
     fresh copy pruned structurally (one model in memory at a time)."""
@@ -152,9 +159,7 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
     rows.append({"variant": f"2:4 semi-structured ({len(converted)} Linears)", "ms": round(sparse, 3),
                  "speedup": round(dense / sparse, 3), "params": param_count(model)})
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
 
     model = build(name, device, args.blocks)
     obs_prune_model(model, None, args.structured, "structured", method="magnitude")
@@ -162,9 +167,7 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
     rows.append({"variant": f"structured {args.structured:g}", "ms": round(structured, 3),
                  "speedup": round(dense / structured, 3), "params": param_count(model)})
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
     micro = linear_microbench(build(name, device, 1), tokens * args.batch, device, args.rep)
     return {"model": name, "blocks": args.blocks, "batch": args.batch, "tokens": tokens,
             "resolution": args.resolution, "rows": rows, "linears": micro}

@@ -104,15 +104,21 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
     return text
 
 
-def write_results(name: str, payload: dict[str, Any], device: torch.device | str,
-                  out_dir: str | os.PathLike | None = None) -> Path:
-    """Writes benchmarks/results/<name>-<device>.json atomically; returns the path."""
+def results_path(name: str, device: torch.device | str, out_dir: str | os.PathLike | None = None) -> Path:
+    """benchmarks/results/<name>-<device>.json (or under `out_dir`)."""
     out = Path(out_dir) if out_dir else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()[:40]
-    path = out / f"{name}-{slug}.json"
+    return out / f"{name}-{slug}.json"
+
+
+def write_results(name: str, payload: dict[str, Any], device: torch.device | str,
+                  out_dir: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+    """Writes benchmarks/results/<name>-<device>.json atomically; returns the path."""
+    path = results_path(name, device, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-    print(f"wrote {path}", flush=True)
+    if not quiet:
+        print(f"wrote {path}", flush=True)
     return path

@@ -30,14 +30,14 @@ from hprune.errors import HpruneError
 from hprune.metrics import fidelity, predict
 from hprune.models.stats import bytes_at, param_count, weight_bytes
 
-QUANT_CHOICES = ("int4", "bnb-nf4", "none")
+QUANT_CHOICES = ("int4", "int4-fp8", "bnb-nf4", "none")
 METHODS = ("hpp", "koala", "bksdm")
 
 
 @dataclass
 class CompressOptions:
     ratio: float = 0.3
-    quant: str = "int4"  # int4 (hprune W4A16) | bnb-nf4 (bitsandbytes, the paper's) | none
+    quant: str = "int4"  # int4 (hprune W4A16) | int4-fp8 (hprune W4A8) | bnb-nf4 (bitsandbytes, the paper's) | none
     group_size: int = 64
     method: str = "hpp"
     protect: int | None = None
@@ -59,6 +59,9 @@ class CompressOptions:
             raise HpruneError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.quant not in QUANT_CHOICES:
             raise HpruneError(f"quant must be one of {QUANT_CHOICES}, not {self.quant!r}")
+        if self.quant == "int4-fp8" and self.group_size % 64:
+            raise HpruneError(f"--quant int4-fp8 (W4A8) needs a group size that is a multiple of 64, "
+                              f"not {self.group_size}")
         if self.method not in METHODS:
             raise HpruneError(f"method must be one of {METHODS}, not {self.method!r}")
         if not 0 <= self.holdout < 1:
@@ -115,7 +118,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     check_output(out, overwrite)
     calib.check_fits(teacher)
     train_cal, eval_cal = split_holdout(calib, opts.holdout)
-    eval_batches = list(eval_cal.batches(4, indices=_spread(len(eval_cal), 8)))
+    p0 = next(teacher.parameters())
+    eval_batches = list(eval_cal.batches(4, device=p0.device, dtype=p0.dtype if p0.is_floating_point() else None,
+                                         indices=_spread(len(eval_cal), 8)))
     say = log if main else (lambda _m: None)
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -165,9 +170,10 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         t = time.perf_counter()
         from hprune.quant import convert_bnb_model, quantize_model
 
-        if opts.quant == "int4":
-            quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4")
-            stage("quantised (hprune int4)", student, time.perf_counter() - t)
+        if opts.quant in ("int4", "int4-fp8"):
+            fp8 = opts.quant == "int4-fp8"
+            quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4", act="fp8" if fp8 else None)
+            stage("quantised (hprune int4" + (", fp8 activations)" if fp8 else ")"), student, time.perf_counter() - t)
         else:
             quant_report = quantize_model(student, group_size=opts.group_size, backend="bnb", fmt="nf4")
             stage("quantised (bitsandbytes nf4)", student, time.perf_counter() - t)

@@ -35,7 +35,9 @@ def build_pipeline(transformer: nn.Module, vae: nn.Module | None = None, schedul
 
     ad = get_adapter(transformer)
     tiny = vae is None
-    vae = vae if vae is not None else tiny_vae(ad.latent_channels(transformer))
+    if tiny:  # on the transformer's device, so the pipeline's execution device is unambiguous
+        p = next(transformer.parameters())
+        vae = tiny_vae(ad.latent_channels(transformer)).to(p.device if p.device.type != "meta" else "cpu")
     scheduler = scheduler or FlowMatchEulerDiscreteScheduler()
     if ad.family == "sd3":
         pipe = StableDiffusion3Pipeline(

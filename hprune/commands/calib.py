@@ -7,6 +7,8 @@ no text encoder: they use seeded stand-in prompt embeddings (--n of them)."""
 from __future__ import annotations
 
 import argparse
+
+from hprune.commands import add_device_arguments, device_and_dtype
 from pathlib import Path
 
 HELP = "capture a calibration set (transformer inputs over denoising steps)"
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if args.steps < 1 or args.n < 1:
         raise HpruneError("--steps and --n must be at least 1")
+    device, dtype = device_and_dtype(args)
     kind, what = resolve(args.model)
     pipeline_dir = Path(what).parent if kind == "diffusers" and (Path(what).parent / "model_index.json").exists() else None
     if pipeline_dir is not None:
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+            kw = {"torch_dtype": dtype} if dtype is not None else {}
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True, **kw).to(device)
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds
             raise HpruneError(f"cannot load the pipeline in {pipeline_dir}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
@@ -52,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts:
             raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
                               f"(use --n for stand-in prompts)")
-        model = load_model(args.model)
+        from hprune.models.registry import BUILTINS
+
+        if args.model in BUILTINS and not BUILTINS[args.model].tiny:
+            raise HpruneError(f"{args.model} is an architecture without trained weights here; give a local checkpoint")
+        model = load_model(args.model, device=device, dtype=dtype)
         if next(model.parameters()).device.type == "meta":
             raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
         cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,

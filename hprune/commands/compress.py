@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 
+from hprune.commands import add_device_arguments, device_and_dtype
+
 HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ratio", type=float, required=True, help="fraction of transformer parameters to remove")
-    p.add_argument("--quant", default="int4", choices=["int4", "bnb-nf4", "none"])
+    p.add_argument("--quant", default="int4", choices=["int4", "int4-fp8", "bnb-nf4", "none"],
+                   help="int4: hprune W4A16; int4-fp8: the same weights with FP8 activations (W4A8); "
+                        "bnb-nf4: bitsandbytes NF4; none")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--calib", help="calibration set (`hprune calib`); built-in tiny models make one")
     p.add_argument("--method", default="hpp", choices=["hpp", "koala", "bksdm"])
@@ -29,14 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(p)
     p.add_argument("--overwrite", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.compress import CompressOptions, compress
     from hprune.errors import HpruneError
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model in BUILTINS and not BUILTINS[args.model].tiny:
         raise HpruneError(f"{args.model} is an architecture without trained weights here; "
                           f"give a local checkpoint (diffusers folder or .safetensors)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device, dtype = device_and_dtype(args)
     teacher = load_model(args.model, device=device, dtype=dtype)
     if args.calib:
         calib = CalibrationSet.load(args.calib)

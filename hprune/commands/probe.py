@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from hprune.commands import add_device_arguments, device_and_dtype
+
 HELP = "measure each block's and component's sensitivity (ΔP); writes a table and a heatmap"
 
 
@@ -17,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-samples", type=int, help="use an evenly spaced subset of the calibration samples")
     p.add_argument("--overwrite", action="store_true")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from hprune.probe import probe_sensitivity
     from hprune.report import format_table
 
-    model = load_model(args.model)
+    device, dtype = device_and_dtype(args)
+    if args.model in BUILTINS and not BUILTINS[args.model].tiny:
+        raise HpruneError(f"{args.model} is an architecture without trained weights here; give a local checkpoint")
+    model = load_model(args.model, device=device, dtype=dtype)
     if next(model.parameters()).device.type == "meta":
         raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
     if args.calib:

@@ -36,6 +36,10 @@ _TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, nu
                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
                  pos_embed_max_size=32, dual_attention_layers=(), qk_norm=None)
 
+_FLUX1 = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+              axes_dims_rope=(16, 56, 56))
+
 BUILTINS: dict[str, BuiltinModel] = {
     "tiny-sd3": BuiltinModel(
         "tiny-sd3", "SD3Transformer2DModel", _TINY_SD3, True,
@@ -77,19 +81,11 @@ BUILTINS: dict[str, BuiltinModel] = {
         False, "Stable Diffusion 3.5 Medium transformer (2.2B), architecture only",
         dict(text_len=333, latent_size=128)),
     "flux.1-schnell": BuiltinModel(
-        "flux.1-schnell", "FluxTransformer2DModel",
-        dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-             guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
-        False, "FLUX.1-schnell transformer (11.9B), architecture only",
-        dict(text_len=256, latent_size=128)),
+        "flux.1-schnell", "FluxTransformer2DModel", _FLUX1, False,
+        "FLUX.1-schnell transformer (11.9B), architecture only", dict(text_len=256, latent_size=128)),
     "flux.1-dev": BuiltinModel(
-        "flux.1-dev", "FluxTransformer2DModel",
-        dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-             guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
-        False, "FLUX.1-dev transformer (11.9B, guidance embedding), architecture only",
-        dict(text_len=512, latent_size=128)),
+        "flux.1-dev", "FluxTransformer2DModel", {**_FLUX1, "guidance_embeds": True}, False,
+        "FLUX.1-dev transformer (11.9B, guidance embedding), architecture only", dict(text_len=512, latent_size=128)),
 }
 
 

@@ -1,9 +1,11 @@
-"""4-bit weight quantisation (W4A16): formats and packing, `W4A16Linear`, `quantize_linear`,
-`quantize_model` (hprune kernels, or bitsandbytes Linear4bit for comparison).
+"""4-bit weight quantisation (W4A16, and W4A8 with FP8 activations): formats and packing,
+`W4A16Linear`, `W4A8Linear`, `quantize_linear`, `quantize_model` (hprune kernels, or bitsandbytes
+Linear4bit for comparison), `set_activation_quant`.
 
     from hprune.quant import quantize_model
     report = quantize_model(transformer)            # int4, group 64, Linear layers of the blocks
     print(report)
+    quantize_model(other, act="fp8")                # W4A8: the same weights, FP8 activations
 
 The "quantize" step is recorded in the model's recipe, so `hprune.save_compressed` /
 `hprune.load_compressed` round-trip quantised models.
@@ -29,6 +31,7 @@ _LAZY = {
     "convert_bnb_model": "hprune.quant.linear",
     "BLOCK_PREFIXES": "hprune.quant.linear", "QuantReport": "hprune.quant.linear",
     "W4A16Linear": "hprune.quant.linear", "eligible_linears": "hprune.quant.linear",
+    "W4A8Linear": "hprune.quant.linear", "set_activation_quant": "hprune.quant.linear",
     "quantize_linear": "hprune.quant.linear", "quantize_model": "hprune.quant.linear",
 }
 
@@ -44,6 +47,13 @@ def _replay(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     from hprune.quant.linear import replay_quantize
 
     return replay_quantize(model, spec)
+
+
+@recipe.register_op("quant_act")
+def _replay_act(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    from hprune.quant.linear import replay_quant_act
+
+    return replay_quant_act(model, spec)
 
 
 __all__ = list(_LAZY)

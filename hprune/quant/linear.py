@@ -1,7 +1,9 @@
-"""`W4A16Linear` (a Linear with packed 4-bit weights), `quantize_linear` and `quantize_model`."""
+"""`W4A16Linear` (a Linear with packed 4-bit weights), `W4A8Linear` (the same weights with FP8
+activations), `quantize_linear`, `quantize_model` and `set_activation_quant`."""
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -9,12 +11,17 @@ import torch
 import torch.nn as nn
 
 from hprune import recipe
-from hprune.errors import HpruneError, ShapeError
+from hprune.errors import BackendUnavailableError, HpruneError, ShapeError
+from hprune.kernels import dispatch
+from hprune.kernels import w4a8 as _w4a8
+from hprune.kernels.w4a8 import w4a8_mm
 from hprune.kernels.w4a16 import w4a16_mm
 from hprune.quant import formats as F
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 BNB_FORMATS = ("nf4", "fp4")
+ACTS = (None, "fp8")  # activation quantisation: None = activations stay in their dtype (W4A16)
+FALLBACKS = ("w4a16", "error")
 
 
 class W4A16Linear(nn.Module):
@@ -109,10 +116,112 @@ class W4A16Linear(nn.Module):
                 f"fmt={self.fmt}, group_size={self.group_size}" + (f", backend={self.backend}" if self.backend else ""))
 
 
+def check_w4a8(fmt: str, group_size: int, what: str = "W4A8") -> None:
+    """Raises ShapeError if a 4-bit format / group size cannot run with FP8 activations."""
+    if fmt not in _w4a8.FORMATS:
+        raise ShapeError(f"{what} takes fmt 'int4' or 'int4_sym', not {fmt!r}: NF4 code values are not FP8 e4m3 "
+                         f"values (the FP8 weights would be rounded); keep NF4 layers as W4A16")
+    if group_size % _w4a8.GROUP_MULTIPLE:
+        raise ShapeError(f"{what} needs group_size a multiple of {_w4a8.GROUP_MULTIPLE}, got {group_size}")
+
+
+class W4A8Linear(W4A16Linear):
+    """A W4A16Linear whose activations are quantised per token to FP8 e4m3 on the fly:
+    y = w4a8_mm(x, ...) (math: hprune.kernels.w4a8). Same buffers, same state dict, same bytes.
+
+    FP8 tensor cores need compute capability 8.9+. On a CUDA GPU without them `fallback`
+    decides: "w4a16" (default) runs the W4A16 kernels on the same weights, with a one-time
+    warning; "error" raises BackendUnavailableError. A forced backend (`backend="triton"`,
+    `use_backend`, HPRUNE_BACKEND_W4A8_MM) is never replaced: the op raises if it cannot run.
+    On the CPU the op's PyTorch emulation runs (exact W4A8 numerics, for measuring its error)."""
+
+    act = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str = F.DEFAULT_FORMAT,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str | None = None, fallback: str = "w4a16") -> None:
+        check_w4a8(fmt, group_size)
+        if fallback not in FALLBACKS:
+            raise ShapeError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        super().__init__(in_features, out_features, bias, group_size, fmt, device, dtype, backend)
+        self.fallback = fallback
+
+    @classmethod
+    def from_w4a16(cls, mod: W4A16Linear, fallback: str = "w4a16") -> "W4A8Linear":
+        """The same weights (tensors shared, not copied) with FP8 activations."""
+        check_w4a8(mod.fmt, mod.group_size)
+        new = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, group_size=mod.group_size,
+                  fmt=mod.fmt, device="meta", dtype=mod.scales.dtype, backend=mod.backend, fallback=fallback)
+        new.qweight, new.scales = mod.qweight, mod.scales
+        if mod.zeros is not None:
+            new.zeros = mod.zeros
+        new.bias = mod.bias
+        return new
+
+    def to_w4a16(self) -> W4A16Linear:
+        """The same weights (shared) with activations kept in their dtype."""
+        new = W4A16Linear(self.in_features, self.out_features, bias=self.bias is not None, group_size=self.group_size,
+                          fmt=self.fmt, device="meta", dtype=self.scales.dtype, backend=None)
+        new.qweight, new.scales = self.qweight, self.scales
+        if self.zeros is not None:
+            new.zeros = self.zeros
+        new.bias = self.bias
+        return new
+
+    def fallback_reason(self, device: torch.device) -> Optional[str]:
+        """Why a call on `device` cannot use FP8 tensor cores (None if it can, or on the CPU)."""
+        return fp8_fallback_reason(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        why = _fallback_decision(x.device, self.backend, self.fallback)
+        if why is not None:
+            if self.fallback == "error":
+                raise BackendUnavailableError(f"W4A8Linear cannot use FP8 here: {why}")
+            return w4a16_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias)
+        return w4a8_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias,
+                       backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", act=fp8" + (f", fallback={self.fallback}" if self.fallback != "w4a16" else "")
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def fp8_fallback_reason(device: torch.device) -> Optional[str]:
+    """Why W4A8 cannot use FP8 tensor cores on `device`: None on the CPU (the emulation runs
+    there) and on CUDA GPUs of compute capability 8.9+."""
+    if device.type != "cuda" or _w4a8.fp8_supported(device):
+        return None
+    return _w4a8.fp8_unsupported_reason(device)
+
+
+@torch.compiler.assume_constant_result
+def _fallback_decision(device: torch.device, backend: Optional[str], fallback: str) -> Optional[str]:
+    """The W4A8Linear fallback decision: the reason to run W4A16 instead (None: run W4A8).
+    Depends only on the device, the forcing and the policy, so torch.compile evaluates it once
+    at trace time (no graph break). A forced backend (argument, use_backend or environment) is
+    never replaced."""
+    why = LINEAR_FALLBACK_REASON(device)
+    if why is None:
+        return None
+    name, _strict = dispatch._forced(_w4a8.OP, backend)  # noqa: SLF001 - same package
+    if name not in (None, "auto"):
+        return None
+    if fallback == "w4a16" and str(device) not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(str(device))
+        warnings.warn(f"W4A8Linear runs W4A16 on {device}: {why}", RuntimeWarning, stacklevel=2)
+    return why
+
+
+LINEAR_FALLBACK_REASON = fp8_fallback_reason  # indirection: tests simulate a GPU without FP8
+
+
 def quantize_linear(linear: nn.Linear, group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str = F.DEFAULT_FORMAT,
                     scale_dtype: torch.dtype | None = None, refine: bool = True,
-                    backend: str | None = None) -> W4A16Linear:
-    """Quantises an nn.Linear into a W4A16Linear on the same device.
+                    backend: str | None = None, act: str | None = None) -> W4A16Linear:
+    """Quantises an nn.Linear into a W4A16Linear (or, with act="fp8", a W4A8Linear) on the same device.
 
     Args:
         group_size: input features per scale (multiple of 32). Default 64: with fp16/bf16 scale and
@@ -120,11 +229,25 @@ def quantize_linear(linear: nn.Linear, group_size: int = F.DEFAULT_GROUP_SIZE, f
             fp32 absmax), and measurably more accurate (benchmarks/bench_quant_quality.py).
         fmt: "int4" (asymmetric, default), "int4_sym" or "nf4".
         scale_dtype: dtype of scales/zeros (default: the weight's dtype if 16-bit, else float32).
-        refine: error-minimising search of the scales (see hprune.quant.formats.quantize)."""
+        refine: error-minimising search of the scales (see hprune.quant.formats.quantize).
+        act: None (activations stay in their dtype: W4A16) or "fp8" (W4A8: "int4"/"int4_sym",
+            group_size a multiple of 64)."""
     if not isinstance(linear, nn.Linear):
         raise ShapeError(f"quantize_linear expects an nn.Linear, got {type(linear).__name__}")
+    _check_act(act)
+    if act == "fp8":
+        check_w4a8(fmt, group_size)
     qw = F.quantize(linear.weight.detach(), group_size, fmt, scale_dtype=scale_dtype, refine=refine)
-    return W4A16Linear.from_quantized(qw, linear.bias, backend=backend)
+    mod = W4A16Linear.from_quantized(qw, linear.bias, backend=None if act == "fp8" else backend)
+    if act == "fp8":
+        mod = W4A8Linear.from_w4a16(mod)
+        mod.backend = backend
+    return mod
+
+
+def _check_act(act: str | None) -> None:
+    if act not in ACTS:
+        raise HpruneError(f"act must be None (W4A16) or 'fp8' (W4A8), got {act!r}")
 
 
 # ---- whole models -----------------------------------------------------------------------------------
@@ -142,6 +265,7 @@ class QuantReport:
     skipped: list[str] = field(default_factory=list)  # eligible by prefix but matched a skip pattern
     linear_bytes_before: int = 0  # of the quantised layers only (weight + bias)
     linear_bytes_after: int = 0
+    act: str | None = None  # "fp8": W4A8Linear layers (FP8 activations)
 
     @property
     def ratio(self) -> float:
@@ -151,10 +275,12 @@ class QuantReport:
         return {"backend": self.backend, "fmt": self.fmt, "group_size": self.group_size,
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "ratio": self.ratio,
                 "linear_bytes_before": self.linear_bytes_before, "linear_bytes_after": self.linear_bytes_after,
-                "num_quantized": len(self.quantized), "quantized": self.quantized, "skipped": self.skipped}
+                "num_quantized": len(self.quantized), "quantized": self.quantized, "skipped": self.skipped,
+                "act": self.act}
 
     def __str__(self) -> str:
-        return (f"{len(self.quantized)} Linear layers -> {self.backend} {self.fmt} g{self.group_size}: "
+        kind = " W4A8 (fp8 activations)" if self.act == "fp8" else ""
+        return (f"{len(self.quantized)} Linear layers -> {self.backend} {self.fmt} g{self.group_size}{kind}: "
                 f"model {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
                 f"({self.ratio:.2f}x); those layers {self.linear_bytes_before / 2**20:.2f} -> "
                 f"{self.linear_bytes_after / 2**20:.2f} MiB")
@@ -191,7 +317,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str | None = None,
                    skip: Iterable[str] = (), include: Optional[Iterable[str]] = BLOCK_PREFIXES,
                    backend: str = "hprune", scale_dtype: torch.dtype | None = None, refine: bool = True,
-                   compress_statistics: bool = False) -> QuantReport:
+                   compress_statistics: bool = False, act: str | None = None) -> QuantReport:
     """Replaces every eligible nn.Linear of `model` in place and returns a QuantReport.
 
     Args:
@@ -204,24 +330,32 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
             for comparison (not saveable as an hprune artifact).
         compress_statistics: bnb only: double-quantise the absmax (bitsandbytes' Linear4bit default is
             True; diffusers' BitsAndBytesConfig default, which the paper used, is False).
+        act: hprune only: None (W4A16Linear) or "fp8" (W4A8Linear: FP8 e4m3 activations, per-token
+            dynamic scales; fmt "int4"/"int4_sym", group_size a multiple of 64). Recorded in the
+            recipe, so artifacts reload with the same layer type.
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
+    _check_act(act)
     if fmt is None:
         fmt = F.DEFAULT_FORMAT if backend == "hprune" else "nf4"
     if backend == "hprune":
         F.check_format(fmt)
     elif fmt not in BNB_FORMATS:
         raise HpruneError(f"bitsandbytes 4-bit formats are {BNB_FORMATS}, got {fmt!r}")
+    if act is not None and backend != "hprune":
+        raise HpruneError("act='fp8' (W4A8) needs backend='hprune'; bitsandbytes has no FP8-activation 4-bit layer")
     F.check_group_size(group_size)
+    if act == "fp8":
+        check_w4a8(fmt, group_size)
     names, skipped = eligible_linears(model, include, skip)
     before = _state_bytes(model)
-    report = QuantReport(backend, fmt, group_size, before, before, [], skipped)
+    report = QuantReport(backend, fmt, group_size, before, before, [], skipped, act=act)
     for name in names:
         lin = model.get_submodule(name)
         report.linear_bytes_before += _state_bytes(lin)
         if backend == "hprune":
-            new = quantize_linear(lin, group_size, fmt, scale_dtype=scale_dtype, refine=refine)
+            new = quantize_linear(lin, group_size, fmt, scale_dtype=scale_dtype, refine=refine, act=act)
         else:
             new = _bnb_linear(lin, group_size, fmt, compress_statistics)
         report.linear_bytes_after += _state_bytes(new)
@@ -229,6 +363,8 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
         report.quantized.append(name)
     report.bytes_after = _state_bytes(model)
     spec = {"backend": backend, "fmt": fmt, "group_size": group_size, "modules": list(names)}
+    if act is not None:
+        spec["act"] = act
     if backend == "bnb":
         spec["compress_statistics"] = compress_statistics
     recipe.record(model, "quantize", spec)
@@ -293,6 +429,10 @@ def replay_quantize(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
                           "not store; save the model before quantising and quantise after loading, or use "
                           "backend='hprune'")
     fmt, group = spec["fmt"], int(spec["group_size"])
+    act = spec.get("act")
+    if act not in ACTS:
+        raise HpruneError(f"recipe quantises with act={act!r}; this hprune knows {ACTS}")
+    cls = W4A8Linear if act == "fp8" else W4A16Linear
     for name in spec["modules"]:
         try:
             lin = model.get_submodule(name)
@@ -300,7 +440,50 @@ def replay_quantize(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
             raise HpruneError(f"recipe quantises {name!r}, which this model does not have") from None
         if not isinstance(lin, nn.Linear):
             raise HpruneError(f"recipe quantises {name!r}, which is a {type(lin).__name__}, not nn.Linear")
-        _set_module(model, name, W4A16Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                             group_size=group, fmt=fmt, device="meta"))
+        _set_module(model, name, cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                     group_size=group, fmt=fmt, device="meta"))
     recipe.record(model, "quantize", spec)
+    return model
+
+
+def set_activation_quant(model: nn.Module, act: str | None, fallback: str = "w4a16") -> list[str]:
+    """Switches every hprune 4-bit layer of `model` between W4A16 (act=None) and W4A8 (act="fp8"),
+    in place, sharing the packed weights (no copy, no requantisation; the bytes do not change).
+    Recorded in the recipe as a "quant_act" step, so artifacts reload with the same layer types.
+    Returns the names of the layers switched. Raises ShapeError naming a layer whose format or
+    group size cannot run W4A8 (nothing is changed then)."""
+    _check_act(act)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, W4A16Linear)]
+    if act == "fp8":
+        for n, m in layers:
+            if not isinstance(m, W4A8Linear):
+                check_w4a8(m.fmt, m.group_size, what=f"W4A8 ({n})")
+    done = []
+    for n, m in layers:
+        if act == "fp8" and not isinstance(m, W4A8Linear):
+            _set_module(model, n, W4A8Linear.from_w4a16(m, fallback=fallback))
+            done.append(n)
+        elif act is None and isinstance(m, W4A8Linear):
+            _set_module(model, n, m.to_w4a16())
+            done.append(n)
+    if done:
+        recipe.record(model, "quant_act", {"act": act, "modules": done})
+    return done
+
+
+def replay_quant_act(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Recipe replay of set_activation_quant."""
+    act = spec.get("act")
+    if act not in ACTS:
+        raise HpruneError(f"recipe switches activations to {act!r}; this hprune knows {ACTS}")
+    for name in spec["modules"]:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise HpruneError(f"recipe switches {name!r}, which this model does not have") from None
+        if not isinstance(m, W4A16Linear):
+            raise HpruneError(f"recipe switches {name!r}, which is a {type(m).__name__}, not a 4-bit hprune layer")
+        _set_module(model, name, W4A8Linear.from_w4a16(m) if act == "fp8" else
+                    (m.to_w4a16() if isinstance(m, W4A8Linear) else m))
+    recipe.record(model, "quant_act", spec)
     return model
