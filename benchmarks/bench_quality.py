@@ -12,6 +12,7 @@ its own denoising runs on training-split captions (hprune.shapes.checkpoint.cali
     +pwp                          distill(pwp=True, sgd=False)
     +sgd                          distill(pwp=True, sgd=True)   (SGDistill)
     +int4                         quantize_model (hprune int4, group 64) on top
+    +w4a8                         the same 4-bit weights with FP8 e4m3 activations (set_activation_quant)
     koala20/30, bksdm20/30        the baseline planners at the same ratios, pruned only and with
                                   plain distillation (+kd: no PWP, no SGDistill, all weights train)
     obs50, obs2:4, obs-s30        OBS-Diff: 50 % unstructured, 2:4, 30 % structured (heads + neurons)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from hprune.models.stats import bytes_at, param_count
     from hprune.obs import obs_prune_model
     from hprune.probe import probe_sensitivity
-    from hprune.quant import quantize_model
+    from hprune.quant import quantize_model, set_activation_quant
     from hprune.shapes import checkpoint as T
     from hprune.shapes.evaluate import evaluate, save_grid
     from hprune.shapes.sample import calibration_set
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             record(f"hpp{r}+pwp+sgd", sg, "HPP + PWP + SGDistill", time.perf_counter() - t0, info)
             q, s = int4(sg)
             record(f"hpp{r}+pwp+sgd+int4", q, "HPP + PWP + SGDistill + INT4 (full method)", s)
+            if want(f"hpp{r}+pwp+sgd+w4a8"):  # the same 4-bit weights with FP8 (e4m3) activations
+                w8 = copy.deepcopy(q)
+                set_activation_quant(w8, "fp8")
+                record(f"hpp{r}+pwp+sgd+w4a8", w8, "full method, FP8 activations (W4A8)", 0.0)
 
     for method in ("koala", "bksdm"):
         for ratio in (0.2, 0.3):

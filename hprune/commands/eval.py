@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    with torch.no_grad():  # the process may go on training (tests, notebooks): no global switch
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
@@ -59,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
         for c in captions:
             parse_caption(c)  # a caption outside the grammar cannot be scored: say so before sampling
-    torch.set_grad_enabled(False)
     model = load_model(args.model)
     if any(t.device.type == "meta" for t in model.parameters()):
         raise HpruneError(f"{args.model} has no weights here; evaluate shapes-teacher or an artifact compressed from it")
