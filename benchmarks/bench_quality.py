@@ -1,6 +1,6 @@
 """The HierarchicalPrune ablation on a real, trained model: the ShapesBench teacher.
 
-    python benchmarks/bench_quality.py                       # ~40-60 min on 2 CPU cores
+    python benchmarks/bench_quality.py                       # ~20-25 min on 2 CPU cores
     python benchmarks/bench_quality.py --distill-steps 50 --captions 16 --calib 8   # a quick look
 
 Every variant is built with hprune's own stages from the shipped teacher and one calibration set of
@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--resummarise", metavar="JSON", default=None,
+                   help="recompute the derived columns of an existing results file and print its table")
     args = p.parse_args(argv)
+    if args.resummarise:
+        return resummarise(Path(args.resummarise))
     torch.set_num_threads(args.threads)
 
     from hprune.distill import DistillConfig, distill
@@ -184,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         pw, info = distilled(hp, pwp=True, sgd=False)
         record(f"hpp{r}+pwp", pw, "HPP + distillation with PWP", time.perf_counter() - t0, info)
-        if ratio == 0.2:
+        if ratio == 0.2 or want(f"hpp{r}+pwp+int4"):
             q, s = int4(pw)
             record(f"hpp{r}+pwp+int4", q, "HPP + PWP + INT4", s)
-        else:
+        if ratio != 0.2 and any(want(f"hpp{r}+pwp+sgd{x}") for x in ("", "+int4", "+w4a8")):
             t0 = time.perf_counter()
             sg, info = distilled(hp, pwp=True, sgd=True)
             record(f"hpp{r}+pwp+sgd", sg, "HPP + PWP + SGDistill", time.perf_counter() - t0, info)
@@ -240,11 +244,36 @@ def main(argv: list[str] | None = None) -> int:
               title="ShapesBench: KOALA / BK-SDM-style plans and OBS-Diff (same noise per column)")
     table.heatmap(out / f"quality-sensitivity{tag}.png", title="shapes-teacher: ΔP per block and component")
     log(f"total {total / 60:.1f} min")
-    print_table([_fmt(r) for r in rows], ["variant", "what", "params", "bytes", "bytes_pct", "score", "drop_pct",
-                                          "exact", "colour", "shape", "position", "count", "psnr", "rel_mse"],
+    print_table([_fmt(r) for r in rows], COLUMNS,
                 title=f"ShapesBench ablation ({args.captions} held-out captions, {args.steps} steps, "
                       f"guidance {guidance:g}, distillation {args.distill_steps} steps x {args.batch_size})")
     return 0
+
+
+def paired_drop_se(base: list[float], scores: list[float]) -> float:
+    """Standard error (in % of the teacher's score) of a variant's score drop, paired by caption:
+    both are scored on the same captions from the same noise, so the caption-to-caption spread
+    cancels and what is left is the variant's own noise. A drop within ~2 SE of 0 is not a
+    measured difference."""
+    import statistics
+
+    if len(base) != len(scores) or len(base) < 2:
+        return float("nan")
+    d = [a - b for a, b in zip(base, scores)]
+    mean_base = sum(base) / len(base)
+    return 100 * statistics.stdev(d) / len(d) ** 0.5 / mean_base if mean_base else float("nan")
+
+
+def add_uncertainty(rows: list[dict[str, Any]], details: dict[str, Any]) -> None:
+    """Sets row["drop_se_pct"] from the per-caption scores in `details` (see paired_drop_se)."""
+    base = details.get("original", {}).get("per_caption_scores")
+    for r in rows:
+        sc = details.get(r["variant"], {}).get("per_caption_scores")
+        r["drop_se_pct"] = paired_drop_se(base, sc) if base and sc and r["variant"] != "original" else None
+
+
+COLUMNS = ["variant", "what", "params", "bytes", "bytes_pct", "score", "drop_pct", "drop_se_pct", "exact", "colour",
+           "shape", "position", "count", "psnr", "rel_mse"]
 
 
 def _fmt(r: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +282,7 @@ def _fmt(r: dict[str, Any]) -> dict[str, Any]:
     f = dict(r)
     f["params"] = human_count(r["params"])
     f["bytes"] = human_bytes(r["bytes"])
-    for k in ("bytes_pct", "drop_pct", "psnr"):
+    for k in ("bytes_pct", "drop_pct", "drop_se_pct", "psnr"):
         if f.get(k) is not None:
             f[k] = round(f[k], 1) if k != "psnr" else round(f[k], 2)
     for k in ("score", "exact", "colour", "shape", "position", "count"):
@@ -265,6 +294,7 @@ def _fmt(r: dict[str, Any]) -> dict[str, Any]:
 
 def _save(args: argparse.Namespace, rows: list[dict[str, Any]], details: dict[str, Any], plans: dict[str, Any],
           base: dict[str, Any], recipe: dict[str, Any], guidance: float, table: Any, seconds: float) -> None:
+    add_uncertainty(rows, details)
     payload = {
         "env": env_info("cpu"), "load_average": list(__import__("os").getloadavg()),
         "settings": {k: getattr(args, k) for k in ("captions", "steps", "calib", "calib_steps", "probe_samples",
@@ -276,6 +306,22 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]], details: dict[st
     }
     name = "quality" + (f"-{args.tag}" if args.tag else "")
     write_results(name, json.loads(json.dumps(payload, default=str)), "cpu", args.out)
+
+
+def resummarise(path: Path) -> int:
+    """Recomputes the uncertainty columns of a results file in place (atomically) and prints it."""
+    import os
+
+    data = json.loads(path.read_text())
+    add_uncertainty(data["rows"], data["details"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    st = data["settings"]
+    print_table([_fmt(r) for r in data["rows"]], COLUMNS,
+                title=f"ShapesBench ablation ({st['captions']} held-out captions, {st['steps']} steps, guidance "
+                      f"{st['guidance']:g}, distillation {st['distill_steps']} steps x {st['batch_size']})")
+    return 0
 
 
 if __name__ == "__main__":
