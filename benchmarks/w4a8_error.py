@@ -48,14 +48,14 @@ def cos_dist(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((1 - cos).mean())
 
 
-def calibration_batches(model: nn.Module, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
-    from hprune.calib import CalibrationSet, synthetic
+def calibration_batches(model: nn.Module, spec: str, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    from hprune.calib import CalibrationSet, builtin_calibration
 
     if args.calib:
         calib = CalibrationSet.load(args.calib)
         calib.check_fits(model)
-    else:
-        calib = synthetic(model, n_prompts=args.prompts, num_steps=args.steps, seed=0)
+    else:  # a built-in's own prompts where it has them (the ShapesBench teacher), else synthetic
+        calib = builtin_calibration(spec, model, n_prompts=args.prompts, num_steps=args.steps, seed=0)
     return list(calib.batches(args.batch_size, device="cpu", dtype=torch.float32))
 
 
@@ -95,7 +95,7 @@ def evaluate(spec: str, dtype: torch.dtype, args: argparse.Namespace) -> dict[st
 
     t0 = time.perf_counter()
     ref = hprune.load_model(spec).float().eval()
-    batches = calibration_batches(ref, args)
+    batches = calibration_batches(ref, spec, args)
     ref = ref.to(dtype)
     m16 = copy.deepcopy(ref)
     rep = quantize_model(m16, fmt=args.fmt, group_size=args.group)

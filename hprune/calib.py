@@ -230,3 +230,16 @@ def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: in
     return capture(pipe, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
                    num_steps=num_steps, seed=seed, height=size, width=size, progress=progress,
                    meta={"source": "synthetic", "text_len": text_len})
+
+
+def builtin_calibration(name: str, model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0,
+                        **synthetic_kw: Any) -> CalibrationSet:
+    """The calibration set a command makes for built-in `name` when none is given: the built-in's
+    own (real prompts, e.g. the ShapesBench teacher's captions) where it has a calibration hook,
+    else `synthetic` stand-in prompts."""
+    from hprune.models.registry import BUILTINS, hook
+
+    b = BUILTINS.get(name)
+    if b is not None and b.calibration:
+        return hook(b.calibration)(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed)
+    return synthetic(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed, **synthetic_kw)

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hprune.calib import capture, synthetic
+    from hprune.calib import builtin_calibration, capture
     from hprune.errors import HpruneError
     from hprune.io import check_output
     from hprune.models import load_model, resolve
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=device, dtype=dtype)
         if next(model.parameters()).device.type == "meta":
             raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
-        cal = synthetic(model, n_prompts=args.n, num_steps=args.steps, seed=args.seed, progress=True,
-                        latent_size=None if args.size is None else args.size // 2)
+        cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
+                                  progress=True, latent_size=None if args.size is None else args.size // 2)
     cal.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(cal)} samples from {int(cal.trajectory.max()) + 1} prompts x {cal.num_steps} steps")
     return 0

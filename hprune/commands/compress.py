@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hprune.calib import CalibrationSet, synthetic
+    from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.compress import CompressOptions, compress
     from hprune.errors import HpruneError
     from hprune.io import check_output
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib:
         calib = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS and BUILTINS[args.model].tiny:
-        calib = synthetic(teacher, n_prompts=10, num_steps=8, seed=args.seed)
+        calib = builtin_calibration(args.model, teacher, n_prompts=10, num_steps=8, seed=args.seed)
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
     compress(teacher, calib, opts, args.out, overwrite=args.overwrite, name=args.model)

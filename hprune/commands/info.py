@@ -2,7 +2,7 @@
 at bf16 and at INT4 (hprune's default format: asymmetric, group 64, bf16 scale and zero; the Linear
 weights inside the blocks quantised, as `hprune compress` does).
 
-MODEL is a built-in name (tiny-sd3, tiny-sd35, tiny-flux, sd3.5-large, sd3.5-medium,
+MODEL is a built-in name (tiny-sd3, tiny-sd35, tiny-flux, shapes-teacher, sd3.5-large, sd3.5-medium,
 flux.1-schnell, flux.1-dev), a local diffusers model or pipeline folder, a .safetensors file
 with its config.json, or an hprune artifact folder. Real-size built-ins are instantiated on the
 meta device: counting needs no memory."""

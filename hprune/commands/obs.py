@@ -5,7 +5,8 @@ set's denoising runs are replayed on the model. Writes a compressed artifact tha
 
 MODEL is a built-in name, a local diffusers model or pipeline folder, a .safetensors file with
 its config.json, or an hprune artifact. --calib is a calibration set (CalibrationSet.save) made
-for this model; built-in tiny models get a synthetic one when it is omitted. The printed
+for this model; built-in models get one when it is omitted (synthetic stand-in prompts, or the
+ShapesBench teacher's own captions). The printed
 fidelity is how far the pruned model's velocity moves from the original's on calibration
 inputs (relative MSE and cosine distance; 0 = identical).
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"calibration set not found: {args.calib}")
 
     from hprune.artifacts import save_compressed
-    from hprune.calib import CalibrationSet, synthetic
+    from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.metrics import cosine_distance, predict, rel_mse
     from hprune.models import load_model
     from hprune.models.registry import BUILTINS
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.method == "magnitude":
         calib = None
     elif args.model in BUILTINS and BUILTINS[args.model].tiny:
-        print(f"no --calib: using a synthetic calibration set for {args.model} (4 stand-in prompts, 8 steps)")
-        calib = synthetic(model, n_prompts=4, num_steps=8)
+        print(f"no --calib: using a built-in calibration set for {args.model} (4 prompts, 8 steps)")
+        calib = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
     else:
         raise HpruneError(f"--calib is required for {args.model} with method {args.method!r} (capture one with "
                           f"hprune.calib.capture on a pipeline around this model)")

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hprune.calib import CalibrationSet, synthetic
+    from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir
     from hprune.models import load_model
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib:
         cal = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS:
-        cal = synthetic(model, n_prompts=4, num_steps=8)
+        cal = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
     table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,

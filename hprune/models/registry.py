@@ -26,6 +26,10 @@ class BuiltinModel:
     tiny: bool  # CPU-fast, seeded random weights; otherwise real-size (meta, or random on a GPU)
     description: str
     sample: dict[str, Any] = field(default_factory=dict)  # shapes of a typical input (tokens etc.)
+    # "module:function" hooks for built-ins with real weights and prompts (the ShapesBench teacher):
+    # loader(dtype, device) -> model; calibration(model, n_prompts, num_steps, seed) -> CalibrationSet
+    loader: str | None = None
+    calibration: str | None = None
 
 
 _TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=8, attention_head_dim=16,
@@ -53,6 +57,14 @@ BUILTINS: dict[str, BuiltinModel] = {
              guidance_embeds=False, axes_dims_rope=(4, 4, 8)), True,
         "FLUX.1 MMDiT, 2 double + 4 single blocks, hidden 32 (random weights, seeded)",
         dict(text_len=16, latent_size=32)),
+    "shapes-teacher": BuiltinModel(
+        "shapes-teacher", "SD3Transformer2DModel",
+        dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=12, attention_head_dim=32,
+             num_attention_heads=3, joint_attention_dim=64, caption_projection_dim=96, pooled_projection_dim=64,
+             pos_embed_max_size=8, dual_attention_layers=(), qk_norm=None), True,
+        "ShapesBench teacher: SD3 MMDiT, 12 blocks, hidden 96, trained in pixel space on coloured shapes "
+        "(hprune eval)", dict(text_len=12, latent_size=32),
+        loader="hprune.shapes.checkpoint:builtin_loader", calibration="hprune.shapes.checkpoint:builtin_calibration"),
     "sd3.5-large": BuiltinModel(
         "sd3.5-large", "SD3Transformer2DModel",
         dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
@@ -251,6 +263,8 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
     device = torch.device(device)
     if kind == "builtin":
         b: BuiltinModel = what
+        if b.loader and not meta:
+            return hook(b.loader)(dtype, device)
         if b.tiny and not meta:
             model = build_from_config(b.class_name, b.config, seed=seed, dtype=dtype)
             return model.to(device)
@@ -279,6 +293,14 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
     model = build_from_config(cfg["_class_name"], cfg, meta=True)
     load_state_into(model, state, str(what))
     return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def hook(spec: str) -> Any:
+    """The function named by a "package.module:function" hook of a built-in."""
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 def fingerprint(model: nn.Module) -> str:
