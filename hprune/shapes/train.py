@@ -268,11 +268,11 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
     return recipe
 
 
-def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
-              ema_text: list[torch.Tensor], info: dict[str, Any]) -> None:
-    """Writes the current EMA weights in the teacher layout (no evaluation), replacing the last one."""
+def _ema_copies(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
+                ema_text: list[torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+    """Copies of the transformer and text encoder holding the EMA weights (eval mode); training
+    goes on undisturbed with its own."""
     import copy
-    import shutil
 
     m, t = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
     with torch.no_grad():
@@ -280,6 +280,15 @@ def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[t
             p.copy_(e)
         for p, e in zip(t.parameters(), ema_text):
             p.copy_(e)
+    return m, t
+
+
+def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
+              ema_text: list[torch.Tensor], info: dict[str, Any]) -> None:
+    """Writes the current EMA weights in the teacher layout (no evaluation), replacing the last one."""
+    import shutil
+
+    m, t = _ema_copies(model, text, ema_model, ema_text)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_teacher(tmp, m.cpu(), t.cpu(), {**info, "final_eval": {"guidance": info["config"]["guidance"]},
@@ -291,14 +300,7 @@ def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[t
 def _eval_ema(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor], ema_text: list[torch.Tensor],
               cfg: TrainConfig) -> dict[str, Any]:
     """Scores the EMA weights on a smaller held-out set without disturbing training."""
-    import copy
-
-    m, t = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
-    with torch.no_grad():
-        for p, e in zip(m.parameters(), ema_model):
-            p.copy_(e)
-        for p, e in zip(t.parameters(), ema_text):
-            p.copy_(e)
+    m, t = _ema_copies(model, text, ema_model, ema_text)
     from hprune.shapes.evaluate import evaluate
 
     ev = evaluate(m.cpu(), t.cpu(), n_captions=max(cfg.eval_captions // 3, 10), steps=cfg.eval_steps,
