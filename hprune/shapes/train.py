@@ -1,6 +1,6 @@
 """Trains the ShapesBench teacher: an SD3Transformer2DModel in pixel space plus its text encoder,
-with rectified-flow matching, seeded and reproducible (same seed, threads and versions -> same
-weights on the same machine).
+with rectified-flow matching, seeded and reproducible (same seed, threads and versions -> the same
+weights on the same machine, up to BLAS summation order: an fp16 ulp at most).
 
     python -m hprune.shapes.train --out hprune/shapes/teacher --steps 6000
 
