@@ -25,6 +25,7 @@ from hprune.kernels import dispatch, use_backend
 from hprune.kernels.w4a16 import OP, w4a16_mm, w4a16_mm_reference
 from hprune.quant import W4A16Linear, quantize_linear, quantize_model
 from hprune.quant import formats as F
+from util import inputs as sd3_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -388,22 +389,13 @@ def test_quantize_linear(fmt):
     assert q.nbytes == expect
 
 
-def _sd3_inputs(model, batch=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    return dict(hidden_states=torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
-                timestep=torch.full((batch,), 500.0),
-                encoder_hidden_states=torch.randn(batch, 16, cfg.joint_attention_dim, generator=gen),
-                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def tiny_sd3_quantized():
     import hprune
     from hprune.models import param_count
 
     model = hprune.load_model("tiny-sd3")
-    inputs = _sd3_inputs(model)
+    inputs = sd3_inputs(model, t=0.5)
     with torch.no_grad():
         y0 = model(**inputs).sample
     n0 = param_count(model)
@@ -461,7 +453,7 @@ def test_quantize_model_bnb_backend(tmp_path):
     import hprune
 
     model = hprune.load_model("tiny-sd3")
-    inputs = _sd3_inputs(model)
+    inputs = sd3_inputs(model, t=0.5)
     with torch.no_grad():
         y0 = model(**inputs).sample
     report = quantize_model(model, backend="bnb")  # NF4, blocksize 64: the paper's setting
@@ -494,7 +486,7 @@ def test_convert_bnb_model_then_artifact_round_trip(tmp_path):
 
     model = hprune.load_model("tiny-sd3")
     quantize_model(model, backend="bnb", fmt="nf4", compress_statistics=True)
-    inputs = _sd3_inputs(model)
+    inputs = sd3_inputs(model, t=0.5)
     with torch.no_grad():
         y_bnb = model(**inputs).sample
     report = convert_bnb_model(model)

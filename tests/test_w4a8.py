@@ -32,6 +32,7 @@ from hprune.kernels.w4a8 import OP, w4a8_mm, w4a8_mm_reference
 from hprune.kernels.w4a16 import w4a16_mm_reference
 from hprune.quant import W4A8Linear, W4A16Linear, quantize_linear, quantize_model, set_activation_quant
 from hprune.quant import formats as F
+from util import inputs as sd3_inputs
 
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -393,21 +394,12 @@ def test_fallback_reason_names_the_gpu(monkeypatch):
 
 # ---- W4A8Linear, quantize_model, artifacts -------------------------------------------------------------
 
-def _sd3_inputs(model, batch=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    return dict(hidden_states=torch.randn(batch, cfg.in_channels, 32, 32, generator=gen),
-                timestep=torch.full((batch,), 500.0),
-                encoder_hidden_states=torch.randn(batch, 16, cfg.joint_attention_dim, generator=gen),
-                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def tiny_sd3_w4a8():
     import hprune
 
     model = hprune.load_model("tiny-sd3")
-    inputs = _sd3_inputs(model)
+    inputs = sd3_inputs(model, t=0.5)
     with torch.no_grad():
         y0 = model(**inputs).sample
     report = quantize_model(model, act="fp8")
@@ -449,7 +441,7 @@ def test_set_activation_quant_switches_and_round_trips(tmp_path):
 
     model = hprune.load_model("tiny-sd35")
     quantize_model(model, fmt="int4_sym", group_size=128)
-    inputs = _sd3_inputs(model)
+    inputs = sd3_inputs(model, t=0.5)
     with torch.no_grad():
         y16 = model(**inputs).sample
     bytes16 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
