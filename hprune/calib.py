@@ -60,10 +60,17 @@ class CalibrationSet:
             yield {k: _to(v if k in _SHARED else v[sel], device, dtype) for k, v in self.inputs.items()}
 
     def subset(self, indices: Sequence[int]) -> "CalibrationSet":
-        sel = torch.as_tensor(list(indices))
+        """The samples `indices`. Trajectory ids are kept (they name each run's noise seed); `final`
+        keeps the rows of the trajectories still present, so that row j stays the j-th trajectory
+        in id order, as `prompt_embeddings` counts them."""
+        sel = torch.as_tensor(list(indices), dtype=torch.long)
+        traj = self.trajectory[sel]
+        final = self.final
+        if final is not None:
+            ids = torch.unique(self.trajectory, sorted=True)
+            final = final[torch.searchsorted(ids, torch.unique(traj, sorted=True))]
         return CalibrationSet(self.family, {k: v if k in _SHARED else v[sel] for k, v in self.inputs.items()},
-                              self.t[sel], self.step[sel], self.trajectory[sel], self.num_steps, dict(self.meta),
-                              self.final)
+                              self.t[sel], self.step[sel], traj, self.num_steps, dict(self.meta), final)
 
     def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-trajectory conditioning, for re-running the denoising loop (e.g. on a partly pruned

@@ -75,17 +75,10 @@ def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSe
     if n_out <= 0:
         return calib, calib
     out_t = set(trajs[-n_out:])
-    keep = [i for i, t in enumerate(calib.trajectory.tolist()) if t not in out_t]
-    held = [i for i, t in enumerate(calib.trajectory.tolist()) if t in out_t]
+    traj = calib.trajectory.tolist()
+    keep = [i for i, t in enumerate(traj) if t not in out_t]
+    held = [i for i, t in enumerate(traj) if t in out_t]
     train, test = calib.subset(keep), calib.subset(held)
-    if calib.final is not None:
-        train.final = calib.final[[t for t in trajs if t not in out_t]]
-        test.final = calib.final[sorted(out_t)]
-        # re-index trajectories to match the final latents
-        remap_tr = {t: i for i, t in enumerate(t for t in trajs if t not in out_t)}
-        remap_te = {t: i for i, t in enumerate(sorted(out_t))}
-        train.trajectory = torch.tensor([remap_tr[int(t)] for t in train.trajectory])
-        test.trajectory = torch.tensor([remap_te[int(t)] for t in test.trajectory])
     return train, test
 
 

@@ -70,3 +70,22 @@ def test_compress_under_torchrun_two_processes(tmp_path):
     h2 = json.loads((tmp_path / "two" / "report.json").read_text())["distill_history"]
     assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
     assert json.loads((tmp_path / "two" / "report.json").read_text())["reload_bit_identical"] is True
+
+
+def test_holdout_split_keeps_final_latents_with_their_trajectories():
+    """split_holdout / CalibrationSet.subset: each part's final latents are its own trajectories',
+    in the order of its prompt embeddings, and trajectory ids (the runs' noise seeds) are kept."""
+    from hprune.calib import synthetic
+    from hprune.compress import split_holdout
+    from hprune.models import load_model
+
+    cal = synthetic(load_model("tiny-sd3"), n_prompts=4, num_steps=2, seed=0)
+    emb, pooled = cal.prompt_embeddings()
+    train, test = split_holdout(cal, 0.5)
+    for part, trajs in ((train, [0, 1]), (test, [2, 3])):
+        assert torch.unique(part.trajectory).tolist() == trajs
+        assert torch.equal(part.final, cal.final[trajs])
+        e, p = part.prompt_embeddings()
+        assert torch.equal(e, emb[trajs]) and torch.equal(p, pooled[trajs])
+    odd = cal.subset([i for i, t in enumerate(cal.trajectory.tolist()) if t in (1, 3)])
+    assert torch.equal(odd.final, cal.final[[1, 3]]) and torch.unique(odd.trajectory).tolist() == [1, 3]
