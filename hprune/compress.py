@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from hprune import dist
-from hprune.calib import CalibrationSet, synthetic
+from hprune.calib import CalibrationSet
 from hprune.errors import HpruneError
 from hprune.metrics import fidelity, predict
 from hprune.models.stats import bytes_at, param_count, weight_bytes
@@ -110,6 +110,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     main = rank == 0
     check_output(out, overwrite)
     calib.check_fits(teacher)
+    if opts.steps > 0 and calib.final is None:  # say so before probing, not after it
+        raise HpruneError("the calibration set has no final latents (captured by an older hprune?), which "
+                          "distillation trains on: capture it again with `hprune calib`, or pass steps=0")
     train_cal, eval_cal = split_holdout(calib, opts.holdout)
     p0 = next(teacher.parameters())
     eval_batches = list(eval_cal.batches(4, device=p0.device, dtype=p0.dtype if p0.is_floating_point() else None,

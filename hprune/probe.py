@@ -147,6 +147,12 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         pieces = (["block"] if granularity in ("block", "both") else []) + \
                  (list(infos[i].components) if granularity in ("component", "both") else [])
         probes += [(i, c) for c in pieces]
+    if len(calib) == 0:
+        raise HpruneError("the calibration set is empty: nothing to probe on")
+    if max_samples is not None and max_samples < 1:
+        raise HpruneError(f"max_samples must be at least 1, got {max_samples}")
+    if batch_size < 1:
+        raise HpruneError(f"batch_size must be at least 1, got {batch_size}")
     indices = None
     if max_samples is not None and max_samples < len(calib):
         indices = torch.linspace(0, len(calib) - 1, max_samples).round().long().tolist()

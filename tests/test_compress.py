@@ -89,3 +89,17 @@ def test_holdout_split_keeps_final_latents_with_their_trajectories():
         assert torch.equal(e, emb[trajs]) and torch.equal(p, pooled[trajs])
     odd = cal.subset([i for i, t in enumerate(cal.trajectory.tolist()) if t in (1, 3)])
     assert torch.equal(odd.final, cal.final[[1, 3]]) and torch.unique(odd.trajectory).tolist() == [1, 3]
+
+
+def test_compress_without_final_latents_fails_before_probing(tmp_path):
+    from hprune.calib import synthetic
+    from hprune.compress import CompressOptions, compress
+    from hprune.errors import HpruneError
+    from hprune.models import load_model
+
+    model = load_model("tiny-sd3")
+    cal = synthetic(model, n_prompts=2, num_steps=2, seed=0)
+    cal.final = None  # as captured by an older hprune
+    with pytest.raises(HpruneError, match="no final latents"):
+        compress(model, cal, CompressOptions(ratio=0.2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -91,6 +91,12 @@ def test_bad_probe_input(tmp_path):
         probe_sensitivity(m, calib("tiny-flux"), progress=False)
     with pytest.raises(HpruneError, match="granularity"):
         probe_sensitivity(m, calib("tiny-sd3"), granularity="heads", progress=False)
+    with pytest.raises(HpruneError, match="max_samples must be at least 1"):
+        probe_sensitivity(m, calib("tiny-sd3"), max_samples=0, progress=False)
+    with pytest.raises(HpruneError, match="batch_size must be at least 1"):
+        probe_sensitivity(m, calib("tiny-sd3"), batch_size=0, progress=False)
+    with pytest.raises(HpruneError, match="calibration set is empty"):
+        probe_sensitivity(m, calib("tiny-sd3").subset([]), progress=False)
     (tmp_path / "t.json").write_text('{"format": "something-else"}')
     with pytest.raises(HpruneError, match="not a sensitivity table"):
         SensitivityTable.load(tmp_path / "t.json")
