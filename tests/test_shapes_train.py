@@ -40,10 +40,24 @@ def test_snapshots_and_continued_training(tmp_path):
     assert main(["--out", str(first), "--num-layers", "2", "--num-heads", "1", "--head-dim", "16",
                  "--text-width", "32", "--steps", "4", "--batch-size", "4", "--warmup", "2", "--eval-captions", "2",
                  "--eval-steps", "2", "--threads", "1", "--snapshot-every", "2"]) == 0
-    snap = C.load_recipe(first / "snapshot")
+    snapshot = tmp_path / "first-snapshot"
+    snap = C.load_recipe(snapshot)
     assert snap["step"] == 4 and snap["snapshot"]
-    C.load_transformer(first / "snapshot")
+    C.load_transformer(snapshot)
     train(TrainConfig(**{**TINY, "steps": 2}, init=str(first)), second, log=lambda *_: None)
     rec = C.load_recipe(second)
     assert rec["init_from"]["steps"] == 4 and rec["total_steps"] == 6
     assert rec["total_train_seconds"] >= rec["train_seconds"]
+
+
+def test_bad_training_input_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--out", str(out), "--steps", "1"]) == 1  # exists, no --overwrite
+    assert "output path exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    first = tmp_path / "first"
+    train(TrainConfig(**TINY), first, log=lambda *_: None)
+    cfg = {**TINY, "num_layers": 3, "init": str(first)}
+    assert main(["--out", str(tmp_path / "x")] + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]) == 1
+    assert "architecture differs" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -2,7 +2,7 @@
 with rectified-flow matching, seeded and reproducible (same seed, threads and versions -> the same
 weights on the same machine, up to BLAS summation order: an fp16 ulp at most).
 
-    python -m hprune.shapes.train --out hprune/shapes/teacher --steps 6000
+    python -m hprune.shapes.train --out my-teacher --steps 6000   # --overwrite to replace a folder
 
 Recipe: x0 = 2 * image - 1 (B, 3, 32, 32) from freshly generated training-split samples,
 t ~ sigmoid(N(0, 1)) (logit-normal, as SD3), x_t = (1 - t) x0 + t eps, target v = eps - x0, MSE.
@@ -36,12 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hprune.errors import HpruneError
+
 
 @dataclass
 class TrainConfig:
     # transformer
     num_layers: int = 12
-    num_heads: int = 4
+    num_heads: int = 3  # the shipped teacher: hidden 96
     head_dim: int = 32
     patch_size: int = 4
     text_dim: int = 64  # joint_attention_dim and pooled_projection_dim
@@ -130,6 +132,7 @@ def save_teacher(out: Path, model: nn.Module, text: nn.Module, recipe: dict[str,
 
     from safetensors.torch import save_file
 
+    from hprune.io import write_json
     from hprune.shapes.text import VOCAB
 
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +140,8 @@ def save_teacher(out: Path, model: nn.Module, text: nn.Module, recipe: dict[str,
     half.save_pretrained(out / "transformer", safe_serialization=True)
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in text.state_dict().items()},
               str(out / "text_encoder.safetensors"))
-    (out / "text_encoder.json").write_text(json.dumps({"config": text.config, "vocab": list(VOCAB)}, indent=1) + "\n")
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1, default=str) + "\n")
+    write_json(out / "text_encoder.json", {"config": text.config, "vocab": list(VOCAB)})
+    write_json(out / "recipe.json", json.loads(json.dumps(recipe, default=str)))
 
 
 def evaluate_teacher(model: nn.Module, text: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
@@ -148,9 +151,13 @@ def evaluate_teacher(model: nn.Module, text: nn.Module, cfg: TrainConfig) -> dic
     return evaluate(model, text, n_captions=cfg.eval_captions, steps=cfg.eval_steps, guidance=cfg.guidance)
 
 
-def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
+def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False) -> dict[str, Any]:
+    """Trains and writes the teacher folder `out` (atomically, at the end; EMA snapshots go to the
+    sibling `<out>-snapshot`). An existing `out` is refused before training unless `overwrite`."""
+    from hprune.io import check_output
     from hprune.shapes.text import Tokenizer
 
+    out = check_output(out, overwrite)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -160,9 +167,14 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
     if cfg.init:  # continue from a previous run's (EMA, fp16-rounded) weights
         from hprune.shapes.checkpoint import load_recipe, load_text_encoder, load_transformer
 
+        init_recipe = load_recipe(cfg.init)
+        want, have = cfg.transformer_config(), init_recipe.get("transformer_config", {})
+        diff = sorted(k for k in want if json.dumps(want[k]) != json.dumps(have.get(k)))
+        if diff or text.config != init_recipe.get("text_encoder_config"):
+            raise HpruneError(f"--init {cfg.init}: its architecture differs from this run's "
+                              f"({', '.join(diff) or 'text encoder'}); give the same model options it was trained with")
         model.load_state_dict(load_transformer(cfg.init).state_dict())
         text.load_state_dict(load_text_encoder(cfg.init).state_dict())
-        init_recipe = load_recipe(cfg.init)
     model.to(device).train()
     text.to(device).train()
     ema_model = [p.detach().clone() for p in model.parameters()]
@@ -214,7 +226,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
             log(f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{(step + 1) * b / el:.1f} samples/s elapsed {el / 60:.1f} min eta {eta / 60:.1f} min")
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
-            _snapshot(out / "snapshot", model, text, ema_model, ema_text, {"step": step + 1, "config": asdict(cfg)})
+            _snapshot(out.with_name(out.name + "-snapshot"), model, text, ema_model, ema_text, {"step": step + 1, "config": asdict(cfg)})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = _eval_ema(model, text, ema_model, ema_text, cfg)
             evals.append({"step": step + 1, **ev})
@@ -262,8 +274,11 @@ def train(cfg: TrainConfig, out: Path, log: Any = print) -> dict[str, Any]:
         recipe["total_steps"] = cfg.steps + init_recipe.get("total_steps", init_recipe["steps"])
         recipe["total_train_seconds"] = round(train_s + init_recipe.get("total_train_seconds",
                                                                         init_recipe["train_seconds"]), 1)
-    save_teacher(out, model, text, recipe)
-    _grid(model, text, out / "samples.png")
+    from hprune.io import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_teacher(tmp, model, text, recipe)
+        _grid(model, text, tmp / "samples.png")
     log(f"wrote {out}")
     return recipe
 
@@ -286,15 +301,12 @@ def _ema_copies(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor]
 def _snapshot(folder: Path, model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
               ema_text: list[torch.Tensor], info: dict[str, Any]) -> None:
     """Writes the current EMA weights in the teacher layout (no evaluation), replacing the last one."""
-    import shutil
+    from hprune.io import atomic_dir
 
     m, t = _ema_copies(model, text, ema_model, ema_text)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_teacher(tmp, m.cpu(), t.cpu(), {**info, "final_eval": {"guidance": info["config"]["guidance"]},
-                                         "snapshot": True})
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_teacher(tmp, m.cpu(), t.cpu(), {**info, "final_eval": {"guidance": info["config"]["guidance"]},
+                                             "snapshot": True})
 
 
 def _eval_ema(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor], ema_text: list[torch.Tensor],
@@ -319,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hprune.shapes.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (the teacher layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     for f in TrainConfig.__dataclass_fields__.values():
         kind = {"int": int, "float": float, "str": str}.get(str(f.type), None)
         if kind is None:
@@ -327,16 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
     out = Path(args.out)
-    logf = open(out.parent / (out.name + ".log"), "a") if out.parent.exists() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / (out.name + ".log"), "a") as logf:
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        if logf:
+        def log(msg: str) -> None:
+            line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+            print(line, flush=True)
             logf.write(line + "\n")
             logf.flush()
 
-    train(cfg, out, log)
+        try:
+            train(cfg, out, log, overwrite=args.overwrite)
+        except HpruneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
