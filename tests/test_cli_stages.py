@@ -60,6 +60,9 @@ def test_baseline_and_manual_plans(tmp_path, capsys):
     (["prune", "tiny-sd3", "--plan", "{plan}", "--out", "{probe_dir}"], "output path exists"),
     (["probe", "tiny-flux", "--calib", "{calib}", "--out", "{tmp}/p2"], "calibration set is for a sd3 model"),
     (["calib", "tiny-sd3", "--prompts", "{tmp}/x.txt", "--out", "{tmp}/c2.safetensors"], "has no text encoder"),
+    (["probe", "tiny-sd3", "--out", "{probe_dir}"], "output path exists"),  # refused before probing
+    (["probe", "tiny-sd3", "--device", "tpu9", "--out", "{tmp}/p3"], "unknown device 'tpu9'"),
+    (["calib", "tiny-sd3", "--device", "meta", "--out", "{tmp}/c3.safetensors"], "hprune runs on cpu or cuda"),
 ])
 def test_bad_input(argv, match, tmp_path_factory, capsys):
     d = _prepared(tmp_path_factory, capsys)

@@ -21,6 +21,8 @@ import argparse
 import json
 import re
 
+from hprune.commands import add_device_arguments, device_and_dtype
+
 HELP = "OBS-Diff one-shot pruning (unstructured, 2:4/4:8, structured heads/neurons)"
 
 
@@ -43,9 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="obs", choices=["obs", "wanda", "magnitude"],
                    help="obs (default, with weight compensation) or a baseline mask")
     p.add_argument("--blocks", help="block indices to prune, e.g. '1-36' or '0,2,5-9' (default: all)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast the model to this dtype (default: as loaded)")
+    add_device_arguments(p)
     p.add_argument("--eval-samples", type=int, default=8,
                    help="calibration samples to measure fidelity on (0 = skip; default 8)")
     p.add_argument("--config", help="config.json for a lone .safetensors MODEL")
@@ -103,13 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.obs import obs_prune_model
     from hprune.report import format_table, human_bytes, human_count
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise HpruneError(f"--device: unknown device {args.device!r} (use cuda, cuda:N or cpu)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HpruneError("--device cuda: no CUDA GPU is available here")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device, dtype = device_and_dtype(args)
     model = load_model(args.model, device=device, dtype=dtype, config=args.config)
     if any(p.device.type == "meta" for p in model.parameters()):
         raise HpruneError(f"{args.model} has no weights here (real-size built-ins are architecture only on "

@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.errors import HpruneError
-    from hprune.io import atomic_dir
+    from hprune.io import atomic_dir, check_output
     from hprune.models import load_model
     from hprune.models.registry import BUILTINS
     from hprune.probe import probe_sensitivity
     from hprune.report import format_table
 
+    check_output(args.out, args.overwrite)  # before the probe, not after it
     device, dtype = device_and_dtype(args)
     if args.model in BUILTINS and not BUILTINS[args.model].tiny:
         raise HpruneError(f"{args.model} is an architecture without trained weights here; give a local checkpoint")
