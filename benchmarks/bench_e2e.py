@@ -63,6 +63,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bench, env_info, print_table, results_path, write_results  # noqa: E402
+from hprune.metrics import rel_l2  # noqa: E402
 
 ROWS = {1: "original bf16", 2: "pruned bf16", 3: "pruned + bnb NF4", 4: "pruned + hprune W4A16",
         5: "pruned + hprune W4A8"}
@@ -376,10 +377,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 # ---- one model, all requested rows --------------------------------------------------------------
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device, emit: Callable[[dict], None]) -> None:
@@ -421,9 +418,9 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, emit: C
         out = m.pop("_out")
         outs[row] = out
         if row >= 3 and 2 in outs:
-            m["rel_err_vs_pruned_bf16"] = round(_rel(out, outs[2]), 5)
+            m["rel_err_vs_pruned_bf16"] = round(rel_l2(out, outs[2]), 5)
         if row == 5 and 4 in outs:
-            m["rel_err_vs_w4a16"] = round(_rel(out, outs[4]), 5)
+            m["rel_err_vs_w4a16"] = round(rel_l2(out, outs[4]), 5)
         rec.update(m)
         if gpu and row in (4, 5):
             rec["kernel_backend"] = _backend_note(row, device)

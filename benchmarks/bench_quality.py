@@ -310,13 +310,11 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]], details: dict[st
 
 def resummarise(path: Path) -> int:
     """Recomputes the uncertainty columns of a results file in place (atomically) and prints it."""
-    import os
+    from hprune.io import write_json
 
     data = json.loads(path.read_text())
     add_uncertainty(data["rows"], data["details"])
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)
     st = data["settings"]
     print_table([_fmt(r) for r in data["rows"]], COLUMNS,
                 title=f"ShapesBench ablation ({st['captions']} held-out captions, {st['steps']} steps, guidance "

@@ -35,17 +35,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import env_info, print_table, write_results  # noqa: E402
+from hprune.metrics import cosine_distance, rel_l2  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def cos_dist(a: torch.Tensor, b: torch.Tensor) -> float:
-    cos = torch.nn.functional.cosine_similarity(a.double().flatten(1), b.double().flatten(1), dim=1)
-    return float((1 - cos).mean())
 
 
 def calibration_batches(model: nn.Module, spec: str, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
@@ -109,9 +101,9 @@ def evaluate(spec: str, dtype: torch.dtype, args: argparse.Namespace) -> dict[st
         sums["w4a16_vs_ref"].append(rel_l2(y16, y))
         sums["w4a8_vs_ref"].append(rel_l2(y8, y))
         sums["w4a8_vs_w4a16"].append(rel_l2(y8, y16))
-        sums["cos_w4a16_vs_ref"].append(cos_dist(y16, y))
-        sums["cos_w4a8_vs_ref"].append(cos_dist(y8, y))
-        sums["cos_w4a8_vs_w4a16"].append(cos_dist(y8, y16))
+        sums["cos_w4a16_vs_ref"].append(cosine_distance(y16, y))
+        sums["cos_w4a8_vs_ref"].append(cosine_distance(y8, y))
+        sums["cos_w4a8_vs_w4a16"].append(cosine_distance(y8, y16))
     first = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batches[0].items()}
     layers = layer_errors(m16, first)
     errs = [r["rel_l2"] for r in layers]

@@ -19,6 +19,11 @@ def rel_mse(pred: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((p - r) ** 2).sum() / (r ** 2).sum().clamp_min(1e-30))
 
 
+def rel_l2(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """||pred - ref|| / ||ref|| (the square root of rel_mse), computed in float64."""
+    return rel_mse(pred, ref) ** 0.5
+
+
 def cosine_distance(pred: torch.Tensor, ref: torch.Tensor) -> float:
     """1 - cosine similarity per sample, averaged over the batch (0 = same direction)."""
     p, r = pred.double().flatten(1), ref.double().flatten(1)

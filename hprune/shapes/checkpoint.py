@@ -43,7 +43,6 @@ def load_text_encoder(path: str | os.PathLike | None = None, *, device: str | to
     """The teacher's TextEncoder (float32, eval mode). Checks the stored vocabulary against this
     version's tokenizer, since token ids index the embedding table."""
     from hprune.io import load_safetensors, read_json
-    from hprune.models.registry import load_state_into  # noqa: F401  (same strictness as models)
     from hprune.shapes.text import VOCAB, TextEncoder
 
     d = teacher_dir(path)
