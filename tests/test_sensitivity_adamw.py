@@ -283,6 +283,16 @@ def test_dtype_errors_name_the_parameter():
     model.bias.grad = torch.zeros(3)
     with pytest.raises(ShapeError, match=r"parameter 'weight'.*grads\[0\] is torch.bfloat16"):
         opt.step()
+    # the refused step did not count: fixed and retried, it is step 1 (torch AdamW's first step)
+    model.weight.grad = torch.full((3, 4), 0.5)
+    model.bias.grad = torch.full((3,), 0.5)
+    w0 = model.weight.detach().clone()
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+    ref = torch.nn.Parameter(w0.clone())
+    ref.grad = torch.full((3, 4), 0.5)
+    torch.optim.AdamW([ref], lr=opt.defaults["lr"], weight_decay=opt.defaults["weight_decay"]).step()
+    torch.testing.assert_close(model.weight.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_parameters_without_grad_are_skipped():

@@ -48,12 +48,20 @@ at::Tensor counters(const at::Device& device, int64_t stream_id, int64_t needed)
 at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                          const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                          int64_t group_size, int64_t fmt) {
-  TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda(), "w4a16_mm_cuda: tensors must be on a CUDA device");
+  TORCH_CHECK(x.is_cuda(), "w4a16_mm_cuda: x must be on a CUDA device");
+  for (const at::Tensor* t : {&qweight, &scales}) {
+    TORCH_CHECK(t->device() == x.device(), "w4a16_mm_cuda: qweight and scales must be on x's device");
+  }
+  TORCH_CHECK(!zeros || zeros->device() == x.device(), "w4a16_mm_cuda: zeros must be on x's device");
+  TORCH_CHECK(!bias || bias->device() == x.device(), "w4a16_mm_cuda: bias must be on x's device");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "w4a16_mm_cuda: x must be 2-D (M, K) with unit stride on K");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "w4a16_mm_cuda: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
               "w4a16_mm_cuda: qweight must be contiguous uint8 (N, Kp/2)");
+  // before G is computed from it: group_size 0 would divide by zero
+  TORCH_CHECK(group_size == 32 || group_size == 64 || (group_size > 0 && group_size % 128 == 0),
+              "w4a16_mm_cuda: group_size must be 32, 64 or a multiple of 128, got ", group_size);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   const int64_t G = (K + group_size - 1) / group_size;
   TORCH_CHECK(qweight.size(1) == (K + 31) / 32 * 16, "w4a16_mm_cuda: qweight has ", qweight.size(1),
@@ -72,8 +80,6 @@ at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
                 "w4a16_mm_cuda: bias must be contiguous (N,) in x's dtype");
   }
   TORCH_CHECK(K % 8 == 0 && N % 8 == 0, "w4a16_mm_cuda: K and N must be multiples of 8 (K=", K, ", N=", N, ")");
-  TORCH_CHECK(group_size == 32 || group_size == 64 || (group_size > 0 && group_size % 128 == 0),
-              "w4a16_mm_cuda: group_size must be 32, 64 or a multiple of 128, got ", group_size);
   TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, "w4a16_mm_cuda: dimensions too large");
 
   c10::cuda::CUDAGuard guard(x.device());

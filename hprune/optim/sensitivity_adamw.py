@@ -260,10 +260,9 @@ class SensitivityAdamW(torch.optim.Optimizer):
                     if args is None:
                         continue
                 params, grads, exp_avgs, exp_avg_sqs, steps, table = args
-                torch._foreach_add_(steps, 1.0)
                 try:
                     torch.ops.hprune.scaled_adamw_(
-                        params, grads, exp_avgs, exp_avg_sqs, table * group["lr"], torch.stack(steps),
+                        params, grads, exp_avgs, exp_avg_sqs, table * group["lr"], torch.stack(steps).add_(1),
                         beta1, beta2, group["eps"], group["weight_decay"], self._backend)
                 except ShapeError as err:
                     i = getattr(err, "index", None)
@@ -271,6 +270,7 @@ class SensitivityAdamW(torch.optim.Optimizer):
                         raise
                     owner = [p for p in bucket.params if p.grad is not None][i]
                     raise ShapeError(f"parameter {self._label(owner)}: {err}") from err
+                torch._foreach_add_(steps, 1.0)  # only once the step was taken: a refused one does not count
         return loss
 
     def _gather(self, bucket: _Bucket, grads: list[Optional[Tensor]]):
