@@ -576,3 +576,18 @@ def test_cuda_kernel_compiles_for_sm80_and_sm90a(tmp_path):
                     reason="needs g++ and the CUDA runtime headers")
 def test_cuda_binding_syntax():
     _finish("binding", [_binding_cmd()])
+
+
+def test_quantize_model_failure_leaves_the_model_untouched():
+    """A layer that cannot be quantised (NaN weights) fails the call before any layer is swapped
+    in: no half-quantised model without a recipe step."""
+    import hprune
+    from hprune.recipe import get_recipe
+
+    model = hprune.load_model("tiny-sd3")
+    with torch.no_grad():
+        model.transformer_blocks[-1].ff.net[2].weight[0, 0] = float("nan")
+    with pytest.raises(ShapeError, match="inf or NaN"):
+        quantize_model(model)
+    assert not any(isinstance(m, W4A16Linear) for m in model.modules())
+    assert not any(st.get("op") == "quantize" for st in get_recipe(model))
