@@ -211,8 +211,10 @@ def _backward(ctx, grad: Tensor):
     # dL/dx = grad @ W (W the dequantised weight); codes and scales are not trained.
     qweight, scales, zeros = ctx.saved_tensors
     k, group_size, fmt, dtype, has_bias = ctx.meta
-    w = F.dequantize(qweight, scales, zeros, k, group_size, fmt, dtype=dtype)
-    gx = (grad.float() @ w.float()).to(dtype) if ctx.needs_input_grad[0] else None
+    gx = None
+    if ctx.needs_input_grad[0]:  # the dequantised (N, K) weight only when it is needed
+        w = F.dequantize(qweight, scales, zeros, k, group_size, fmt, dtype=dtype)
+        gx = (grad.float() @ w.float()).to(dtype)
     gb = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias and ctx.needs_input_grad[4] else None
     return gx, None, None, None, gb, None, None, None
 

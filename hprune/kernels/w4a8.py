@@ -60,6 +60,9 @@ from torch import Tensor
 
 from hprune.errors import BackendUnavailableError, ShapeError
 from hprune.kernels import dispatch
+# the argument checks, the dtype the kernels read scales / zeros / bias in, and what autograd saves
+# are those of W4A16 (the same packed weights)
+from hprune.kernels.w4a16 import _as_act, _setup_context
 from hprune.kernels.w4a16 import validate as _validate_w4a16
 from hprune.quant import formats as F
 
@@ -123,10 +126,6 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
         raise ShapeError(f"w4a8_mm needs group_size a multiple of {GROUP_MULTIPLE} (got {group_size}): each "
                          f"K-block of the FP8 GEMM must lie in one scale group")
     return _validate_w4a16(x, qweight, scales, zeros, bias, group_size, fmt)
-
-
-def _as_act(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
 
 
 # ---- reference ----------------------------------------------------------------------------------
@@ -252,12 +251,6 @@ def _w4a8_mm_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Te
                   group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
     validate(x, qweight, scales, zeros, bias, group_size, fmt)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, qweight, scales, zeros, bias, group_size, fmt, _backend = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.meta = (x.shape[-1], group_size, fmt, x.dtype, bias is not None)
 
 
 def _backward(ctx, grad: Tensor):
