@@ -10,7 +10,8 @@ its own denoising runs on training-split captions (hprune.shapes.checkpoint.cali
     int4                          quantize_model on the teacher alone
     hpp20 / hpp30                 probe_sensitivity -> plan_hpp(ratio) -> apply_plan   ("HPP only")
     +pwp                          distill(pwp=True, sgd=False)
-    +sgd                          distill(pwp=True, sgd=True)   (SGDistill)
+    +sgd                          distill(pwp=True, sgd=True)   (SGDistill; 30 % only, above r_thres)
+    +sgd-fixed                    the same with sgd_budget="fixed": lr · s as it is (lowers the mean rate)
     +int4                         quantize_model (hprune int4, group 64) on top
     +w4a8                         the same 4-bit weights with FP8 e4m3 activations (set_activation_quant)
     koala20/30, bksdm20/30        the baseline planners at the same ratios, pruned only and with
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--sgd-scale", default="inverse", choices=["inverse", "log"],
+                   help="SGDistill's update scale (hprune.distill; inverse: the paper's s ∝ 1/ΔP)")
+    p.add_argument("--seed", type=int, default=0, help="distillation seed (batches and timesteps)")
+    p.add_argument("--sgd-budget", default="mean", choices=["mean", "fixed"],
+                   help="SGDistill's learning-rate budget (hprune.distill; fixed: lr · s as the paper states it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", default=str(RESULTS))
@@ -155,15 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         apply_plan(m, plan)
         return m
 
-    def distilled(student: nn.Module, pwp: bool, sgd: bool) -> tuple[nn.Module, dict[str, Any]]:
+    def distilled(student: nn.Module, pwp: bool, sgd: bool,
+                  budget: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
         cfg = DistillConfig(steps=args.distill_steps, batch_size=args.batch_size, lr=args.lr, pwp=pwp, sgd=sgd,
-                            seed=0)
+                            sgd_scale=args.sgd_scale, sgd_budget=budget or args.sgd_budget, seed=args.seed)
         s, res = distill(teacher, copy.deepcopy(student), train_cal, cfg, table=table, progress=False)
         h = res.history
         k = max(1, len(h) // 10)
         return s, {"distill_s": round(res.seconds, 1),
                    "loss_first": sum(r["loss"] for r in h[:k]) / k, "loss_last": sum(r["loss"] for r in h[-k:]) / k,
-                   "trainable": res.schedule.get("trainable_params"), "frozen": res.schedule.get("frozen_params")}
+                   "trainable": res.schedule.get("trainable_params"), "frozen": res.schedule.get("frozen_params"),
+                   "lr_scale": res.schedule.get("lr_scale")}
 
     def int4(model: nn.Module) -> tuple[nn.Module, float]:
         t0 = time.perf_counter()
@@ -176,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         m, s = int4(teacher)
         record("int4", m, "teacher, INT4 weights (group 64)", s)
 
+    sgd_variants = ("+pwp+sgd", "+pwp+sgd+int4", "+pwp+sgd+w4a8", "+pwp+sgd-fixed", "+pwp+sgd-fixed+int4")
     for ratio in (0.2, 0.3):
         r = int(round(ratio * 100))
-        if not any(want(n) for n in (f"hpp{r}", f"hpp{r}+pwp", f"hpp{r}+pwp+int4", f"hpp{r}+pwp+sgd",
-                                      f"hpp{r}+pwp+sgd+int4")):
+        with_sgd = ratio > DistillConfig().r_thres  # SGDistill is for removal above r_thres, as in the paper
+        if not any(want(f"hpp{r}{x}") for x in ("", "+pwp", "+pwp+int4") + (sgd_variants if with_sgd else ())):
             continue
         t0 = time.perf_counter()
         hp = pruned("hpp", ratio)
@@ -188,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         pw, info = distilled(hp, pwp=True, sgd=False)
         record(f"hpp{r}+pwp", pw, "HPP + distillation with PWP", time.perf_counter() - t0, info)
-        if ratio == 0.2 or want(f"hpp{r}+pwp+int4"):
+        if want(f"hpp{r}+pwp+int4"):
             q, s = int4(pw)
             record(f"hpp{r}+pwp+int4", q, "HPP + PWP + INT4", s)
-        if ratio != 0.2 and any(want(f"hpp{r}+pwp+sgd{x}") for x in ("", "+int4", "+w4a8")):
+        if with_sgd and any(want(f"hpp{r}+pwp+sgd{x}") for x in ("", "+int4", "+w4a8")):
             t0 = time.perf_counter()
             sg, info = distilled(hp, pwp=True, sgd=True)
             record(f"hpp{r}+pwp+sgd", sg, "HPP + PWP + SGDistill", time.perf_counter() - t0, info)
@@ -201,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 w8 = copy.deepcopy(q)
                 set_activation_quant(w8, "fp8")
                 record(f"hpp{r}+pwp+sgd+w4a8", w8, "full method, FP8 activations (W4A8)", 0.0)
+        if with_sgd and any(want(f"hpp{r}+pwp+sgd-fixed{x}") for x in ("", "+int4")):
+            # SGDistill's scales applied to lr as they are (sgd_budget="fixed"): the mean rate drops
+            t0 = time.perf_counter()
+            sf, info = distilled(hp, pwp=True, sgd=True, budget="fixed")
+            record(f"hpp{r}+pwp+sgd-fixed", sf, "HPP + PWP + SGDistill, fixed budget (lr · s)",
+                   time.perf_counter() - t0, info)
+            q, s = int4(sf)
+            record(f"hpp{r}+pwp+sgd-fixed+int4", q, "the same + INT4", s)
 
     for method in ("koala", "bksdm"):
         for ratio in (0.2, 0.3):
@@ -298,7 +315,8 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]], details: dict[st
     payload = {
         "env": env_info("cpu"), "load_average": list(__import__("os").getloadavg()),
         "settings": {k: getattr(args, k) for k in ("captions", "steps", "calib", "calib_steps", "probe_samples",
-                                                   "distill_steps", "batch_size", "lr", "threads")}
+                                                   "distill_steps", "batch_size", "lr", "sgd_scale", "sgd_budget",
+                                                   "seed", "threads")}
         | {"guidance": guidance},
         "teacher": {k: recipe.get(k) for k in ("steps", "train_seconds", "device", "final")},
         "rows": rows, "details": details, "plans": plans, "sensitivity": table.to_dict(),

@@ -46,6 +46,8 @@ class CompressOptions:
     lr: float = 3e-4
     pwp: bool = True
     sgd: bool | str = "auto"
+    sgd_scale: str = "inverse"  # hprune.distill: "inverse" (the paper's 1/ΔP) or "log"
+    sgd_budget: str = "mean"  # "mean": SGDistill redistributes lr; "fixed": it only lowers it
     lambda_feat: float = 0.1
     max_probe_samples: int | None = 32
     holdout: float = 0.2  # fraction of calibration trajectories kept for evaluation
@@ -66,6 +68,11 @@ class CompressOptions:
             raise HpruneError(f"method must be one of {METHODS}, not {self.method!r}")
         if not 0 <= self.holdout < 1:
             raise HpruneError(f"holdout must be in [0, 1), got {self.holdout}")
+        from hprune.distill import DistillConfig
+
+        # the distillation settings fail here, before the probe, not after it
+        DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, pwp=self.pwp, sgd=self.sgd,
+                      sgd_scale=self.sgd_scale, sgd_budget=self.sgd_budget).validate()
 
 
 def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSet, CalibrationSet]:
@@ -151,6 +158,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         t = time.perf_counter()
         ckpt = opts.checkpoint_dir or (str(Path(out)) + "-checkpoints" if opts.checkpoint_every or opts.resume else None)
         cfg = DistillConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, pwp=opts.pwp, sgd=opts.sgd,
+                            sgd_scale=opts.sgd_scale, sgd_budget=opts.sgd_budget,
                             lambda_feat=opts.lambda_feat, checkpoint_every=opts.checkpoint_every,
                             checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed)
         student, res = distill(teacher, student, train_cal, cfg, table=table, progress=progress and main)

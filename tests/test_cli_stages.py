@@ -63,6 +63,13 @@ def test_baseline_and_manual_plans(tmp_path, capsys):
     (["probe", "tiny-sd3", "--out", "{probe_dir}"], "output path exists"),  # refused before probing
     (["probe", "tiny-sd3", "--device", "tpu9", "--out", "{tmp}/p3"], "unknown device 'tpu9'"),
     (["calib", "tiny-sd3", "--device", "meta", "--out", "{tmp}/c3.safetensors"], "hprune runs on cpu or cuda"),
+    # every command that needs weights refuses a real-size architecture the same way (one helper)
+    (["probe", "sd3.5-large", "--out", "{tmp}/p4"], "sd3.5-large is an architecture without trained weights here"),
+    (["calib", "flux.1-schnell", "--out", "{tmp}/c4.safetensors"],
+     "flux.1-schnell is an architecture without trained weights here"),
+    (["prune", "sd3.5-large", "--plan", "{plan}", "--out", "{tmp}/x4"], "architecture without trained weights"),
+    (["eval", "sd3.5-large", "--out", "{tmp}/e4"], "evaluate shapes-teacher or an artifact compressed from it"),
+    (["eval", "--prompts", "{tmp}/none.txt", "--out", "{tmp}/e5"], "captions file not found"),
 ])
 def test_bad_input(argv, match, tmp_path_factory, capsys):
     d = _prepared(tmp_path_factory, capsys)

@@ -36,6 +36,7 @@ def student_copy(name="tiny-sd3"):
 
 def test_distillation_recovers_fidelity():
     teacher, _, cal, table = setup()
+    teacher = copy.deepcopy(teacher).train().requires_grad_(True)  # as a caller that goes on training it
     student = student_copy()
     held = list(synthetic(teacher, n_prompts=2, num_steps=3, seed=99).batches(4))
     before = fidelity(teacher, student, held)["rel_mse"]
@@ -46,6 +47,8 @@ def test_distillation_recovers_fidelity():
     last = sum(r["out"] for r in res.history[-5:]) / 5
     assert last < 0.5 * first  # the KD loss falls
     assert after < 0.6 * before  # held-out fidelity to the teacher improves over the pruned-only model
+    # the caller's teacher is left as it was given (it may go on training elsewhere)
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training
 
 
 def test_pwp_freezes_early_blocks_bit_for_bit():
@@ -70,18 +73,21 @@ def test_pwp_freezes_early_blocks_bit_for_bit():
     assert unmoved == {"transformer_blocks.7.attn.add_q_proj.weight", "transformer_blocks.7.attn.add_q_proj.bias"}
 
 
-def test_sgdistill_scales_show_in_the_first_update():
-    """Adam's first step moves an element by lr * s * g / (|g| + eps): so max |Δp| = lr * s."""
+@pytest.mark.parametrize("scale,budget", [("inverse", "fixed"), ("inverse", "mean"), ("log", "mean")])
+def test_sgdistill_scales_show_in_the_first_update(scale, budget):
+    """Adam's first step moves an element by rate * g / (|g| + eps): so max |Δp| = lr * lr_scale * s."""
     teacher, _, cal, table = setup()
     student = student_copy()
     lr = 1e-3
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     student, res = distill(teacher, student, cal, DistillConfig(steps=1, batch_size=4, lr=lr, sgd=True,
+                                                                sgd_scale=scale, sgd_budget=budget,
                                                                 grad_clip=None, eps=1e-12), table=table,
                            progress=False)
-    scales = res.schedule["scales"]
+    scales, mult = res.schedule["scales"], res.schedule["lr_scale"]
     assert res.schedule["sgd"] and len({round(s, 6) for s in scales.values()}) > 3
     assert min(s for s in scales.values()) == 0.0  # the most sensitive unit is frozen
+    assert (mult == 1.0) if budget == "fixed" else (mult > 1.0)
     checked = 0
     for n, p in student.named_parameters():
         moved = (p.detach() - before[n]).abs().max().item()
@@ -89,9 +95,43 @@ def test_sgdistill_scales_show_in_the_first_update():
         if s == 0 or ".7.attn.add_q_proj." in n:  # frozen, or dead (no gradient: see the PWP test)
             assert moved == 0, n
         elif p.numel() > 16:
-            assert moved == pytest.approx(lr * s, rel=0.02), n
+            assert moved == pytest.approx(lr * mult * s, rel=0.02), n
             checked += 1
     assert checked > 10
+
+
+def test_sgdistill_scale_and_budget():
+    """Both scales order the units by ΔP with the end points 1 (least sensitive) and 0 (most); the
+    log scale sits above the inverse one in between; budget "mean" makes lr the units' mean rate
+    and leaves every other trainable parameter at lr."""
+    _, student, _, table = setup()
+    numel = {n: p.numel() for n, p in student.named_parameters()}
+    fixed = training_schedule(student, table, sgd=True, scale="inverse", budget="fixed")
+    log = training_schedule(student, table, sgd=True, scale="log", budget="fixed")
+    assert fixed["lr_scale"] == log["lr_scale"] == 1.0
+    rows_i = [(r["dP"], r["scale"]) for r in fixed["rows"] if r["why"] == "SGDistill"]
+    rows_l = [(r["dP"], r["scale"]) for r in log["rows"] if r["why"] == "SGDistill"]
+    assert len(rows_i) > 4
+    for rows in (rows_i, rows_l):
+        by_dp = [s for _, s in sorted(rows)]
+        assert by_dp == sorted(by_dp, reverse=True) and by_dp[0] == 1.0 and by_dp[-1] == 0.0
+    assert all(sl >= si - 1e-12 for (_, si), (_, sl) in zip(rows_i, rows_l))
+    assert any(sl > si + 0.05 for (_, si), (_, sl) in zip(rows_i, rows_l))
+
+    mean = training_schedule(student, table, sgd=True, scale="inverse", budget="mean")
+    first = mean["first_pruned"]
+    unit = {n for n in numel if n.startswith("transformer_blocks.") and int(n.split(".")[1]) >= first}
+    rate = {n: mean["lr_scale"] * s for n, s in mean["scales"].items()}
+    assert sum(rate[n] * numel[n] for n in unit) / sum(numel[n] for n in unit) == pytest.approx(1.0)
+    for n, s in fixed["scales"].items():
+        if n in unit:
+            assert rate[n] == pytest.approx(mean["lr_scale"] * s), n
+        else:  # PWP-frozen stays frozen, the rest keeps the base rate
+            assert rate[n] == pytest.approx(s), n
+    with pytest.raises(HpruneError, match="sgd_budget must be one of mean, fixed"):
+        DistillConfig(sgd_budget="avg").validate()
+    with pytest.raises(HpruneError, match="sgd_scale must be one of inverse, log"):
+        DistillConfig(sgd_scale="sqrt").validate()
 
 
 def test_sgd_is_automatic_above_r_thres():
@@ -130,6 +170,27 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(pa, pb), n
     # only the newest checkpoints are kept
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000004", "step-0000006"]
+
+
+def test_resume_of_a_checkpoint_older_than_sgd_budget(tmp_path):
+    """A checkpoint written before sgd_scale / sgd_budget existed was trained with inverse / fixed:
+    it resumes under those and is refused under the new default budget."""
+    import json
+
+    teacher, _, cal, table = setup()
+    cfg = dict(steps=3, batch_size=2, lr=1e-3, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(RuntimeError):
+        distill(teacher, student_copy(), cal, DistillConfig(**cfg, sgd_budget="fixed"), table=table, progress=False,
+                on_step=lambda step, _r: (_ for _ in ()).throw(RuntimeError("stop")) if step == 2 else None)
+    state = tmp_path / "step-0000002" / "state.json"
+    data = json.loads(state.read_text())
+    del data["config"]["sgd_budget"], data["config"]["sgd_scale"]
+    state.write_text(json.dumps(data))
+    with pytest.raises(HpruneError, match="sgd_budget fixed -> mean"):
+        distill(teacher, student_copy(), cal, DistillConfig(**cfg, resume=True), table=table, progress=False)
+    _, res = distill(teacher, student_copy(), cal, DistillConfig(**cfg, resume=True, sgd_budget="fixed"),
+                     table=table, progress=False)
+    assert res.resumed_from == 2 and len(res.history) == 3
 
 
 def test_bad_settings_and_non_finite_loss(tmp_path):

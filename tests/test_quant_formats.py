@@ -142,6 +142,38 @@ def test_bad_arguments():
         F.unpack_int4(torch.zeros(2, 16, dtype=torch.uint8), 64)
 
 
+@pytest.mark.parametrize("case,match", [
+    ("qweight_dtype", "qweight must be uint8"),
+    ("qweight_1d", "qweight must be 2-D"),
+    ("in_features", "bytes per row"),
+    ("in_features_zero", "in_features must be a positive integer"),
+    ("group", "multiple of 32"),
+    ("scales_shape", r"scales has shape \(2, 8\); expected .* = \(1, 8\)"),
+    ("scales_int", "scales must be float16"),
+    ("zeros_missing", "needs zeros"),
+    ("zeros_for_sym", "takes no zeros"),
+    ("fmt", "unknown 4-bit format"),
+])
+def test_dequantize_names_bad_input(case, match):
+    q = F.quantize(torch.randn(8, 64), 64, "int4")
+    args = dict(qweight=q.qweight, scales=q.scales, zeros=q.zeros, in_features=64, group_size=64, fmt="int4")
+    args.update({
+        "qweight_dtype": dict(qweight=q.qweight.to(torch.int32)),
+        "qweight_1d": dict(qweight=q.qweight.flatten()),
+        "in_features": dict(in_features=96),
+        "in_features_zero": dict(in_features=0),
+        "group": dict(group_size=48),
+        "scales_shape": dict(scales=q.scales.repeat(2, 1)),
+        "scales_int": dict(scales=q.scales.to(torch.int32)),
+        "zeros_missing": dict(zeros=None),
+        "zeros_for_sym": dict(fmt="int4_sym"),
+        "fmt": dict(fmt="int3"),
+    }[case])
+    with pytest.raises(ShapeError, match=match):
+        F.dequantize(**args)
+    assert F.dequantize(q.qweight, q.scales, q.zeros, 64, 64, "int4").shape == (8, 64)
+
+
 def test_bytes_per_param():
     assert F.bytes_per_param(64, "int4") == 0.5625
     assert F.bytes_per_param(128, "int4_sym") == 0.515625

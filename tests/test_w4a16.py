@@ -203,6 +203,15 @@ def test_cuda_refuses_what_it_cannot_take_and_auto_falls_back():
     qw, s, z, b = make(40, 64, 32, "int4", torch.float32, "cuda")
     with pytest.raises(ShapeError, match="float16/bfloat16"):
         w4a16_mm(rand_x(3, 64, torch.float32, "cuda"), qw, s, z, 32, "int4", backend="cuda")
+    # a bias 2 bytes off alignment (a view into a larger buffer): forced cuda refuses, auto falls back
+    qw, s, z, b = make(40, 64, 32, "int4", torch.float16, "cuda")
+    odd = torch.empty(41, dtype=torch.float16, device="cuda")[1:]
+    odd.copy_(b)
+    x = rand_x(5, 64, torch.float16, "cuda")
+    with pytest.raises(ShapeError, match="bias 4-byte aligned"):
+        w4a16_mm(x, qw, s, z, 32, "int4", bias=odd, backend="cuda")
+    assert_matches(w4a16_mm(x, qw, s, z, 32, "int4", bias=odd), w4a16_mm_reference(x, qw, s, z, b, 32, "int4"),
+                   torch.float16)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@
 
 #include <cuda_bf16.h>
 
+#include <atomic>
+
 #include <cstdint>
 
 namespace hprune {
@@ -170,20 +172,45 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int kMaxDevices = 64;
+
+// Blocks of scaled_adamw_kernel<P> resident at once on `device` (SMs x blocks per SM). It does not
+// change while the process runs, so it is asked of the driver once per device and type, not on
+// every optimizer step.
+template <typename P>
+cudaError_t resident_blocks(int device, int* out) {
+  static std::atomic<int> cache[kMaxDevices];  // zero-initialised (static storage); 0 = not asked yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v > 0) {
+      *out = v;
+      return cudaSuccess;
+    }
+  }
+  int sms = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, scaled_adamw_kernel<P>, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  const int v = sms * (per_sm > 0 ? per_sm : 1);
+  if (cached) cache[device].store(v, std::memory_order_relaxed);  // a race stores the same value
+  *out = v;
+  return cudaSuccess;
+}
+
 template <typename P>
 cudaError_t launch(const TensorMeta* meta, const float* hyper, int64_t n, int64_t total_chunks,
                    const Consts& c, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  int sms = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, scaled_adamw_kernel<P>, kThreads, 0);
+  int blocks = 0;
+  err = resident_blocks<P>(device, &blocks);
   if (err != cudaSuccess) return err;
   // persistent grid: exactly the blocks that fit at once, striding over the chunks
-  int64_t grid = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  int64_t grid = blocks;
   if (grid > total_chunks) grid = total_chunks;
   scaled_adamw_kernel<P><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(meta, hyper, n,
                                                                                   total_chunks, c);

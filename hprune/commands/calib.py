@@ -7,9 +7,9 @@ no text encoder: they use seeded stand-in prompt embeddings (--n of them)."""
 from __future__ import annotations
 
 import argparse
-
-from hprune.commands import add_device_arguments, device_and_dtype
 from pathlib import Path
+
+from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model, read_prompts
 
 HELP = "capture a calibration set (transformer inputs over denoising steps)"
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.calib import builtin_calibration, capture
     from hprune.errors import HpruneError
     from hprune.io import check_output
-    from hprune.models import load_model, resolve
+    from hprune.models import resolve
 
     check_output(args.out, args.overwrite)
     if args.steps < 1 or args.n < 1:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if pipeline_dir is not None:
         if not args.prompts:
             raise HpruneError("a pipeline folder needs --prompts FILE (one prompt per line)")
-        prompts = _read_prompts(args.prompts)
+        prompts = read_prompts(args.prompts)
         from diffusers import DiffusionPipeline
 
         try:
@@ -57,13 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts:
             raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
                               f"(use --n for stand-in prompts)")
-        from hprune.models.registry import BUILTINS
-
-        if args.model in BUILTINS and not BUILTINS[args.model].tiny:
-            raise HpruneError(f"{args.model} is an architecture without trained weights here; give a local checkpoint")
-        model = load_model(args.model, device=device, dtype=dtype)
-        if next(model.parameters()).device.type == "meta":
-            raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
+        model = load_weighted_model(args.model, device, dtype)
         cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
                                   progress=True, latent_size=None if args.size is None else args.size // 2)
     cal.save(args.out, overwrite=args.overwrite)
@@ -71,13 +65,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
-    from hprune.errors import HpruneError
-
-    p = Path(path)
-    if not p.is_file():
-        raise HpruneError(f"prompts file not found: {p}")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise HpruneError(f"{p}: no prompts in the file")
-    return prompts

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hprune.commands import add_device_arguments, device_and_dtype
+from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
 
 HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 
@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pwp", action="store_true", help="do not freeze the blocks before the first pruned one")
     p.add_argument("--sgd", default="auto", choices=["auto", "on", "off"],
                    help="Sensitivity-Guided Distillation (auto: above 25%% removal)")
+    p.add_argument("--sgd-scale", default="inverse", choices=["inverse", "log"],
+                   help="SGDistill update scale: inverse (the paper's, s ∝ 1/ΔP) or log (flatter over a wide "
+                        "ΔP range)")
+    p.add_argument("--sgd-budget", default="mean", choices=["mean", "fixed"],
+                   help="mean: the scaled units keep lr as their mean rate; fixed: lr · s as it is (lowers the mean)")
     p.add_argument("--group-size", type=int, default=64, help="4-bit group size")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
@@ -42,20 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from hprune.compress import CompressOptions, compress
     from hprune.errors import HpruneError
     from hprune.io import check_output
-    from hprune.models import load_model
     from hprune.models.registry import BUILTINS
 
     opts = CompressOptions(ratio=args.ratio, quant=args.quant, group_size=args.group_size, method=args.method,
                            protect=args.protect, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
+                           sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,
                            checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed)
     opts.validate()
     check_output(args.out, args.overwrite)
-    if args.model in BUILTINS and not BUILTINS[args.model].tiny:
-        raise HpruneError(f"{args.model} is an architecture without trained weights here; "
-                          f"give a local checkpoint (diffusers folder or .safetensors)")
     device, dtype = device_and_dtype(args)
-    teacher = load_model(args.model, device=device, dtype=dtype)
+    teacher = load_weighted_model(args.model, device, dtype)
     if args.calib:
         calib = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS and BUILTINS[args.model].tiny:

@@ -39,14 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
+    from hprune.commands import load_weighted_model, read_prompts
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir, check_output, write_json
-    from hprune.models import load_model
-    from hprune.shapes.evaluate import evaluate, generate, save_grid
+    from hprune.shapes.evaluate import evaluate, generate, heldout_captions, save_grid
     from hprune.shapes.checkpoint import NAME, default_guidance, load_text_encoder, load_transformer
 
     if args.captions < 1:
@@ -56,31 +52,19 @@ def _run(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     captions = None
     if args.prompts:
-        p = Path(args.prompts)
-        if not p.is_file():
-            raise HpruneError(f"prompts file not found: {p}")
-        captions = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not captions:
-            raise HpruneError(f"{p}: no captions in the file")
+        captions = read_prompts(args.prompts, "captions")
         from hprune.shapes.data import parse_caption
 
         for c in captions:
             parse_caption(c)  # a caption outside the grammar cannot be scored: say so before sampling
-    model = load_model(args.model)
-    if any(t.device.type == "meta" for t in model.parameters()):
-        raise HpruneError(f"{args.model} has no weights here; evaluate shapes-teacher or an artifact compressed from it")
+    model = load_weighted_model(args.model, hint="evaluate shapes-teacher or an artifact compressed from it")
     text = load_text_encoder()
     guidance = args.guidance if args.guidance is not None else default_guidance()
     kw = dict(steps=args.steps, guidance=guidance, seed=args.seed)
-    res = evaluate(model, text, captions=captions, n_captions=args.captions, keep_images=True, **kw)
     ref = None
-    if not args.no_reference and args.model != NAME:
-        ref = generate(load_transformer(), text, res["captions"], **kw)
-        from hprune.shapes.score import psnr
-
-        vals = [min(psnr(a, b), 100.0) for a, b in zip(res["images"], ref)]
-        res["psnr"] = sum(vals) / len(vals)
-        res["mse"] = float(((res["images"] - ref) ** 2).mean())
+    if not args.no_reference and args.model != NAME:  # the teacher's images for the same captions and noise
+        ref = generate(load_transformer(), text, captions or heldout_captions(args.captions), **kw)
+    res = evaluate(model, text, captions=captions, n_captions=args.captions, reference=ref, keep_images=True, **kw)
     rows = {args.model if len(args.model) < 24 else "model": res["images"]}
     if ref is not None:
         rows["teacher"] = ref

@@ -21,7 +21,7 @@ import argparse
 import json
 import re
 
-from hprune.commands import add_device_arguments, device_and_dtype
+from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
 
 HELP = "OBS-Diff one-shot pruning (unstructured, 2:4/4:8, structured heads/neurons)"
 
@@ -97,17 +97,14 @@ def run(args: argparse.Namespace) -> int:
     from hprune.artifacts import save_compressed
     from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.metrics import cosine_distance, predict, rel_mse
-    from hprune.models import load_model
     from hprune.models.registry import BUILTINS
     from hprune.models.stats import bytes_at
     from hprune.obs import obs_prune_model
     from hprune.report import format_table, human_bytes, human_count
 
     device, dtype = device_and_dtype(args)
-    model = load_model(args.model, device=device, dtype=dtype, config=args.config)
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise HpruneError(f"{args.model} has no weights here (real-size built-ins are architecture only on "
-                          f"{device.type}); give a checkpoint folder, or run on a GPU for random weights")
+    model = load_weighted_model(args.model, device, dtype, config=args.config, random_ok=True,
+                                hint="give a checkpoint folder, or run on a GPU for random weights")
     if args.calib:
         calib = CalibrationSet.load(args.calib)
     elif args.method == "magnitude":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hprune.commands import add_device_arguments, device_and_dtype
+from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
 
 HELP = "measure each block's and component's sensitivity (ΔP); writes a table and a heatmap"
 
@@ -26,18 +26,13 @@ def run(args: argparse.Namespace) -> int:
     from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir, check_output
-    from hprune.models import load_model
     from hprune.models.registry import BUILTINS
     from hprune.probe import probe_sensitivity
     from hprune.report import format_table
 
     check_output(args.out, args.overwrite)  # before the probe, not after it
     device, dtype = device_and_dtype(args)
-    if args.model in BUILTINS and not BUILTINS[args.model].tiny:
-        raise HpruneError(f"{args.model} is an architecture without trained weights here; give a local checkpoint")
-    model = load_model(args.model, device=device, dtype=dtype)
-    if next(model.parameters()).device.type == "meta":
-        raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
+    model = load_weighted_model(args.model, device, dtype)
     if args.calib:
         cal = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS:

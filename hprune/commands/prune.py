@@ -15,16 +15,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hprune.artifacts import save_compressed
-    from hprune.errors import HpruneError
+    from hprune.commands import load_weighted_model
     from hprune.io import check_output
-    from hprune.models import PrunePlan, apply_plan, load_model, param_count
+    from hprune.models import PrunePlan, apply_plan, param_count
     from hprune.report import human_count
 
     check_output(args.out, args.overwrite)
     plan = PrunePlan.load(args.plan)
-    model = load_model(args.model)
-    if next(model.parameters()).device.type == "meta":
-        raise HpruneError(f"{args.model} has no weights here (real-size architecture); give a local checkpoint")
+    model = load_weighted_model(args.model)
     before = param_count(model)
     apply_plan(model, plan)
     after = param_count(model)

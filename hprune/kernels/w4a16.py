@@ -47,31 +47,10 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     if x.dim() > 1 and x.stride(-1) != 1 and x.numel() > 0:
         raise ShapeError(f"x must be contiguous along K (stride {x.stride(-1)} on the last dimension); "
                          f"call .contiguous() first")
-    if qweight.dtype != torch.uint8:
-        raise ShapeError(f"qweight must be uint8 (packed 4-bit codes), got {qweight.dtype}")
-    if qweight.dim() != 2:
-        raise ShapeError(f"qweight must be 2-D (N, ceil(K/32)*16), got shape {tuple(qweight.shape)}")
-    n = qweight.shape[0]
-    if qweight.shape[1] != F.packed_cols(k):
+    if qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[1] != F.packed_cols(k):
         raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but x has K={k} input features, "
                          f"which need ceil(K/32)*16 = {F.packed_cols(k)}")
-    if not qweight.is_contiguous():
-        raise ShapeError("qweight must be contiguous")
-    g = F.num_groups(k, group_size)
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if t is None:
-            continue
-        if t.dtype not in ACT_DTYPES:
-            raise ShapeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if tuple(t.shape) != (g, n):
-            raise ShapeError(f"{name} has shape {tuple(t.shape)}; expected (ceil(K/group_size), N) = ({g}, {n}) "
-                             f"for K={k}, group_size={group_size}")
-        if not t.is_contiguous():
-            raise ShapeError(f"{name} must be contiguous")
-    if fmt == "int4" and zeros is None:
-        raise ShapeError('fmt "int4" (asymmetric) needs zeros; use fmt "int4_sym" for symmetric weights')
-    if fmt != "int4" and zeros is not None:
-        raise ShapeError(f'fmt {fmt!r} takes no zeros (only the asymmetric "int4" does)')
+    n = F.check_packed(qweight, scales, zeros, k, group_size, fmt)
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != n:
             raise ShapeError(f"bias must be (N,) = ({n},), got shape {tuple(bias.shape)}")
@@ -164,11 +143,13 @@ def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Te
 
 # ---- the op ---------------------------------------------------------------------------------------
 
-def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
-            backend: Optional[str]) -> dispatch.Backend:
+def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+            group_size: int, backend: Optional[str]) -> dispatch.Backend:
+    """The backend for these inputs (as the kernel will receive them): an automatic choice of cuda
+    that cannot take them falls to the next backend instead of raising."""
     b = dispatch.select(OP, x.device, backend)
     if b.name == "cuda":
-        why = cuda_unsupported(x, qweight, scales, zeros, group_size)
+        why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
         if why:
             forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
             if forced == "cuda":
@@ -187,10 +168,9 @@ def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
-    b = _choose(x, qweight, scales, zeros, group_size, backend)
-    x2 = x.reshape(m, k)
-    out = b.fn(x2, qweight, _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype),
-               group_size, fmt)
+    scales, zeros, bias = _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype)
+    b = _choose(x, qweight, scales, zeros, bias, group_size, backend)
+    out = b.fn(x.reshape(m, k), qweight, scales, zeros, bias, group_size, fmt)
     return out.reshape(out_shape)
 
 

@@ -83,6 +83,47 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
+                 group_size: int, fmt: str) -> int:
+    """Checks a packed 4-bit weight (layout in the module docstring) for K = `in_features`; returns N.
+    Raises ShapeError naming the first problem."""
+    check_format(fmt)
+    check_group_size(group_size)
+    k = in_features
+    if qweight.dtype != torch.uint8:
+        raise ShapeError(f"qweight must be uint8 (packed 4-bit codes), got {qweight.dtype}")
+    if qweight.dim() != 2:
+        raise ShapeError(f"qweight must be 2-D (N, ceil(K/32)*16), got shape {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    if qweight.shape[1] != packed_cols(k):
+        raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but K={k} input features "
+                         f"need ceil(K/32)*16 = {packed_cols(k)}")
+    if not qweight.is_contiguous():
+        raise ShapeError("qweight must be contiguous")
+    g = num_groups(k, group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is None:
+            continue
+        if t.dtype not in SCALE_DTYPES:
+            raise ShapeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if tuple(t.shape) != (g, n):
+            raise ShapeError(f"{name} has shape {tuple(t.shape)}; expected (ceil(K/group_size), N) = ({g}, {n}) "
+                             f"for K={k}, group_size={group_size}")
+        if not t.is_contiguous():
+            raise ShapeError(f"{name} must be contiguous")
+    if fmt == "int4" and zeros is None:
+        raise ShapeError('fmt "int4" (asymmetric) needs zeros; use fmt "int4_sym" for symmetric weights')
+    if fmt != "int4" and zeros is not None:
+        raise ShapeError(f'fmt {fmt!r} takes no zeros (only the asymmetric "int4" does)')
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and t.device != qweight.device:
+            raise ShapeError(f"{name} is on {t.device} but qweight is on {qweight.device}")
+    return n
+
+
 def padded_k(k: int) -> int:
     """K rounded up to a whole number of 32-wide chunks."""
     return -(-k // CHUNK) * CHUNK
@@ -165,14 +206,13 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
         scales: float (G, N), G = ceil(K / group_size).
         zeros: float (G, N) for fmt "int4", else None.
     Scales and zeros are first cast to `dtype`, each weight is computed in fp32 and rounded once."""
-    check_format(fmt)
+    # (a SymInt under torch.compile / dynamic shapes is an integer too)
+    if isinstance(in_features, bool) or not isinstance(in_features, (int, torch.SymInt)) or in_features < 1:
+        raise ShapeError(f"in_features must be a positive integer, got {in_features!r}")
+    n = check_packed(qweight, scales, zeros, in_features, group_size, fmt)
     dtype = dtype or scales.dtype
     k = in_features
-    if fmt == "int4" and zeros is None:
-        raise ShapeError('fmt "int4" (asymmetric) needs zeros')
-    n, kb = qweight.shape
-    if kb != packed_cols(k):
-        raise ShapeError(f"qweight has {kb} bytes per row; K={k} needs {packed_cols(k)} (ceil(K/32)*16)")
+    kb = qweight.shape[1]
     b = qweight.view(n, kb // 16, 1, 16)
     codes = torch.cat([b & 0xF, b >> 4], dim=2).view(n, 2 * kb)  # (N, Kp), k order
     g = num_groups(k, group_size)

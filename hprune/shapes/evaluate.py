@@ -52,14 +52,25 @@ def generate(model: nn.Module, text: nn.Module, captions: Sequence[str], *, step
     return to_image(sample(model, enc, pooled, noise, steps=steps, guidance=guidance, batch_size=batch_size))
 
 
+CAPTION_SEED = 1234  # the held-out caption list every ShapesBench number uses
+
+
+def heldout_captions(n: int, caption_seed: int = CAPTION_SEED) -> list[str]:
+    """The default caption list of `evaluate`: n held-out captions cycling through the templates."""
+    from hprune.shapes.data import heldout_set
+
+    if n < 1:
+        raise HpruneError(f"need at least one caption, got {n}")
+    return [s.caption for s in heldout_set(n, caption_seed)]
+
+
 def evaluate(model: nn.Module, text: nn.Module, *, captions: Sequence[str] | None = None, n_captions: int = 64,
              steps: int = 20, guidance: float = 4.0, seed: int = 0, reference: torch.Tensor | None = None,
-             keep_images: bool = False, batch_size: int = 64, caption_seed: int = 1234) -> dict[str, Any]:
+             keep_images: bool = False, batch_size: int = 64, caption_seed: int = CAPTION_SEED) -> dict[str, Any]:
     """Scores `model` on ShapesBench.
 
     Args:
-        captions: the captions to render (default: `n_captions` held-out captions cycling through
-            the templates, hprune.shapes.data.heldout_set(n_captions, caption_seed)).
+        captions: the captions to render (default: heldout_captions(n_captions, caption_seed)).
         steps, guidance, seed: sampler settings; caption i starts from noise seed + i.
         reference: images (n, 3, 32, 32) in [0, 1] of a reference model (the teacher) for the same
             captions and noise; adds fidelity: mean PSNR (dB) and mean squared error.
