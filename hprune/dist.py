@@ -49,14 +49,6 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return v / dist.get_world_size()
 
 
-def any_true(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank."""
-    if not active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
 
 def shard(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2: each block that still has parameters is its own unit, then the root."""

@@ -450,9 +450,11 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
                           if matched and cfg.lambda_feat else torch.zeros((), device=device))
                 l_task = F.mse_loss(v_s.float(), target.float()) if cfg.lambda_task else torch.zeros((), device=device)
                 loss = cfg.lambda_out * l_out + cfg.lambda_feat * l_feat + cfg.lambda_task * l_task
-            terms = {"out": float(dist.mean(l_out.detach())), "feat": float(dist.mean(l_feat.detach())),
-                     "task": float(dist.mean(l_task.detach()))}
-            if dist.any_true(not torch.isfinite(loss).item()):
+            # one all-reduce and one sync per step for the log; a non-finite loss on any rank makes
+            # the mean non-finite on every rank, so all of them stop together
+            mean_loss, *means = dist.mean(torch.stack([loss, l_out, l_feat, l_task]).detach().float()).tolist()
+            terms = dict(zip(("out", "feat", "task"), means))
+            if not math.isfinite(mean_loss):
                 raise HpruneError(f"non-finite loss at step {step} (output {terms['out']:.4g}, features "
                                   f"{terms['feat']:.4g}, task {terms['task']:.4g}); lower the learning rate"
                                   f"{' or disable autocast' if autocast else ''}")
@@ -461,7 +463,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            rec = {"step": step, "loss": float(dist.mean(loss.detach())), **terms}
+            rec = {"step": step, "loss": mean_loss, **terms}
             history.append(rec)
             seen += cfg.batch_size
             bar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
