@@ -48,6 +48,10 @@ def test_snapshots_and_continued_training(tmp_path):
     rec = C.load_recipe(second)
     assert rec["init_from"]["steps"] == 4 and rec["total_steps"] == 6
     assert rec["total_train_seconds"] >= rec["train_seconds"]
+    # a snapshot is a valid starting point too (a run stopped before its end goes on from it)
+    third = tmp_path / "third"
+    train(TrainConfig(**{**TINY, "steps": 2}, init=str(snapshot)), third, log=lambda *_: None)
+    assert C.load_recipe(third)["total_steps"] == 6
 
 
 def test_bad_training_input_is_refused_before_training(tmp_path, capsys):

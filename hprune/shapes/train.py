@@ -225,8 +225,12 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
             eta = el / (step + 1) * (cfg.steps - step - 1)
             log(f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{(step + 1) * b / el:.1f} samples/s elapsed {el / 60:.1f} min eta {eta / 60:.1f} min")
-        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
-            _snapshot(out.with_name(out.name + "-snapshot"), model, text, ema_model, ema_text, {"step": step + 1, "config": asdict(cfg)})
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:  # loadable, and a valid --init
+            el = round(time.perf_counter() - t0, 1)
+            _snapshot(out.with_name(out.name + "-snapshot"), model, text, ema_model, ema_text,
+                      {"step": step + 1, "steps": step + 1, "train_seconds": el, "config": asdict(cfg),
+                       "transformer_config": cfg.transformer_config(), "text_encoder_config": text.config,
+                       "device": device_description(device), **_lineage(init_recipe, step + 1, el)})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = _eval_ema(model, text, ema_model, ema_text, cfg)
             evals.append({"step": step + 1, **ev})
@@ -269,11 +273,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         "final_eval": {"captions": cfg.eval_captions, "steps": cfg.eval_steps, "guidance": cfg.guidance,
                        "split": "heldout", "seed": 0},
     }
-    if init_recipe is not None:  # the whole history: earlier stages' recipes and the totals
-        recipe["init_from"] = init_recipe
-        recipe["total_steps"] = cfg.steps + init_recipe.get("total_steps", init_recipe["steps"])
-        recipe["total_train_seconds"] = round(train_s + init_recipe.get("total_train_seconds",
-                                                                        init_recipe["train_seconds"]), 1)
+    recipe.update(_lineage(init_recipe, cfg.steps, train_s))
     from hprune.io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -281,6 +281,16 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         _grid(model, text, tmp / "samples.png")
     log(f"wrote {out}")
     return recipe
+
+
+def _lineage(init_recipe: dict[str, Any] | None, steps: int, seconds: float) -> dict[str, Any]:
+    """For a continued run: the earlier stage's recipe (its own lineage inside) and the totals."""
+    if init_recipe is None:
+        return {}
+    return {"init_from": init_recipe,
+            "total_steps": steps + init_recipe.get("total_steps", init_recipe["steps"]),
+            "total_train_seconds": round(seconds + init_recipe.get("total_train_seconds",
+                                                                   init_recipe["train_seconds"]), 1)}
 
 
 def _ema_copies(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor],
