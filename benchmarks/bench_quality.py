@@ -1,6 +1,6 @@
 """The HierarchicalPrune ablation on a real, trained model: the ShapesBench teacher.
 
-    python benchmarks/bench_quality.py                       # ~20-25 min on 2 CPU cores
+    python benchmarks/bench_quality.py                       # ~20 min on 2 CPU cores
     python benchmarks/bench_quality.py --distill-steps 50 --captions 16 --calib 8   # a quick look
 
 Every variant is built with hprune's own stages from the shipped teacher and one calibration set of

@@ -49,7 +49,6 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return v / dist.get_world_size()
 
 
-
 def shard(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2: each block that still has parameters is its own unit, then the root."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -22,8 +22,9 @@ Which parameters train, and how fast (printed and saved as the *schedule*):
   (the multiplier 1/s̄ capped at SGD_MAX_LR_SCALE), so SGDistill moves updates from sensitive to
   insensitive units instead of shrinking them all; every other trainable parameter keeps lr.
   `sgd_budget="fixed"` applies s to lr as it is, which on ShapesBench lowers the mean rate to
-  0.15–0.4 lr and loses 13 % of the score where PWP alone loses 3 % (README, "Measuring quality"). Applied through SensitivityAdamW (one fused step for all scales). On by default
-  when more than `r_thres` = 25 % of the parameters were removed.
+  0.15–0.4 lr and loses 13 % of the score where PWP alone loses 3 % (README, "Measuring quality").
+  Applied through SensitivityAdamW (one fused step for all scales). On by default when more than
+  `r_thres` = 25 % of the parameters were removed.
 
 Robustness: atomic checkpoints every `checkpoint_every` steps (weights, optimizer moments and the
 loss history in safetensors + JSON; no pickles), `resume=True` continues from the latest one and
@@ -54,12 +55,19 @@ from hprune.models.stats import param_count
 
 # Parameters outside the blocks that feed the first block (frozen by PWP).
 _INPUT_MODULES = ("pos_embed.", "x_embedder.", "time_text_embed.", "context_embedder.")
-# Block submodule prefix -> component name in the sensitivity table.
 SGD_SCALES = ("inverse", "log")
 SGD_BUDGETS = ("mean", "fixed")
 SGD_MAX_LR_SCALE = 10.0  # so that a few outlier units cannot multiply the rate without bound
+# Block submodule prefix -> component name in the sensitivity table.
 _COMPONENT_OF = (("attn2.", "attn2"), ("attn.", "attn"), ("ff_context.", "context_ff"), ("ff.", "ff"),
                  ("proj_mlp.", "mlp"))
+
+
+def _check_sgd_choices(scale: str, budget: str) -> None:
+    if scale not in SGD_SCALES:
+        raise HpruneError(f"sgd_scale must be one of {', '.join(SGD_SCALES)}, not {scale!r}")
+    if budget not in SGD_BUDGETS:
+        raise HpruneError(f"sgd_budget must be one of {', '.join(SGD_BUDGETS)}, not {budget!r}")
 
 
 @dataclass
@@ -99,10 +107,7 @@ class DistillConfig:
             raise HpruneError(f"lr must be positive, got {self.lr}")
         if self.sgd not in (True, False, "auto"):
             raise HpruneError(f"sgd must be True, False or 'auto', not {self.sgd!r}")
-        if self.sgd_scale not in SGD_SCALES:
-            raise HpruneError(f"sgd_scale must be one of {', '.join(SGD_SCALES)}, not {self.sgd_scale!r}")
-        if self.sgd_budget not in SGD_BUDGETS:
-            raise HpruneError(f"sgd_budget must be one of {', '.join(SGD_BUDGETS)}, not {self.sgd_budget!r}")
+        _check_sgd_choices(self.sgd_scale, self.sgd_budget)
         if self.sgd_granularity not in ("component", "block"):
             raise HpruneError(f"sgd_granularity must be component or block, not {self.sgd_granularity!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
@@ -210,10 +215,7 @@ def training_schedule(student: nn.Module, table: Any = None, *, pwp: bool = True
             scales[name] = 0.0 if (pwp and first is not None and name.startswith(_INPUT_MODULES)) else 1.0
     unit_scale = {u: 1.0 for u in units}
     if sgd and units:
-        if scale not in SGD_SCALES:
-            raise HpruneError(f"SGDistill scale must be one of {', '.join(SGD_SCALES)}, not {scale!r}")
-        if budget not in SGD_BUDGETS:
-            raise HpruneError(f"SGDistill budget must be one of {', '.join(SGD_BUDGETS)}, not {budget!r}")
+        _check_sgd_choices(scale, budget)
         d = {u: max(delta(*u), 1e-30) for u in units}
         inv = {u: (1.0 / v if scale == "inverse" else -math.log(v)) for u, v in d.items()}
         lo, hi = min(inv.values()), max(inv.values())
@@ -419,8 +421,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
                and any(True for _ in ad.get_block(student, i).parameters())]
     if world > 1:
         dist.shard(student, device)
-    opt = SensitivityAdamW(list(student.named_parameters()), lr=cfg.lr * schedule["lr_scale"], betas=cfg.betas, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, scales=scales, backend=cfg.backend)
+    opt = SensitivityAdamW(list(student.named_parameters()), lr=cfg.lr * schedule["lr_scale"], betas=cfg.betas,
+                           eps=cfg.eps, weight_decay=cfg.weight_decay, scales=scales, backend=cfg.backend)
     trainable = [p for p in student.parameters() if p.requires_grad]
 
     start, history, resumed = 0, [], None

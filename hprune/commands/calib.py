@@ -63,5 +63,3 @@ def run(args: argparse.Namespace) -> int:
     cal.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(cal)} samples from {int(cal.trajectory.max()) + 1} prompts x {cal.num_steps} steps")
     return 0
-
-

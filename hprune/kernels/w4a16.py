@@ -47,9 +47,6 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     if x.dim() > 1 and x.stride(-1) != 1 and x.numel() > 0:
         raise ShapeError(f"x must be contiguous along K (stride {x.stride(-1)} on the last dimension); "
                          f"call .contiguous() first")
-    if qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[1] != F.packed_cols(k):
-        raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but x has K={k} input features, "
-                         f"which need ceil(K/32)*16 = {F.packed_cols(k)}")
     n = F.check_packed(qweight, scales, zeros, k, group_size, fmt)
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != n:

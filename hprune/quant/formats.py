@@ -99,8 +99,8 @@ def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         raise ShapeError(f"qweight must be 2-D (N, ceil(K/32)*16), got shape {tuple(qweight.shape)}")
     n = qweight.shape[0]
     if qweight.shape[1] != packed_cols(k):
-        raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but K={k} input features "
-                         f"need ceil(K/32)*16 = {packed_cols(k)}")
+        raise ShapeError(f"qweight has {qweight.shape[1]} bytes per row but K={k} input features (x's last "
+                         f"dimension, or in_features) need ceil(K/32)*16 = {packed_cols(k)}")
     if not qweight.is_contiguous():
         raise ShapeError("qweight must be contiguous")
     g = num_groups(k, group_size)
