@@ -103,3 +103,14 @@ def test_compress_without_final_latents_fails_before_probing(tmp_path):
     with pytest.raises(HpruneError, match="no final latents"):
         compress(model, cal, CompressOptions(ratio=0.2), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_options_refuse_bad_sgdistill_settings_before_any_work():
+    from hprune.compress import CompressOptions
+    from hprune.errors import HpruneError
+
+    with pytest.raises(HpruneError, match="sgd_budget must be one of mean, fixed, not 'avg'"):
+        CompressOptions(ratio=0.2, sgd_budget="avg").validate()
+    with pytest.raises(HpruneError, match="sgd_scale must be one of inverse, log"):
+        CompressOptions(ratio=0.2, sgd_scale="sqrt").validate()
+    CompressOptions(ratio=0.2, sgd_scale="log", sgd_budget="fixed").validate()
