@@ -13,6 +13,8 @@ its own denoising runs on training-split captions (hprune.shapes.checkpoint.cali
     +sgd                          distill(pwp=True, sgd=True)   (SGDistill; 30 % only, above r_thres)
     +sgd-fixed                    the same with sgd_budget="fixed": lr · s as it is (lowers the mean rate)
     +int4                         quantize_model (hprune int4, group 64) on top
+    +int4-gptq                    the same with GPTQ codes (method="gptq", Hessians from the
+                                  calibration set's denoising loop on the model being quantised)
     +w4a8                         the same 4-bit weights with FP8 e4m3 activations (set_activation_quant)
     koala20/30, bksdm20/30        the baseline planners at the same ratios, pruned only and with
                                   plain distillation (+kd: no PWP, no SGDistill, all weights train)
@@ -173,22 +175,28 @@ def main(argv: list[str] | None = None) -> int:
                    "trainable": res.schedule.get("trainable_params"), "frozen": res.schedule.get("frozen_params"),
                    "lr_scale": res.schedule.get("lr_scale")}
 
-    def int4(model: nn.Module) -> tuple[nn.Module, float]:
+    def int4(model: nn.Module, gptq: bool = False) -> tuple[nn.Module, float]:
         t0 = time.perf_counter()
         m = copy.deepcopy(model)
-        quantize_model(m, group_size=64, fmt="int4")
+        quantize_model(m, group_size=64, fmt="int4", method="gptq" if gptq else "rtn",
+                       calib=train_cal if gptq else None)
         return m, time.perf_counter() - t0
 
     record("original", teacher, "the teacher", 0.0)
     if want("int4"):
         m, s = int4(teacher)
         record("int4", m, "teacher, INT4 weights (group 64)", s)
+    if want("int4-gptq"):
+        m, s = int4(teacher, gptq=True)
+        record("int4-gptq", m, "teacher, INT4 weights, GPTQ", s)
 
-    sgd_variants = ("+pwp+sgd", "+pwp+sgd+int4", "+pwp+sgd+w4a8", "+pwp+sgd-fixed", "+pwp+sgd-fixed+int4")
+    sgd_variants = ("+pwp+sgd", "+pwp+sgd+int4", "+pwp+sgd+int4-gptq", "+pwp+sgd+w4a8", "+pwp+sgd-fixed",
+                    "+pwp+sgd-fixed+int4")
     for ratio in (0.2, 0.3):
         r = int(round(ratio * 100))
         with_sgd = ratio > DistillConfig().r_thres  # SGDistill is for removal above r_thres, as in the paper
-        if not any(want(f"hpp{r}{x}") for x in ("", "+pwp", "+pwp+int4") + (sgd_variants if with_sgd else ())):
+        if not any(want(f"hpp{r}{x}") for x in ("", "+pwp", "+pwp+int4", "+pwp+int4-gptq")
+                   + (sgd_variants if with_sgd else ())):
             continue
         t0 = time.perf_counter()
         hp = pruned("hpp", ratio)
@@ -200,12 +208,18 @@ def main(argv: list[str] | None = None) -> int:
         if want(f"hpp{r}+pwp+int4"):
             q, s = int4(pw)
             record(f"hpp{r}+pwp+int4", q, "HPP + PWP + INT4", s)
-        if with_sgd and any(want(f"hpp{r}+pwp+sgd{x}") for x in ("", "+int4", "+w4a8")):
+        if want(f"hpp{r}+pwp+int4-gptq"):
+            q, s = int4(pw, gptq=True)
+            record(f"hpp{r}+pwp+int4-gptq", q, "HPP + PWP + INT4 (GPTQ)", s)
+        if with_sgd and any(want(f"hpp{r}+pwp+sgd{x}") for x in ("", "+int4", "+w4a8", "+int4-gptq")):
             t0 = time.perf_counter()
             sg, info = distilled(hp, pwp=True, sgd=True)
             record(f"hpp{r}+pwp+sgd", sg, "HPP + PWP + SGDistill", time.perf_counter() - t0, info)
             q, s = int4(sg)
             record(f"hpp{r}+pwp+sgd+int4", q, "HPP + PWP + SGDistill + INT4 (full method)", s)
+            if want(f"hpp{r}+pwp+sgd+int4-gptq"):
+                qg, s = int4(sg, gptq=True)
+                record(f"hpp{r}+pwp+sgd+int4-gptq", qg, "full method, INT4 by GPTQ", s)
             if want(f"hpp{r}+pwp+sgd+w4a8"):  # the same 4-bit weights with FP8 (e4m3) activations
                 w8 = copy.deepcopy(q)
                 set_activation_quant(w8, "fp8")

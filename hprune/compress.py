@@ -39,6 +39,9 @@ class CompressOptions:
     ratio: float = 0.3
     quant: str = "int4"  # int4 (hprune W4A16) | int4-fp8 (hprune W4A8) | bnb-nf4 (bitsandbytes, the paper's) | none
     group_size: int = 64
+    # int4 codes: gptq (hprune.quant.gptq; Hessians from the calibration set) | rtn (round to nearest)
+    # | auto: gptq for the hprune int4 formats, rtn for bnb-nf4 (bitsandbytes rounds to nearest)
+    quant_method: str = "auto"
     method: str = "hpp"
     protect: int | None = None
     steps: int = 200  # distillation steps (0: no distillation)
@@ -56,6 +59,13 @@ class CompressOptions:
     resume: bool = False
     seed: int = 0
 
+    @property
+    def resolved_quant_method(self) -> str:
+        """"gptq" or "rtn": what quantisation does with these options ("auto" resolved)."""
+        if self.quant_method != "auto":
+            return self.quant_method
+        return "gptq" if self.quant in ("int4", "int4-fp8") else "rtn"
+
     def validate(self) -> None:
         if not 0 < self.ratio < 1:
             raise HpruneError(f"ratio must be in (0, 1), got {self.ratio}")
@@ -64,6 +74,13 @@ class CompressOptions:
         if self.quant == "int4-fp8" and self.group_size % 64:
             raise HpruneError(f"--quant int4-fp8 (W4A8) needs a group size that is a multiple of 64, "
                               f"not {self.group_size}")
+        from hprune.quant.linear import QUANT_METHODS
+
+        if self.quant_method not in ("auto",) + QUANT_METHODS:
+            raise HpruneError(f"quant_method must be one of {('auto',) + QUANT_METHODS}, not {self.quant_method!r}")
+        if self.quant_method == "gptq" and self.quant not in ("int4", "int4-fp8"):
+            raise HpruneError(f"quant_method 'gptq' chooses hprune int4 codes; it does not apply to "
+                              f"--quant {self.quant}")
         if self.method not in METHODS:
             raise HpruneError(f"method must be one of {METHODS}, not {self.method!r}")
         if not 0 <= self.holdout < 1:
@@ -170,14 +187,18 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
 
     quant_report = None
     if opts.quant != "none":
-        say(f"[4/5] quantising the block Linears ({opts.quant}, group {opts.group_size})")
+        gptq = opts.resolved_quant_method == "gptq"
+        say(f"[4/5] quantising the block Linears ({opts.quant}, group {opts.group_size}" + (", GPTQ)" if gptq else ")"))
         t = time.perf_counter()
         from hprune.quant import convert_bnb_model, quantize_model
 
         if opts.quant in ("int4", "int4-fp8"):
             fp8 = opts.quant == "int4-fp8"
-            quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4", act="fp8" if fp8 else None)
-            stage("quantised (hprune int4" + (", fp8 activations)" if fp8 else ")"), student, time.perf_counter() - t)
+            quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4", act="fp8" if fp8 else None,
+                                          method="gptq" if gptq else "rtn", calib=train_cal if gptq else None,
+                                          progress=progress and main)
+            stage("quantised (hprune int4" + (", GPTQ" if gptq else "") + (", fp8 activations)" if fp8 else ")"),
+                  student, time.perf_counter() - t)
         else:
             quant_report = quantize_model(student, group_size=opts.group_size, backend="bnb", fmt="nf4")
             stage("quantised (bitsandbytes nf4)", student, time.perf_counter() - t)
@@ -188,7 +209,8 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     say("[5/5] saving the artifact and checking it reloads bit for bit")
     report: dict[str, Any] = {
         "model": name, "options": asdict(opts), "stages": rows, "plan": plan.to_dict(),
-        "quantization": quant_report.to_dict() if quant_report else None,
+        "quantization": ({**quant_report.to_dict(), "method": opts.resolved_quant_method}
+                         if quant_report else None),
         "schedule": {k: v for k, v in (schedule or {}).items() if k != "scales"},
         "distill_history": history,
         "calibration": {"train_samples": len(train_cal), "eval_samples": len(eval_cal),

@@ -70,10 +70,10 @@ def test_demo_end_to_end(capsys, tmp_path):
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["reload_bit_identical"] is True
     stages = {r["stage"]: r for r in rep["stages"]}
-    assert list(stages) == ["original", "pruned", "distilled", "quantised (hprune int4)"]
+    assert list(stages) == ["original", "pruned", "distilled", "quantised (hprune int4, GPTQ)"]
     assert stages["pruned"]["params"] < stages["original"]["params"]
     assert 0 < stages["distilled"]["rel_mse"] < stages["pruned"]["rel_mse"] < 1
-    assert stages["quantised (hprune int4)"]["bytes"] < stages["distilled"]["bytes"] / 2
+    assert stages["quantised (hprune int4, GPTQ)"]["bytes"] < stages["distilled"]["bytes"] / 2
     assert rep["schedule"]["sgd"] and rep["schedule"]["pwp"]
     assert (out_dir / "images.png").read_bytes()[:4] == b"\x89PNG"
     # the output folder now exists: a second run refuses, nothing changes

@@ -70,6 +70,14 @@ def test_baseline_and_manual_plans(tmp_path, capsys):
     (["prune", "sd3.5-large", "--plan", "{plan}", "--out", "{tmp}/x4"], "architecture without trained weights"),
     (["eval", "sd3.5-large", "--out", "{tmp}/e4"], "evaluate shapes-teacher or an artifact compressed from it"),
     (["eval", "--prompts", "{tmp}/none.txt", "--out", "{tmp}/e5"], "captions file not found"),
+    (["quantize", "tiny-sd3", "--group-size", "48", "--out", "{tmp}/q1"], "group_size must be a positive multiple of 32"),
+    (["quantize", "tiny-sd3", "--act", "fp8", "--format", "nf4", "--out", "{tmp}/q2"], "W4A8 takes fmt 'int4'"),
+    (["quantize", "tiny-sd3", "--method", "gptq", "--calib", "{tmp}/none.safetensors", "--out", "{tmp}/q3"],
+     "calibration set not found"),
+    (["quantize", "tiny-flux", "--method", "gptq", "--calib", "{calib}", "--out", "{tmp}/q4"],
+     "calibration set is for a sd3 model"),
+    (["quantize", "sd3.5-large", "--out", "{tmp}/q5"], "sd3.5-large is an architecture without trained weights"),
+    (["quantize", "tiny-sd3", "--out", "{probe_dir}"], "output path exists"),
 ])
 def test_bad_input(argv, match, tmp_path_factory, capsys):
     d = _prepared(tmp_path_factory, capsys)
@@ -94,3 +102,25 @@ def _prepared(factory, capsys):
         _cache.update(tmp=str(tmp), probe=str(tmp / "probe" / "sensitivity.json"), probe_dir=str(tmp / "probe"),
                       plan=str(tmp / "plan.json"), calib=str(tmp / "c.safetensors"))
     return _cache
+
+
+def test_quantize_a_pruned_artifact_with_gptq(tmp_path_factory, capsys):
+    """prune -> quantize --method gptq: the artifact reloads with the pruning and the 4-bit layers
+    in its recipe, and its velocity is the one the command measured; rtn on the same artifact
+    moves the velocity further (GPTQ's point)."""
+    d = _prepared(tmp_path_factory, capsys)
+    tmp = tmp_path_factory.mktemp("quantize")
+    assert run(capsys, "prune", "tiny-sd3", "--plan", d["plan"], "--out", tmp / "pruned")[0] == 0
+    reports = {}
+    for method in ("rtn", "gptq"):
+        code, text, err = run(capsys, "quantize", tmp / "pruned", "--method", method, "--calib", d["calib"],
+                              "--group-size", 32, "--out", tmp / method, "--json")
+        assert code == 0, err
+        reports[method] = json.loads(text)
+        assert reports[method]["method"] == method and reports[method]["num_quantized"] > 0
+        doc = json.loads((tmp / method / "hprune.json").read_text())
+        assert [s["op"] for s in doc["recipe"]] == ["prune", "quantize"]
+        assert doc["recipe"][-1]["method"] == method
+    assert reports["gptq"]["fidelity"]["rel_mse"] < reports["rtn"]["fidelity"]["rel_mse"]
+    back = load_compressed(tmp / "gptq")
+    assert torch.isfinite(out(back, inputs(back))).all()

@@ -19,11 +19,12 @@ def run(capsys, *argv):
     return code, cap.out, cap.err
 
 
-@pytest.mark.parametrize("name,quant", [("tiny-sd3", "int4"), ("tiny-sd35", "bnb-nf4"), ("tiny-flux", "none")])
-def test_compress_end_to_end(name, quant, tmp_path, capsys):
+@pytest.mark.parametrize("name,quant,method", [("tiny-sd3", "int4", "rtn"), ("tiny-sd35", "bnb-nf4", "auto"),
+                                               ("tiny-flux", "none", "auto"), ("tiny-flux", "int4", "auto")])
+def test_compress_end_to_end(name, quant, method, tmp_path, capsys):
     out = tmp_path / "out"
     code, text, err = run(capsys, "compress", name, "--ratio", 0.3, "--quant", quant, "--steps", 12,
-                          "--batch-size", 4, "--out", out)
+                          "--batch-size", 4, "--quant-method", method, "--out", out)
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     stages = [r["stage"] for r in rep["stages"]]
@@ -39,6 +40,11 @@ def test_compress_end_to_end(name, quant, tmp_path, capsys):
     model = load_compressed(out / "artifact")
     recipe_ops = [s["op"] for s in read_recipe(out / "artifact")["recipe"]]
     assert recipe_ops == (["prune"] if quant == "none" else ["prune", "quantize"])
+    if quant != "none":  # auto = GPTQ for hprune int4, round to nearest for bitsandbytes
+        used = {"int4": "gptq", "bnb-nf4": "rtn"}[quant] if method == "auto" else method
+        assert rep["quantization"]["method"] == used
+    if quant == "int4":
+        assert read_recipe(out / "artifact")["recipe"][-1]["method"] == used
     imgs = generate(build_pipeline(model), **stand_in_prompts(model, 1), steps=2)
     assert torch.isfinite(imgs).all()
 
@@ -114,3 +120,11 @@ def test_compress_options_refuse_bad_sgdistill_settings_before_any_work():
     with pytest.raises(HpruneError, match="sgd_scale must be one of inverse, log"):
         CompressOptions(ratio=0.2, sgd_scale="sqrt").validate()
     CompressOptions(ratio=0.2, sgd_scale="log", sgd_budget="fixed").validate()
+    with pytest.raises(HpruneError, match="quant_method must be one of"):
+        CompressOptions(ratio=0.2, quant_method="awq").validate()
+    with pytest.raises(HpruneError, match="does not apply to --quant bnb-nf4"):
+        CompressOptions(ratio=0.2, quant="bnb-nf4", quant_method="gptq").validate()
+    CompressOptions(ratio=0.2, quant="int4-fp8", quant_method="gptq").validate()
+    assert CompressOptions(ratio=0.2).resolved_quant_method == "gptq"
+    assert CompressOptions(ratio=0.2, quant="bnb-nf4").resolved_quant_method == "rtn"
+    assert CompressOptions(ratio=0.2, quant_method="rtn").resolved_quant_method == "rtn"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,3 +64,56 @@ def read_prompts(path: str, what: str = "prompts") -> list[str]:
     if not lines:
         raise HpruneError(f"{p}: no {what} in the file")
     return lines
+
+
+def calibration_for(name: str, model, path: str | None, *, what: str):
+    """The calibration set a command runs on: `path` (CalibrationSet.save), else a built-in one for
+    a built-in model (synthetic stand-in prompts, or the ShapesBench teacher's own captions);
+    HpruneError otherwise, naming `what` needs it. Checked to fit `model`."""
+    from pathlib import Path
+
+    from hprune.calib import CalibrationSet, builtin_calibration
+    from hprune.errors import HpruneError
+    from hprune.models.registry import BUILTINS
+
+    if path:
+        if not Path(path).is_file():
+            raise HpruneError(f"calibration set not found: {path}")
+        calib = CalibrationSet.load(path)
+    elif name in BUILTINS and BUILTINS[name].tiny:
+        print(f"no --calib: using a built-in calibration set for {name} (4 prompts, 8 steps)", file=sys.stderr)
+        calib = builtin_calibration(name, model, n_prompts=4, num_steps=8)
+    else:
+        raise HpruneError(f"--calib is required for {name} with {what} (capture one with `hprune calib` "
+                          f"or hprune.calib.capture on a pipeline around this model)")
+    calib.check_fits(model)
+    return calib
+
+
+class FidelityCheck:
+    """The model's velocity on up to `n` calibration samples (spread over the set), taken at
+    construction; `measure(model)` compares the model's velocity now with it."""
+
+    def __init__(self, model, calib, n: int) -> None:
+        import torch
+
+        from hprune.metrics import predict
+
+        self.batches, self.refs = [], []
+        if calib is None or n <= 0:
+            return
+        idx = torch.linspace(0, len(calib) - 1, min(n, len(calib))).round().long().unique().tolist()
+        p = next(model.parameters())
+        self.batches = list(calib.batches(batch_size=1, device=p.device, dtype=p.dtype, indices=idx))
+        self.refs = [predict(model, x).float().cpu() for x in self.batches]
+
+    def measure(self, model) -> dict | None:
+        """{"samples", "rel_mse", "cosine"} (0 = identical), or None when nothing was taken."""
+        from hprune.metrics import cosine_distance, predict, rel_mse
+
+        if not self.refs:
+            return None
+        preds = [predict(model, x).float().cpu() for x in self.batches]
+        n = len(self.refs)
+        return {"samples": n, "rel_mse": sum(rel_mse(a, b) for a, b in zip(preds, self.refs)) / n,
+                "cosine": sum(cosine_distance(a, b) for a, b in zip(preds, self.refs)) / n}

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sgd-budget", default="mean", choices=["mean", "fixed"],
                    help="mean: the scaled units keep lr as their mean rate; fixed: lr · s as it is (lowers the mean)")
     p.add_argument("--group-size", type=int, default=64, help="4-bit group size")
+    p.add_argument("--quant-method", default="auto", choices=["auto", "gptq", "rtn"],
+                   help="int4 codes: gptq (chosen with each layer's timestep-aware input Hessian from the "
+                        "calibration set) or rtn (round to nearest with a scale search, the paper's); auto "
+                        "(default): gptq for int4 / int4-fp8")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from hprune.io import check_output
     from hprune.models.registry import BUILTINS
 
-    opts = CompressOptions(ratio=args.ratio, quant=args.quant, group_size=args.group_size, method=args.method,
+    opts = CompressOptions(ratio=args.ratio, quant=args.quant, group_size=args.group_size,
+                           quant_method=args.quant_method, method=args.method,
                            protect=args.protect, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
                            sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,

@@ -74,8 +74,6 @@ def parse_blocks(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from hprune.errors import HpruneError, OutputExistsError
     from hprune.obs.hessian import step_weights
     from hprune.obs.patterns import parse_pattern, resolve_sparsity
@@ -95,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"calibration set not found: {args.calib}")
 
     from hprune.artifacts import save_compressed
-    from hprune.calib import CalibrationSet, builtin_calibration
-    from hprune.metrics import cosine_distance, predict, rel_mse
-    from hprune.models.registry import BUILTINS
+    from hprune.commands import FidelityCheck, calibration_for
     from hprune.models.stats import bytes_at
     from hprune.obs import obs_prune_model
     from hprune.report import format_table, human_bytes, human_count
@@ -105,45 +101,23 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     model = load_weighted_model(args.model, device, dtype, config=args.config, random_ok=True,
                                 hint="give a checkpoint folder, or run on a GPU for random weights")
-    if args.calib:
-        calib = CalibrationSet.load(args.calib)
-    elif args.method == "magnitude":
-        calib = None
-    elif args.model in BUILTINS and BUILTINS[args.model].tiny:
-        print(f"no --calib: using a built-in calibration set for {args.model} (4 prompts, 8 steps)")
-        calib = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
-    else:
-        raise HpruneError(f"--calib is required for {args.model} with method {args.method!r} (capture one with "
-                          f"hprune.calib.capture on a pipeline around this model)")
-    if calib is not None:
-        calib.check_fits(model)
-
-    # Reference predictions for the fidelity check, taken before the model changes.
-    eval_idx: list[int] = []
-    refs: list[torch.Tensor] = []
-    if calib is not None and args.eval_samples:
-        n = min(args.eval_samples, len(calib))
-        eval_idx = torch.linspace(0, len(calib) - 1, n).round().long().unique().tolist()
-        p = next(model.parameters())
-        batches = list(calib.batches(batch_size=1, device=p.device, dtype=p.dtype, indices=eval_idx))
-        refs = [predict(model, x).float().cpu() for x in batches]
+    calib = (None if args.method == "magnitude" and not args.calib
+             else calibration_for(args.model, model, args.calib, what=f"method {args.method!r}"))
+    check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
     bytes_before = bytes_at(model)
 
     report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name, groups=args.groups,
                              weighting=args.weighting, method=args.method, blocks=blocks,
                              alpha=tuple(args.alpha), progress=True)
-    if refs:
-        preds = [predict(model, x).float().cpu() for x in batches]
-        report["fidelity"] = {"samples": len(refs),
-                              "rel_mse": sum(rel_mse(a, b) for a, b in zip(preds, refs)) / len(refs),
-                              "cosine": sum(cosine_distance(a, b) for a, b in zip(preds, refs)) / len(refs)}
+    fid = check.measure(model)
+    if fid:
+        report["fidelity"] = fid
     report["bytes_bf16_before"], report["bytes_bf16_after"] = bytes_before, bytes_at(model)
     save_compressed(model, args.out, overwrite=args.overwrite, extra={"obs": report})
 
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k not in ("layers",)}, indent=2))
         return 0
-    fid = report.get("fidelity")
     rows = [
         {"": "parameters", "before": human_count(report["params_before"]), "after": human_count(report["params_after"])},
         {"": "bytes (bf16)", "before": human_bytes(bytes_before), "after": human_bytes(report["bytes_bf16_after"])},

@@ -1,7 +1,6 @@
 """Parameter and byte accounting of a (possibly pruned, quantised or meta) transformer."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

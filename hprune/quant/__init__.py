@@ -6,6 +6,7 @@ Linear4bit for comparison), `set_activation_quant`.
     report = quantize_model(transformer)            # int4, group 64, Linear layers of the blocks
     print(report)
     quantize_model(other, act="fp8")                # W4A8: the same weights, FP8 activations
+    quantize_model(m, method="gptq", calib=calib)   # codes chosen with each layer's input Hessian
 
 The "quantize" step is recorded in the model's recipe, so `hprune.save_compressed` /
 `hprune.load_compressed` round-trip quantised models.
@@ -33,6 +34,8 @@ _LAZY = {
     "W4A16Linear": "hprune.quant.linear", "eligible_linears": "hprune.quant.linear",
     "W4A8Linear": "hprune.quant.linear", "set_activation_quant": "hprune.quant.linear",
     "quantize_linear": "hprune.quant.linear", "quantize_model": "hprune.quant.linear",
+    "QUANT_METHODS": "hprune.quant.linear",
+    "gptq_quantize": "hprune.quant.gptq", "hessian_error": "hprune.quant.gptq",
 }
 
 

@@ -334,6 +334,37 @@ def _quantize_nf4(wg: torch.Tensor, valid: torch.Tensor, sdtype: torch.dtype):
     return q, s_r
 
 
+def fit_groups(wg: torch.Tensor, valid: torch.Tensor, fmt: str, sdtype: torch.dtype, refine: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scale (and, for "int4", the zero) `quantize` would choose for groups wg (R, G, g) fp32
+    whose entries where `valid` (1, G, g) is False are padding. Returns s, z (R, G, 1) float32,
+    already rounded to `sdtype` (z is None unless fmt is "int4")."""
+    if fmt == "int4":
+        _, s, z = _quantize_asym(wg, valid, sdtype, refine)
+        return s, z
+    if fmt == "int4_sym":
+        return _quantize_sym(wg, valid, sdtype, refine)[1], None
+    return _quantize_nf4(wg, valid, sdtype)[1], None
+
+
+def encode(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounds w (float32) to the nearest code under scale s (and zero z), broadcasting.
+    Returns (codes float32 0..15, their dequantised float32 values). Matches `quantize`'s
+    rounding rules (s == 0 gives code 0 / the zero code)."""
+    ok = s > 0
+    safe = torch.where(ok, s, 1.0)
+    if fmt == "int4":
+        q = torch.where(ok, ((w - z) / safe).round().clamp(0, 15), 0.0)
+        return q, q * s + z
+    if fmt == "int4_sym":
+        v = torch.where(ok, (w / safe).round().clamp(-8, 7), 0.0)
+        return v + 8, v * s
+    code = nf4_code(w.device)
+    u = torch.where(ok, w / safe, 0.0).clamp(-1, 1)
+    q = torch.bucketize(u, (code[1:] + code[:-1]) / 2, right=True)
+    return q.float(), code[q] * s
+
+
 def quantize(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, fmt: str = DEFAULT_FORMAT,
              scale_dtype: torch.dtype | None = None, refine: bool = True, rows_per_chunk: int | None = None
              ) -> QuantizedWeight:

@@ -22,6 +22,7 @@ BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 BNB_FORMATS = ("nf4", "fp4")
 ACTS = (None, "fp8")  # activation quantisation: None = activations stay in their dtype (W4A16)
 FALLBACKS = ("w4a16", "error")
+QUANT_METHODS = ("rtn", "gptq")
 
 
 class W4A16Linear(nn.Module):
@@ -220,7 +221,8 @@ LINEAR_FALLBACK_REASON = fp8_fallback_reason  # indirection: tests simulate a GP
 
 def quantize_linear(linear: nn.Linear, group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str = F.DEFAULT_FORMAT,
                     scale_dtype: torch.dtype | None = None, refine: bool = True,
-                    backend: str | None = None, act: str | None = None) -> W4A16Linear:
+                    backend: str | None = None, act: str | None = None,
+                    quantized: F.QuantizedWeight | None = None) -> W4A16Linear:
     """Quantises an nn.Linear into a W4A16Linear (or, with act="fp8", a W4A8Linear) on the same device.
 
     Args:
@@ -231,13 +233,23 @@ def quantize_linear(linear: nn.Linear, group_size: int = F.DEFAULT_GROUP_SIZE, f
         scale_dtype: dtype of scales/zeros (default: the weight's dtype if 16-bit, else float32).
         refine: error-minimising search of the scales (see hprune.quant.formats.quantize).
         act: None (activations stay in their dtype: W4A16) or "fp8" (W4A8: "int4"/"int4_sym",
-            group_size a multiple of 64)."""
+            group_size a multiple of 64).
+        quantized: the layer's weight already quantised (e.g. by hprune.quant.gptq); used as is
+            instead of rounding `linear.weight` (its shape, format and group size must match)."""
     if not isinstance(linear, nn.Linear):
         raise ShapeError(f"quantize_linear expects an nn.Linear, got {type(linear).__name__}")
     _check_act(act)
     if act == "fp8":
         check_w4a8(fmt, group_size)
-    qw = F.quantize(linear.weight.detach(), group_size, fmt, scale_dtype=scale_dtype, refine=refine)
+    if quantized is None:
+        qw = F.quantize(linear.weight.detach(), group_size, fmt, scale_dtype=scale_dtype, refine=refine)
+    elif (quantized.out_features, quantized.in_features, quantized.group_size, quantized.fmt) != \
+            (linear.out_features, linear.in_features, group_size, fmt):
+        raise ShapeError(f"quantized weight is {quantized.fmt} g{quantized.group_size} "
+                         f"({quantized.out_features}, {quantized.in_features}); the layer needs {fmt} "
+                         f"g{group_size} ({linear.out_features}, {linear.in_features})")
+    else:
+        qw = quantized
     mod = W4A16Linear.from_quantized(qw, linear.bias, backend=None if act == "fp8" else backend)
     if act == "fp8":
         mod = W4A8Linear.from_w4a16(mod)
@@ -317,7 +329,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str | None = None,
                    skip: Iterable[str] = (), include: Optional[Iterable[str]] = BLOCK_PREFIXES,
                    backend: str = "hprune", scale_dtype: torch.dtype | None = None, refine: bool = True,
-                   compress_statistics: bool = False, act: str | None = None) -> QuantReport:
+                   compress_statistics: bool = False, act: str | None = None, method: str = "rtn",
+                   calib: Any = None, groups: int | None = None, weighting: str | None = None,
+                   progress: bool = False) -> QuantReport:
     """Replaces every eligible nn.Linear of `model` in place and returns a QuantReport.
 
     Args:
@@ -333,10 +347,23 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
         act: hprune only: None (W4A16Linear) or "fp8" (W4A8Linear: FP8 e4m3 activations, per-token
             dynamic scales; fmt "int4"/"int4_sym", group_size a multiple of 64). Recorded in the
             recipe, so artifacts reload with the same layer type.
+        method: hprune only: "rtn" (round to nearest, with the scale search of
+            hprune.quant.formats.quantize; no data needed) or "gptq" (codes chosen with each
+            layer's timestep-aware input Hessian from `calib`: see hprune.quant.gptq).
+        calib, groups, weighting, progress: GPTQ only: the CalibrationSet whose denoising loop gives
+            the Hessians, the number of sequential groups (1 = one-shot; more bounds the memory to
+            one group's Hessians; None = as few as keep them under 2 GiB), the step weighting
+            (hprune.obs.WEIGHTINGS), progress bars.
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
     _check_act(act)
+    if method not in QUANT_METHODS:
+        raise HpruneError(f"unknown quantisation method {method!r}; choose one of {QUANT_METHODS}")
+    if method == "gptq" and backend != "hprune":
+        raise HpruneError("method='gptq' needs backend='hprune' (bitsandbytes rounds to nearest)")
+    if method == "gptq" and calib is None:
+        raise HpruneError("method='gptq' needs a calibration set (calib=...): its denoising loop gives the Hessians")
     if fmt is None:
         fmt = F.DEFAULT_FORMAT if backend == "hprune" else "nf4"
     if backend == "hprune":
@@ -354,21 +381,24 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
     # every layer is quantised before any is swapped in: a layer that fails (e.g. non-finite
     # weights) leaves the model untouched, never half-quantised with no recipe step (the packed
     # layers held meanwhile are about a quarter of the originals' size)
-    new_layers = []
-    for name in names:
-        lin = model.get_submodule(name)
-        report.linear_bytes_before += _state_bytes(lin)
-        if backend == "hprune":
-            new = quantize_linear(lin, group_size, fmt, scale_dtype=scale_dtype, refine=refine, act=act)
-        else:
-            new = _bnb_linear(lin, group_size, fmt, compress_statistics)
+    if method == "gptq":
+        from hprune.quant.gptq import gptq_linears
+
+        new_layers = gptq_linears(model, names, calib, group_size=group_size, fmt=fmt, scale_dtype=scale_dtype,
+                                  refine=refine, act=act, groups=groups, weighting=weighting, progress=progress)
+    else:
+        new_layers = [(name, quantize_linear(model.get_submodule(name), group_size, fmt, scale_dtype=scale_dtype,
+                                             refine=refine, act=act) if backend == "hprune"
+                       else _bnb_linear(model.get_submodule(name), group_size, fmt, compress_statistics))
+                      for name in names]
+    for name, new in new_layers:
+        report.linear_bytes_before += _state_bytes(model.get_submodule(name))
         report.linear_bytes_after += _state_bytes(new)
-        new_layers.append((name, new))
     for name, new in new_layers:
         _set_module(model, name, new)
         report.quantized.append(name)
     report.bytes_after = _state_bytes(model)
-    spec = {"backend": backend, "fmt": fmt, "group_size": group_size, "modules": list(names)}
+    spec = {"backend": backend, "fmt": fmt, "group_size": group_size, "modules": list(names), "method": method}
     if act is not None:
         spec["act"] = act
     if backend == "bnb":

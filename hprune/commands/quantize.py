@@ -1,0 +1,105 @@
+"""4-bit weights for the Linear layers of the transformer blocks, on their own: any model hprune
+loads (a checkpoint, a built-in, or an artifact from `hprune prune` / `hprune obs`). Writes a
+compressed artifact that every hprune command loads back, and prints how far the velocity moved
+on calibration samples (relative MSE and cosine distance; 0 = identical).
+
+--method gptq chooses the codes with each layer's timestep-aware input Hessian from the
+calibration set's denoising loop (--calib; built-in models get one when it is omitted); rtn (the
+default) rounds to nearest with a scale search and needs no data.
+
+examples:
+  hprune quantize tiny-sd3 --out sd3-int4
+  hprune quantize shapes-teacher --method gptq --out st-gptq
+  hprune quantize ./sd35-pruned --calib calib.safetensors --method gptq --act fp8 --out sd35-w4a8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
+
+HELP = "4-bit weights (int4 / nf4; round-to-nearest or GPTQ), optionally FP8 activations"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, help="output artifact folder (must not exist unless --overwrite)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest with a scale search (default); gptq: codes chosen with each "
+                        "layer's input Hessian from --calib")
+    p.add_argument("--calib", metavar="FILE", help="calibration set for gptq (.safetensors from `hprune calib`)")
+    p.add_argument("--format", default="int4", choices=["int4", "int4_sym", "nf4"], help="4-bit format")
+    p.add_argument("--group-size", type=int, default=64, help="weights per scale along K (a multiple of 32)")
+    p.add_argument("--act", default=None, choices=["fp8"], help="fp8: FP8 e4m3 activations (W4A8)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="gptq: sequential groups (default: as few as keep ~2 GiB of Hessians each)")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern of Linear names to keep dense (repeatable), e.g. '*.norm1.linear'")
+    add_device_arguments(p)
+    p.add_argument("--eval-samples", type=int, default=8,
+                   help="calibration samples to measure fidelity on (0 = skip; default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from hprune.errors import HpruneError, OutputExistsError
+    from hprune.quant import formats as F
+    from hprune.quant.linear import check_w4a8
+
+    # Cheap checks first: nothing is loaded or computed for a command that cannot succeed.
+    F.check_group_size(args.group_size)
+    if args.act == "fp8":
+        check_w4a8(args.format, args.group_size)
+    if args.groups is not None and args.groups < 1:
+        raise HpruneError(f"--groups must be >= 1, got {args.groups}")
+    if args.eval_samples < 0:
+        raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise OutputExistsError(f"output path exists: {args.out} (pass --overwrite to replace it)")
+    if args.calib and not Path(args.calib).is_file():
+        raise HpruneError(f"calibration set not found: {args.calib}")
+
+    from hprune.artifacts import save_compressed
+    from hprune.commands import FidelityCheck, calibration_for
+    from hprune.models.registry import BUILTINS
+    from hprune.models.stats import bytes_at
+    from hprune.quant import quantize_model
+    from hprune.report import format_table, human_bytes
+
+    device, dtype = device_and_dtype(args)
+    model = load_weighted_model(args.model, device, dtype)
+    if args.method == "gptq" or args.calib:
+        calib = calibration_for(args.model, model, args.calib, what="--method gptq")
+    elif args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny:
+        calib = calibration_for(args.model, model, None, what="the fidelity check")
+    else:
+        calib = None  # rtn needs no data; without a calibration set there is no fidelity check
+    check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
+    bytes_before = bytes_at(model)
+    t = time.perf_counter()
+    rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
+                         method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
+                         progress=True)
+    report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
+              "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
+    fid = check.measure(model)
+    if fid:
+        report["fidelity"] = fid
+    save_compressed(model, args.out, overwrite=args.overwrite, extra={"quantize": report})
+
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k not in ("quantized", "skipped")}, indent=2))
+        return 0
+    print(format_table([{"": "bytes (bf16 floats)", "before": human_bytes(bytes_before),
+                         "after": human_bytes(report["bytes_bf16_after"])}], ["", "before", "after"]))
+    print(f"{rep} [{args.method}], {report['seconds']:.1f} s")
+    if fid:
+        print(f"fidelity on {fid['samples']} calibration samples: rel_mse {fid['rel_mse']:.4g}, "
+              f"cosine distance {fid['cosine']:.4g}")
+    print(f"wrote {args.out}")
+    return 0

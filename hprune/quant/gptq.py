@@ -1,0 +1,174 @@
+"""GPTQ: 4-bit weights chosen with the layer's input Hessian (Optimal Brain Surgeon applied to
+rounding instead of removal; Frantar et al., 2022).
+
+Round-to-nearest picks each weight's code on its own. For a Linear whose inputs have second
+moment H = E[xᵀx], what matters is the output error tr(ΔW H ΔWᵀ): GPTQ rounds the input columns
+left to right and, after each, moves the not-yet-rounded columns of the same row by
+-err · [H⁻¹]_j,: / [H⁻¹]_jj to cancel what the rounding did to the output (the SparseGPT solver of
+hprune.obs.solver with "set to the nearest code" in place of "set to zero"). A group's scale and
+zero are fitted (with `quantize`'s clipping search) to the group's weights as they stand when the
+solver reaches its first column, i.e. after the compensation from earlier columns.
+
+Here H is OBS-Diff's timestep-aware Hessian (hprune.obs.HessianCollector): the same calibration
+denoising loop that drives pruning. The output is an ordinary QuantizedWeight in the packed
+layout, so every kernel runs it unchanged. Columns are processed in their natural order (no
+"act-order"), which keeps the groups contiguous in K as the layout requires.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hprune.errors import HpruneError, ShapeError
+from hprune.quant import formats as F
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = F.DEFAULT_GROUP_SIZE,
+                  fmt: str = F.DEFAULT_FORMAT, scale_dtype: torch.dtype | None = None, refine: bool = True,
+                  blocksize: int = 128, percdamp: float = 0.01) -> F.QuantizedWeight:
+    """Quantises one Linear weight with GPTQ.
+
+    Args:
+        weight: (out_features, in_features), any float dtype and device (work in float32 there).
+        hessian: (in_features, in_features) input second moment (any positive scale: the damping
+            is relative), e.g. from hprune.obs.HessianCollector.
+        group_size, fmt, scale_dtype, refine: as in `hprune.quant.formats.quantize`.
+        blocksize: columns per lazy-update block (rounded up to a multiple of group_size, so a
+            group's scale is fitted to weights that are already fully compensated).
+        percdamp: damping λ = percdamp · mean(diag H) added to the diagonal.
+    Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly.
+    """
+    from hprune.obs.solver import cholesky_inverse_upper, damped_hessian
+
+    F.check_format(fmt)
+    F.check_group_size(group_size)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ShapeError(f"weight must be a 2-D float tensor (N, K), got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ShapeError(f"hessian must be ({k}, {k}) for a weight with {k} input features, "
+                         f"got {tuple(hessian.shape)}")
+    if not 0 < percdamp < 1:
+        raise ShapeError(f"percdamp must be in (0, 1), got {percdamp}")
+    if scale_dtype is None:
+        scale_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    W = weight.detach().to(torch.float32).clone()
+    if not torch.isfinite(W).all():
+        raise ShapeError("weight contains inf or NaN")
+    H, dead = damped_hessian(hessian.to(W.device), percdamp)
+    W[:, dead] = 0  # inputs that were always zero: their weights cannot matter
+    U = cholesky_inverse_upper(H)
+    g = group_size
+    bs = max(g, (blocksize // g) * g)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)
+    scales, zeros = [], []
+    for b0 in range(0, k, bs):
+        b1 = min(b0 + bs, k)
+        W1 = W[:, b0:b1].clone()
+        U1 = U[b0:b1, b0:b1]
+        Err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            if i % g == 0:  # a new group: fit its scale to the compensated weights
+                width = min(g, b1 - b0 - i)
+                wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
+                valid = (torch.arange(g, device=W.device) < width).view(1, 1, g)
+                s, z = F.fit_groups(wg, valid, fmt, scale_dtype, refine)
+                s, z = s.view(n), (z.view(n) if z is not None else None)
+                scales.append(s)
+                zeros.append(z)
+            w = W1[:, i]
+            q, value = F.encode(w, s, z, fmt)
+            err = (w - value) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+            codes[:, b0 + i] = q.to(torch.uint8)
+        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+    s_all = torch.stack(scales).to(scale_dtype).contiguous()  # (G, N)
+    z_all = torch.stack(zeros).to(scale_dtype).contiguous() if fmt == "int4" else None
+    return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
+
+
+def hessian_error(weight: torch.Tensor, qw: F.QuantizedWeight, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative output error of a quantised layer on inputs whose
+    second moment is `hessian` (ΔW = dequantised - weight, all in float64)."""
+    w = weight.detach().double()
+    d = qw.dequantize(torch.float32).double().to(w.device) - w
+    h = hessian.double().to(w.device)
+    return float(torch.einsum("ij,jk,ik->", d, h, d) / torch.einsum("ij,jk,ik->", w, h, w).clamp_min(1e-300))
+
+
+HESSIAN_BUDGET = 2 << 30  # bytes of float32 Hessians held at once when groups is chosen automatically
+
+
+def auto_groups(in_features: list[int], budget: int = HESSIAN_BUDGET) -> int:
+    """Sequential groups needed so one group's Hessians (in² float32 per unit) fit `budget`."""
+    total = sum(4 * k * k for k in in_features)
+    return max(1, -(-total // budget))
+
+
+def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_size: int, fmt: str,
+                 scale_dtype: torch.dtype | None, refine: bool, act: str | None, groups: int | None = None,
+                 weighting: str | None = None, progress: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    """The quantised replacement of each named nn.Linear of `model`, chosen with GPTQ.
+
+    Linears that read one input (q/k/v) share one Hessian. The AdaLN modulation Linears (fed by
+    the timestep embedding: a handful of distinct inputs, a rank-deficient Hessian that says
+    nothing about unseen timesteps) and any named Linear outside the blocks use round-to-nearest.
+    groups > 1: the units are split into that many contiguous groups; each group's Hessians are
+    collected with the earlier groups already quantised (sequential GPTQ, and only one group's
+    Hessians in memory). None: total Hessian bytes / HESSIAN_BUDGET groups, rounded up (1 for
+    small models; 16 for SD3.5-Large, whose block Hessians total 32 GiB); groups are balanced by
+    weight count, so one group's Hessians are about, not exactly, within the budget. The model is unchanged on return, also on error (layers swapped in for a
+    later group's calibration are swapped back)."""
+    from tqdm.auto import tqdm
+
+    from hprune.obs.hessian import DEFAULT_WEIGHTING, HessianCollector, run_calibration_loop, step_weights
+    from hprune.obs.sequential import find_linear_units, split_groups
+    from hprune.quant.linear import _set_module, quantize_linear
+
+    if groups is not None and (not isinstance(groups, int) or groups < 1):
+        raise HpruneError(f"groups must be a positive integer (or None: automatic), got {groups!r}")
+    if calib is None:
+        raise HpruneError("GPTQ needs a calibration set (calib=...): its denoising loop gives the Hessians")
+    calib.check_fits(model)
+    wanted = set(names)
+    units = []
+    for u in find_linear_units(model):
+        members = [(p, lin) for p, lin in u.linears if p in wanted]
+        if members:
+            units.append((u.name, members))
+    in_units = {p for _, members in units for p, _ in members}
+    if groups is None:
+        groups = auto_groups([members[0][1].in_features for _, members in units])
+    weights = step_weights(weighting or DEFAULT_WEIGHTING, calib.num_steps)
+    kw = dict(group_size=group_size, fmt=fmt, scale_dtype=scale_dtype, refine=refine, act=act)
+    new: dict[str, torch.nn.Module] = {p: quantize_linear(model.get_submodule(p), **kw)
+                                       for p in names if p not in in_units}
+    swapped: list[tuple[str, torch.nn.Module]] = []  # (name, original) of layers swapped in meanwhile
+    try:
+        parts = split_groups([sum(l.weight.numel() for _, l in m) for _, m in units], groups) if units else []
+        for gi, part in enumerate(parts):
+            group = [units[i] for i in part]
+            collector = HessianCollector({name: [l for _, l in members] for name, members in group}, weights)
+            run_calibration_loop(model, calib, collector, progress=progress,
+                                 desc=f"GPTQ calibration {gi + 1}/{len(parts)}")
+            hs = collector.hessians()
+            for name, members in tqdm(group, desc=f"GPTQ {gi + 1}/{len(parts)}", disable=not progress, leave=False):
+                if name not in hs:
+                    raise HpruneError(f"layer {name} never ran during the calibration loop")
+                for p, lin in members:
+                    qw = gptq_quantize(lin.weight, hs[name], group_size, fmt, scale_dtype=scale_dtype,
+                                       refine=refine)
+                    new[p] = quantize_linear(lin, **kw, quantized=qw)
+                del hs[name]
+            if gi + 1 < len(parts):  # later groups calibrate on the quantised earlier ones
+                for _, members in group:
+                    for p, lin in members:
+                        swapped.append((p, lin))
+                        _set_module(model, p, new[p])
+    finally:
+        for p, lin in swapped:
+            _set_module(model, p, lin)
+    return [(p, new[p]) for p in names]
