@@ -31,6 +31,7 @@ from hprune.metrics import fidelity, predict
 from hprune.models.stats import bytes_at, param_count, weight_bytes
 
 QUANT_CHOICES = ("int4", "int4-fp8", "bnb-nf4", "none")
+HPRUNE_INT4 = ("int4", "int4-fp8")  # the choices quantised by hprune (GPTQ applies to these)
 METHODS = ("hpp", "koala", "bksdm")
 
 
@@ -64,7 +65,7 @@ class CompressOptions:
         """"gptq" or "rtn": what quantisation does with these options ("auto" resolved)."""
         if self.quant_method != "auto":
             return self.quant_method
-        return "gptq" if self.quant in ("int4", "int4-fp8") else "rtn"
+        return "gptq" if self.quant in HPRUNE_INT4 else "rtn"
 
     def validate(self) -> None:
         if not 0 < self.ratio < 1:
@@ -78,7 +79,7 @@ class CompressOptions:
 
         if self.quant_method not in ("auto",) + QUANT_METHODS:
             raise HpruneError(f"quant_method must be one of {('auto',) + QUANT_METHODS}, not {self.quant_method!r}")
-        if self.quant_method == "gptq" and self.quant not in ("int4", "int4-fp8"):
+        if self.quant_method == "gptq" and self.quant not in HPRUNE_INT4:
             raise HpruneError(f"quant_method 'gptq' chooses hprune int4 codes; it does not apply to "
                               f"--quant {self.quant}")
         if self.method not in METHODS:
@@ -192,7 +193,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         t = time.perf_counter()
         from hprune.quant import convert_bnb_model, quantize_model
 
-        if opts.quant in ("int4", "int4-fp8"):
+        if opts.quant in HPRUNE_INT4:
             fp8 = opts.quant == "int4-fp8"
             quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4", act="fp8" if fp8 else None,
                                           method="gptq" if gptq else "rtn", calib=train_cal if gptq else None,

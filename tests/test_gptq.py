@@ -65,11 +65,14 @@ def test_gptq_lowers_the_output_error_on_unseen_tokens(fmt, n, k, g, dtype):
 
 
 def test_dead_inputs_and_bad_input():
-    w = torch.randn(16, 64)
+    w = 3 * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     h = torch.eye(64)
-    h[5, 5] = 0.0  # an input that was always zero: its weights may be anything, the rest still quantise
-    qw = gptq_quantize(w, h, 32)
-    assert torch.isfinite(qw.dequantize(torch.float32)).all()
+    h[5, 5] = 0.0  # an input that was always zero: its weights cannot matter, so GPTQ zeroes them
+    deq = gptq_quantize(w, h, 32).dequantize(torch.float32)
+    assert torch.isfinite(deq).all()
+    step = F.quantize(w, 32).scales[0]  # group 0's step: column 5's codes are the ones nearest 0
+    assert (deq[:, 5].abs() <= step).all()
+    assert not (w[:, 5].abs() <= step).all()  # ... which the weights themselves are not
     with pytest.raises(ShapeError, match=r"hessian must be \(64, 64\)"):
         gptq_quantize(w, torch.eye(63), 32)
     with pytest.raises(ShapeError, match="2-D float"):

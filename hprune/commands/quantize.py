@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from hprune.errors import HpruneError, OutputExistsError
+    from hprune.errors import HpruneError
+    from hprune.io import check_output
     from hprune.quant import formats as F
     from hprune.quant.linear import check_w4a8
 
@@ -59,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--groups must be >= 1, got {args.groups}")
     if args.eval_samples < 0:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"output path exists: {args.out} (pass --overwrite to replace it)")
+    check_output(args.out, args.overwrite)
     if args.calib and not Path(args.calib).is_file():
         raise HpruneError(f"calibration set not found: {args.calib}")
 

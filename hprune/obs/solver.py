@@ -12,6 +12,7 @@ updates to later blocks are one matmul per block.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -61,6 +62,34 @@ def cholesky_inverse_upper(H: torch.Tensor, max_tries: int = 4) -> torch.Tensor:
     raise ShapeError("Hessian is not positive definite even after extra damping (non-finite activations?)")
 
 
+def obs_sweep(W: torch.Tensor, U: torch.Tensor, blocksize: int,
+              column: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
+    """The OBS / SparseGPT / GPTQ column sweep, in place on W (rows, cols) float32.
+
+    Columns are fixed left to right: `column(W1, b0, i)` returns the new value of column i of the
+    current block W1 = W[:, b0:b0 + blocksize] (zero where pruned, the nearest code where rounded);
+    it may read the block's columns i.. (already compensated for every earlier column) to decide
+    for a group that starts at i. Each change's error is spread over the columns to its right with
+    the rows of U (upper Cholesky factor of H⁻¹), within the block at once and to later blocks as
+    one matmul per block."""
+    cols = W.shape[1]
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        W1 = W[:, b0:b1].clone()
+        U1 = U[b0:b1, b0:b1]
+        Err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            w = W1[:, i]
+            q = column(W1, b0, i)
+            err = (w - q) / U1[i, i]
+            # Spread the error over the rest of the block (column i itself becomes q exactly).
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, b0:b1] = W1
+        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+
+
 @torch.no_grad()
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
               blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,36 +106,27 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         check_nm_fits(cols, pattern)
         blocksize = max(pattern.m, (blocksize // pattern.m) * pattern.m)  # N:M groups never straddle blocks
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    for b0 in range(0, cols, blocksize):
-        b1 = min(b0 + blocksize, cols)
-        count = b1 - b0
-        W1 = W[:, b0:b1].clone()
-        U1 = U[b0:b1, b0:b1]
-        d1 = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
-        M1 = torch.zeros(rows, count, dtype=torch.bool, device=W.device)
-        if not nm:
+
+    def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+        M1 = mask[:, b0:b0 + W1.shape[1]]
+        d1 = torch.diagonal(U)[b0:b0 + W1.shape[1]]
+        if not nm and i == 0:
             # Adaptive mask for the whole block: the `sparsity` fraction with the lowest OBS error.
             score = W1.square() / d1.square().unsqueeze(0)
             k = int(round(sparsity * score.numel()))
             if k:
-                M1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
-        for i in range(count):
-            if nm and i % pattern.m == 0:
-                # Choose this group's M-N weights with the current (already compensated) values.
-                score = W1[:, i:i + pattern.m].square() / d1[i:i + pattern.m].square().unsqueeze(0)
-                drop = torch.topk(score, pattern.m - pattern.n, dim=1, largest=False).indices
-                M1.scatter_(1, i + drop, True)
-            w = W1[:, i]
-            q = torch.where(M1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / U1[i, i]
-            # Spread the error over the rest of the block (column i itself becomes q exactly).
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, b0:b1] = W1
-        mask[:, b0:b1] = M1
-        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+                chosen = torch.zeros_like(M1)  # contiguous: M1 is a column slice of the mask
+                chosen.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+                M1.copy_(chosen)
+        if nm and i % pattern.m == 0:
+            # Choose this group's M-N weights with the current (already compensated) values.
+            score = W1[:, i:i + pattern.m].square() / d1[i:i + pattern.m].square().unsqueeze(0)
+            drop = torch.topk(score, pattern.m - pattern.n, dim=1, largest=False).indices
+            M1.scatter_(1, i + drop, True)
+        w = W1[:, i]
+        return torch.where(M1[:, i], torch.zeros_like(w), w)
+
+    obs_sweep(W, U, blocksize, column)
     W[mask] = 0  # exact zeros where pruned (the update leaves them exact; this guards rounding)
     return W, mask
 

@@ -35,12 +35,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         hessian: (in_features, in_features) input second moment (any positive scale: the damping
             is relative), e.g. from hprune.obs.HessianCollector.
         group_size, fmt, scale_dtype, refine: as in `hprune.quant.formats.quantize`.
-        blocksize: columns per lazy-update block (rounded up to a multiple of group_size, so a
-            group's scale is fitted to weights that are already fully compensated).
+        blocksize: columns per lazy-update block (rounded down to whole groups, at least one, so
+            a group's scale is fitted to weights that are already fully compensated).
         percdamp: damping λ = percdamp · mean(diag H) added to the diagonal.
     Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly.
     """
-    from hprune.obs.solver import cholesky_inverse_upper, damped_hessian
+    from hprune.obs.solver import cholesky_inverse_upper, damped_hessian, obs_sweep
 
     F.check_format(fmt)
     F.check_group_size(group_size)
@@ -59,32 +59,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         raise ShapeError("weight contains inf or NaN")
     H, dead = damped_hessian(hessian.to(W.device), percdamp)
     W[:, dead] = 0  # inputs that were always zero: their weights cannot matter
-    U = cholesky_inverse_upper(H)
     g = group_size
-    bs = max(g, (blocksize // g) * g)
     codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)
     scales, zeros = [], []
-    for b0 in range(0, k, bs):
-        b1 = min(b0 + bs, k)
-        W1 = W[:, b0:b1].clone()
-        U1 = U[b0:b1, b0:b1]
-        Err1 = torch.zeros_like(W1)
-        for i in range(b1 - b0):
-            if i % g == 0:  # a new group: fit its scale to the compensated weights
-                width = min(g, b1 - b0 - i)
-                wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
-                valid = (torch.arange(g, device=W.device) < width).view(1, 1, g)
-                s, z = F.fit_groups(wg, valid, fmt, scale_dtype, refine)
-                s, z = s.view(n), (z.view(n) if z is not None else None)
-                scales.append(s)
-                zeros.append(z)
-            w = W1[:, i]
-            q, value = F.encode(w, s, z, fmt)
-            err = (w - value) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-            codes[:, b0 + i] = q.to(torch.uint8)
-        W[:, b1:] -= Err1 @ U[b0:b1, b1:]
+    valid_all = torch.arange(g, device=W.device)
+
+    def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+        if i % g == 0:  # a new group: fit its scale to the compensated weights
+            width = min(g, W1.shape[1] - i)
+            wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
+            s, z = F.fit_groups(wg, (valid_all < width).view(1, 1, g), fmt, scale_dtype, refine)
+            scales.append(s.view(n))
+            zeros.append(z.view(n) if z is not None else None)
+        q, value = F.encode(W1[:, i], scales[-1], zeros[-1], fmt)
+        codes[:, b0 + i] = q.to(torch.uint8)
+        return value
+
+    # blocks are whole groups, so a group's scale is fitted to fully compensated weights
+    obs_sweep(W, cholesky_inverse_upper(H), max(g, (blocksize // g) * g), column)
     s_all = torch.stack(scales).to(scale_dtype).contiguous()  # (G, N)
     z_all = torch.stack(zeros).to(scale_dtype).contiguous() if fmt == "int4" else None
     return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
@@ -120,8 +112,9 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
     collected with the earlier groups already quantised (sequential GPTQ, and only one group's
     Hessians in memory). None: total Hessian bytes / HESSIAN_BUDGET groups, rounded up (1 for
     small models; 16 for SD3.5-Large, whose block Hessians total 32 GiB); groups are balanced by
-    weight count, so one group's Hessians are about, not exactly, within the budget. The model is unchanged on return, also on error (layers swapped in for a
-    later group's calibration are swapped back)."""
+    weight count, so one group's Hessians are about, not exactly, within the budget. The model is
+    unchanged on return, also on error (layers swapped in for a later group's calibration are
+    swapped back)."""
     from tqdm.auto import tqdm
 
     from hprune.obs.hessian import DEFAULT_WEIGHTING, HessianCollector, run_calibration_loop, step_weights
@@ -130,8 +123,6 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
 
     if groups is not None and (not isinstance(groups, int) or groups < 1):
         raise HpruneError(f"groups must be a positive integer (or None: automatic), got {groups!r}")
-    if calib is None:
-        raise HpruneError("GPTQ needs a calibration set (calib=...): its denoising loop gives the Hessians")
     calib.check_fits(model)
     wanted = set(names)
     units = []
