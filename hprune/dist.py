@@ -12,14 +12,23 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+def local_device(device: torch.device | str) -> torch.device:
+    """The device this process should use: a bare "cuda" under torchrun means this process's GPU,
+    cuda:LOCAL_RANK (otherwise every rank would load onto GPU 0)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def setup(device: torch.device | str = "cpu") -> tuple[int, int]:
     """Joins the process group when launched by torchrun; returns (rank, world_size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        if torch.device(device).type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = local_device(device)
+        if device.type == "cuda":  # before the process group, so NCCL binds this rank's GPU
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank(), world_size()
 
 
@@ -42,11 +51,16 @@ def barrier() -> None:
 
 def mean(value: torch.Tensor) -> torch.Tensor:
     """Average of a tensor over the ranks (itself on one process)."""
+    return total(value) / world_size()
+
+
+def total(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over the ranks (itself on one process)."""
     if not active():
         return value
     v = value.detach().clone()
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
-    return v / dist.get_world_size()
+    return v
 
 
 def shard(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

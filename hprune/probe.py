@@ -11,6 +11,11 @@ of |B| blocks this runs ~(|B|+1)/2 blocks per probe instead of |B| (plus the emb
 
 The same pass records, per block, the cosine similarity of its image-stream input and output
 (the KOALA-style ranking signal).
+
+Under torchrun the calibration batches are dealt out to the ranks (batch k to rank k mod N), each
+rank probes every piece on its own batches with its replica of the model, and the sums are
+all-reduced: N ranks probe ~N x faster and every rank ends with the same table (equal to the
+1-process one up to float64 summation order).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from hprune import dist as hdist
 from hprune import recipe
 from hprune.calib import CalibrationSet
 from hprune.errors import HpruneError
@@ -126,7 +132,8 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         reuse: run only the tail from cached block inputs (default) instead of the whole model
             per probe; both give the same numbers (tested), reuse is faster.
         max_samples: use an evenly spaced subset of the calibration samples.
-    Returns a SensitivityTable; deterministic for the same inputs."""
+    Returns a SensitivityTable; deterministic for the same inputs. Collective under torchrun:
+    every rank must call it (see the module docstring)."""
     from tqdm.auto import tqdm
 
     if granularity not in ("block", "component", "both"):
@@ -153,10 +160,14 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         raise HpruneError(f"max_samples must be at least 1, got {max_samples}")
     if batch_size < 1:
         raise HpruneError(f"batch_size must be at least 1, got {batch_size}")
-    indices = None
+    indices = list(range(len(calib)))
     if max_samples is not None and max_samples < len(calib):
         indices = torch.linspace(0, len(calib) - 1, max_samples).round().long().tolist()
-    n_samples = len(indices) if indices is not None else len(calib)
+    n_samples = len(indices)
+    # this rank's batches: the same batches as on one process, dealt out round-robin
+    world, rank = hdist.world_size(), hdist.rank()
+    chunks = [indices[s:s + batch_size] for s in range(0, n_samples, batch_size)]
+    mine = [j for k, chunk in enumerate(chunks) if k % world == rank for j in chunk]
     p = next(model.parameters())
     device = p.device
     dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
@@ -164,9 +175,9 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
     sums = {pc: 0.0 for pc in probes}
     base_sum, sim_sum = 0.0, torch.zeros(n_blocks, dtype=torch.float64)
     t0 = time.perf_counter()
-    n_batches = -(-n_samples // batch_size)
+    n_batches = -(-len(mine) // batch_size)
     bar = tqdm(total=n_batches * (len(probes) + 1), desc="probing", disable=not progress, unit="probe")
-    for x in calib.batches(batch_size, device=device, dtype=dtype, indices=indices):
+    for x in calib.batches(batch_size, device=device, dtype=dtype, indices=mine):
         b = x["hidden_states"].shape[0]
         states = [ad.prepare(model, x)]
         for i in range(n_blocks):
@@ -189,6 +200,12 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
             sums[(i, c)] += metric_fn(pred, ref) * b
             bar.update(1)
     bar.close()
+    if world > 1:
+        flat = hdist.total(torch.tensor([base_sum, *sums.values(), *sim_sum.tolist()], dtype=torch.float64,
+                                        device=device)).cpu()
+        base_sum = float(flat[0])
+        sums = {pc: float(v) for pc, v in zip(sums, flat[1:1 + len(sums)])}
+        sim_sum = flat[1 + len(sums):]
 
     comp_params = {i: ad.component_params(model, i) for i in which}
     table_blocks = []
@@ -203,5 +220,5 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
     return SensitivityTable(
         model=_model_info(model), metric=metric_name, blocks=table_blocks, baseline=base_sum / n_samples,
         calib={"samples": n_samples, "num_steps": calib.num_steps, "source": calib.meta.get("source"),
-               "batch_size": batch_size, "reuse": reuse},
+               "batch_size": batch_size, "reuse": reuse, "ranks": world},
         seconds=round(time.perf_counter() - t0, 3))

@@ -76,6 +76,17 @@ def test_compress_under_torchrun_two_processes(tmp_path):
     h2 = json.loads((tmp_path / "two" / "report.json").read_text())["distill_history"]
     assert [r["loss"] for r in h2] == pytest.approx([r["loss"] for r in h1], rel=1e-5)
     assert json.loads((tmp_path / "two" / "report.json").read_text())["reload_bit_identical"] is True
+    # the probe was dealt out to the 2 ranks and gives the 1-process table
+    s1, s2 = (json.loads((tmp_path / d / "sensitivity.json").read_text()) for d in ("one", "two"))
+    assert (s1["calib"]["ranks"], s2["calib"]["ranks"]) == (1, 2)
+    for b1, b2 in zip(s1["blocks"], s2["blocks"]):
+        assert b2["delta"] == pytest.approx(b1["delta"], rel=1e-12)
+    # `hprune probe` under torchrun: rank 0 writes the same table
+    probe = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "hprune", "probe", "tiny-sd3",
+                            "--out", str(tmp_path / "probe")], capture_output=True, text=True, env=env)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.count("wrote ") == 1
+    assert json.loads((tmp_path / "probe" / "sensitivity.json").read_text())["calib"]["ranks"] == 2
 
 
 def test_holdout_split_keeps_final_latents_with_their_trajectories():
@@ -128,3 +139,16 @@ def test_compress_options_refuse_bad_sgdistill_settings_before_any_work():
     assert CompressOptions(ratio=0.2).resolved_quant_method == "gptq"
     assert CompressOptions(ratio=0.2, quant="bnb-nf4").resolved_quant_method == "rtn"
     assert CompressOptions(ratio=0.2, quant_method="rtn").resolved_quant_method == "rtn"
+
+
+def test_torchrun_ranks_each_take_their_own_gpu(monkeypatch):
+    """A bare "cuda" under torchrun is cuda:LOCAL_RANK (else every rank loads onto GPU 0); an
+    explicit index and the CPU are kept."""
+    from hprune.dist import local_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cuda") == torch.device("cuda", 3)
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert local_device("cpu") == torch.device("cpu")

@@ -1,9 +1,13 @@
 """ΔP probing: exactness of activation reuse, meaning of the numbers, determinism, bad input."""
 import copy
 import functools
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from hprune.calib import CalibrationSet, synthetic
 from hprune.errors import HpruneError
@@ -104,3 +108,55 @@ def test_bad_probe_input(tmp_path):
     assert len(CalibrationSet.load(tmp_path / "c.safetensors")) == len(calib("tiny-sd3"))
     with pytest.raises(HpruneError, match="exists"):
         calib("tiny-sd3").save(tmp_path / "c.safetensors")
+
+
+# ---- 2 processes (gloo): the batches are dealt out, the table is the 1-process one ---------------
+
+# (batch_size, max_samples): 6 samples in 3 batches (ranks get 2 and 1), and 3 samples in 1 batch
+# (rank 1 gets none and must still take part in the all-reduce)
+SPLITS = [(2, None), (4, 3)]
+
+
+def _probe_tables():
+    """The tables of SPLITS, and how many sample rows went through block 0 (this process's work)."""
+    m, c = fresh("tiny-sd3"), calib("tiny-sd3")
+    rows = [0]
+
+    def count(_mod, args, kwargs):
+        rows[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    get_adapter(m).get_block(m, 0).register_forward_pre_hook(count, with_kwargs=True)
+    tables = [probe_sensitivity(m, c, batch_size=b, max_samples=n, progress=False).to_dict() for b, n in SPLITS]
+    return tables, rows[0]
+
+
+def _probe_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(_probe_tables(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_processes_share_the_probe_and_agree_with_one(tmp_path):
+    one, work_one = _probe_tables()
+    assert len(calib("tiny-sd3")) == 6
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_probe_worker, args=(2, port, str(tmp_path / "t")), nprocs=2, join=True)
+    (r0, work0), (r1, work1) = torch.load(tmp_path / "t.0"), torch.load(tmp_path / "t.1")
+    assert work0 + work1 == work_one and 0 < work1 < work0  # the work is split, not repeated
+    for a, b, c in zip(one, r0, r1):
+        assert b["blocks"] == c["blocks"] and b["baseline"] == c["baseline"]  # every rank: one table
+        assert b["calib"]["ranks"] == 2 and a["calib"]["ranks"] == 1
+        assert b["calib"]["samples"] == a["calib"]["samples"]
+        assert b["baseline"] == pytest.approx(a["baseline"], abs=1e-15)
+        for ba, bb in zip(a["blocks"], b["blocks"]):
+            assert ba["delta"].keys() == bb["delta"].keys() and ba["params"] == bb["params"]
+            for piece, v in ba["delta"].items():  # the same batches summed in another order
+                assert bb["delta"][piece] == pytest.approx(v, rel=1e-12)
+            assert bb["similarity"] == pytest.approx(ba["similarity"], rel=1e-12)

@@ -17,6 +17,7 @@ def device_and_dtype(args: argparse.Namespace):
     does not parse or is not here."""
     import torch
 
+    from hprune.dist import local_device
     from hprune.errors import HpruneError
 
     try:
@@ -27,6 +28,9 @@ def device_and_dtype(args: argparse.Namespace):
         raise HpruneError("--device cuda: no CUDA GPU is available here")
     if device.type not in ("cpu", "cuda"):
         raise HpruneError(f"--device {args.device}: hprune runs on cpu or cuda")
+    device = local_device(device)  # under torchrun: this rank's GPU
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HpruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device, (getattr(torch, args.dtype) if args.dtype else None)
 
 

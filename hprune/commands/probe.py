@@ -1,6 +1,9 @@
 """Measure ΔP — the loss of fidelity to the unpruned model — of every block and removable
 component, on a calibration set. Writes sensitivity.json (the table HPP plans from) and
-sensitivity.png (block x component heatmap) to --out."""
+sensitivity.png (block x component heatmap) to --out.
+
+Runs on N processes with torchrun (the calibration batches are dealt out; rank 0 writes):
+    torchrun --nproc-per-node 8 -m hprune probe ./sd35-large --calib calib.safetensors --out probe"""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hprune import dist
     from hprune.calib import CalibrationSet, builtin_calibration
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir, check_output
@@ -39,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
         cal = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
+    main = dist.setup(device)[0] == 0
     table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,
-                              batch_size=args.batch_size, max_samples=args.max_samples)
+                              batch_size=args.batch_size, max_samples=args.max_samples, progress=main)
+    if not main:
+        return 0
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         table.save(tmp / "sensitivity.json")
         table.heatmap(tmp / "sensitivity.png", title=f"{args.model}: ΔP ({args.metric})")
