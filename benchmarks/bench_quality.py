@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     images: dict[str, torch.Tensor] = {}
-    models: dict[str, nn.Module] = {"original": teacher}
     plans: dict[str, Any] = {}
     only = set(args.only.split(",")) if args.only else None
     orig_bytes = bytes_at(teacher, torch.bfloat16)

@@ -178,14 +178,14 @@ def _component(rel_name: str) -> str:
 
 def training_schedule(student: nn.Module, table: Any = None, *, pwp: bool = True, sgd: bool = False,
                       granularity: str = "component", floor: float = 0.0, scale: str = "inverse",
-                      budget: str = "fixed") -> dict[str, Any]:
+                      budget: str = "mean") -> dict[str, Any]:
     """Per-parameter update scales and a summary.
 
     Returns {"scales": {param name: s in [0, 1]}, "lr_scale": multiplier of the base lr, "rows": [per
     block/component: index, component, dP, scale, params, why]}, "first_pruned": i, ...}; a
     parameter's rate is lr · lr_scale · scales[name]. With `sgd` a SensitivityTable of the unpruned
     model is required; `scale` ("inverse" | "log") and `budget` ("mean" | "fixed") are the module
-    docstring's sgd_scale and sgd_budget."""
+    docstring's sgd_scale and sgd_budget, with DistillConfig's defaults."""
     ad = get_adapter(student)
     first = first_pruned_block(student)
     frozen_before = first if (pwp and first is not None) else 0

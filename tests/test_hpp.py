@@ -9,7 +9,7 @@ from hprune.calib import synthetic
 from hprune.errors import HpruneError, PlanError
 from hprune.hpp import parse_blocks, plan_bksdm, plan_hpp, plan_koala, plan_manual, w_pos
 from hprune.models import apply_plan, get_adapter, load_model, param_count
-from hprune.probe import SensitivityTable, probe_sensitivity
+from hprune.probe import probe_sensitivity
 from util import TINY, fresh
 
 

@@ -7,7 +7,7 @@ import torch
 
 from hprune.errors import CheckpointError, ModelNotFoundError
 from hprune.io import check_safetensors
-from hprune.models import BUILTINS, get_adapter, load_model, model_report, param_count
+from hprune.models import get_adapter, load_model, model_report, param_count
 from util import fresh, inputs, out
 
 
