@@ -2,6 +2,7 @@
 agrees with diffusers' SD3 pipeline, and `hprune eval` / `hprune compress` work with it."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -48,6 +49,34 @@ def test_teacher_scores_above_threshold_on_heldout_captions():
     res = evaluate(model, text, n_captions=30, steps=20, guidance=C.default_guidance())
     assert res["n"] == 30
     assert res["score"] >= THRESHOLD, (res["score"], MEASURED, res["attributes"])
+
+
+def test_word_sensitivity_measures_what_the_model_reads():
+    from hprune.errors import HpruneError
+    from hprune.shapes.evaluate import word_sensitivity
+
+    model, text = _teacher()
+    ws = word_sensitivity(model, text, n=12, times=(0.5, 0.8))
+    assert set(ws) == {"colour", "shape", "caption", "image_shape", "image_shape_swapped"}
+    assert all(set(v) == {0.5, 0.8} for v in ws.values())
+    assert all(ws[k][t] > 0 for k in ("colour", "shape", "caption") for t in (0.5, 0.8))
+    # the README's diagnosis of this teacher's blobs: it reads the colour word, barely the shape
+    # word; from a partly denoised image it completes the image's shape whatever the word says
+    assert all(ws["shape"][t] < ws["colour"][t] / 5 for t in (0.5, 0.8)), ws
+    assert ws["image_shape"][0.5] >= 0.75 and ws["image_shape_swapped"][0.5] >= 0.75, ws
+    # a transformer that cannot see the caption: no swap changes anything
+    blind = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in (blind.context_embedder, blind.time_text_embed.text_embedder):
+            for p in mod.parameters():
+                p.zero_()
+    wb = word_sensitivity(blind, text, n=4, times=(0.7,))
+    assert all(wb[k][0.7] == 0.0 for k in ("colour", "shape", "caption"))
+    assert wb["image_shape"] == wb["image_shape_swapped"]
+    for kw, match in (({"n": 0}, "at least one caption"), ({"times": (0.0,)}, "flow times"),
+                      ({"times": (1.5,)}, "flow times")):
+        with pytest.raises(HpruneError, match=match):
+            word_sensitivity(model, text, **kw)
 
 
 def test_calibration_set_replays_through_the_sd3_pipeline():

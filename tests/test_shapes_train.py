@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hprune.shapes import checkpoint as C
-from hprune.shapes.train import TrainConfig, main, train
+from hprune.shapes.train import TrainConfig, batch, main, train
 
 TINY = dict(num_layers=2, num_heads=1, head_dim=16, text_width=32, steps=4, batch_size=4, warmup=2,
             eval_captions=2, eval_steps=2, log_every=2, threads=1)
@@ -33,6 +33,12 @@ def test_training_is_seeded_and_writes_a_loadable_teacher(tmp_path):
     assert rec["steps"] == 4 and rec["samples_seen"] == 16 and rec["train_seconds"] >= 0
     assert rec["transformer_config"]["num_layers"] == 2 and 0 <= ra["final"]["score"] <= 1
     assert (a / "samples.png").is_file()
+    assert set(rec["final"]["word_sensitivity"]) == {"colour", "shape", "caption"}
+    # the flow-time distribution is an option: shifted to high noise, the same seed trains elsewhere
+    d = tmp_path / "d"
+    train(TrainConfig(**TINY, logit_mean=2.0), d, log=lambda *_: None)
+    assert C.load_recipe(d)["config"]["logit_mean"] == 2.0
+    assert max(float((ma[k] - _state(d)[0][k]).abs().max()) for k in ma) > 1e-4
 
 
 def test_snapshots_and_continued_training(tmp_path):
@@ -65,3 +71,17 @@ def test_bad_training_input_is_refused_before_training(tmp_path, capsys):
     cfg = {**TINY, "num_layers": 3, "init": str(first)}
     assert main(["--out", str(tmp_path / "x")] + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]) == 1
     assert "architecture differs" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["--out", str(tmp_path / "y"), "--templates", "single,triangles"]) == 1
+    assert "unknown template 'triangles'" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_templates_option_chooses_the_training_captions():
+    from hprune.shapes.data import parse_caption
+    from hprune.shapes.text import VOCAB, Tokenizer
+
+    tok = Tokenizer()
+    _, ids = batch(3, TrainConfig(**TINY, templates="single,position"), tok)
+    caps = [" ".join(VOCAB[i] for i in row[1:] if i > 1) for row in ids.tolist()]
+    assert [parse_caption(c).template for c in caps] == ["single", "position"] * 2
+    _, ids = batch(3, TrainConfig(**TINY), tok)
+    assert len({parse_caption(" ".join(VOCAB[i] for i in row[1:] if i > 1)).template for row in ids.tolist()}) > 1

@@ -109,6 +109,73 @@ def evaluate(model: nn.Module, text: nn.Module, *, captions: Sequence[str] | Non
     return out
 
 
+@torch.no_grad()
+def word_sensitivity(model: nn.Module, text: nn.Module, *, n: int = 40, times: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
+                     seed: int = 0, caption_seed: int = CAPTION_SEED) -> dict[str, dict[float, float]]:
+    """How much the model's velocity depends on each kind of caption word.
+
+    `n` held-out one-object images (templates single and position) are noised to each flow time t
+    in `times` (noise seed `seed`); for each, the velocity under the true caption is compared with
+    the velocity when the caption's colour word (shape word) is replaced by the next colour (shape)
+    of the vocabulary, and when the caption is dropped (the unconditional input). Returns
+    {"colour" | "shape" | "caption": {t: mean squared velocity change}}; a word the model ignores
+    scores ~0, however sharp its images. This is what shows that the shipped teacher draws blobs:
+    swapping the shape word moves its velocity 12-36x less than swapping the colour.
+
+    Also {"image_shape" | "image_shape_swapped": {t: fraction}}: how often the largest object of
+    the model's x0-prediction (x_t - t v) has the noised image's shape, under the true caption and
+    with the shape word swapped. A model that takes shape from the text scores lower with the word
+    swapped; one that only completes what the image shows scores the same."""
+    from hprune.shapes.data import COLOURS, SHAPES, dataset
+    from hprune.shapes.sample import to_image
+    from hprune.shapes.score import detect
+    from hprune.shapes.text import encode_captions
+
+    check_shapes_model(model, text)
+    if n < 1:
+        raise HpruneError(f"need at least one caption, got {n}")
+    bad = [t for t in times if not 0.0 < float(t) <= 1.0]
+    if bad or not times:
+        raise HpruneError(f"flow times must lie in (0, 1], got {list(times)}")
+    samples = dataset(n, caption_seed, "heldout", templates=("single", "position"))
+    caps = [s.caption for s in samples]
+
+    def swapped(vocab: Sequence[str]) -> list[str]:
+        out = []
+        for c in caps:
+            words = c.split()
+            k = next(i for i, w in enumerate(words) if w in vocab)
+            words[k] = vocab[(vocab.index(words[k]) + 1) % len(vocab)]
+            out.append(" ".join(words))
+        return out
+
+    p = next(model.parameters())
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    x0 = torch.from_numpy(np.stack([s.image() for s in samples])).to(p.device) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(p.device)
+    variants = {"true": caps, "colour": swapped(COLOURS), "shape": swapped(SHAPES), "caption": [""] * n}
+    conds = {k: encode_captions(text, v) for k, v in variants.items()}
+    out: dict[str, dict[float, float]] = {k: {} for k in ("colour", "shape", "caption", "image_shape",
+                                                           "image_shape_swapped")}
+    truth = [s.objects[0].shape for s in samples]
+
+    def image_shape(xt: torch.Tensor, v: torch.Tensor, t: float) -> float:
+        found = [detect(im) for im in to_image(xt.float() - t * v)]
+        return float(np.mean([bool(d) and d[0].shape == s for d, s in zip(found, truth)]))
+
+    for t in times:
+        xt = ((1 - t) * x0 + t * noise).to(dtype)
+        ts = torch.full((n,), float(t) * 1000, device=p.device)
+        v = {k: model(hidden_states=xt, encoder_hidden_states=e.to(p.device, dtype),
+                      pooled_projections=pl.to(p.device, dtype), timestep=ts, return_dict=False)[0].float()
+             for k, (e, pl) in conds.items()}
+        for k in ("colour", "shape", "caption"):
+            out[k][float(t)] = float((v[k] - v["true"]).pow(2).mean())
+        out["image_shape"][float(t)] = image_shape(xt, v["true"], float(t))
+        out["image_shape_swapped"][float(t)] = image_shape(xt, v["shape"], float(t))
+    return out
+
+
 def save_grid(rows: dict[str, torch.Tensor], path: str | os.PathLike, captions: Sequence[str] | None = None,
               title: str | None = None, max_cols: int = 12) -> Path:
     """Image grid PNG: one row per entry (label -> (n, 3, H, W) in [0, 1]), captions as column titles."""

@@ -5,7 +5,7 @@ weights on the same machine, up to BLAS summation order: an fp16 ulp at most).
     python -m hprune.shapes.train --out my-teacher --steps 6000   # --overwrite to replace a folder
 
 Recipe: x0 = 2 * image - 1 (B, 3, 32, 32) from freshly generated training-split samples,
-t ~ sigmoid(N(0, 1)) (logit-normal, as SD3), x_t = (1 - t) x0 + t eps, target v = eps - x0, MSE.
+t ~ sigmoid(N(logit_mean, logit_std²)) (logit-normal, as SD3; default N(0, 1)), x_t = (1 - t) x0 + t eps, target v = eps - x0, MSE.
 Captions are dropped (all-zero conditioning) with probability `--cfg-drop` so the model also learns
 the unconditional velocity used by classifier-free guidance. AdamW with linear warm-up and cosine
 decay, gradient clipping, and an exponential moving average (EMA) of the weights, which is what is
@@ -59,8 +59,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     cfg_drop: float = 0.1
+    logit_mean: float = 0.0  # flow time t = sigmoid(logit_mean + logit_std * z): > 0 trains high noise more
     logit_std: float = 1.0
     seed: int = 0
+    templates: str = ""  # comma-separated caption templates to train on, in turn ("": the standard mix)
     threads: int = 2
     # evaluation at the end (and every eval_every steps; 0 = only at the end)
     eval_every: int = 0
@@ -114,9 +116,20 @@ def batch(step: int, cfg: TrainConfig, tokenizer: Any) -> tuple[torch.Tensor, to
     (B, 3, 32, 32) and token ids (B, T)."""
     from hprune.shapes.data import dataset
 
-    samples = dataset(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train")
+    samples = dataset(cfg.batch_size, seed=cfg.seed * 1_000_003 + step, split="train",
+                      templates=_templates(cfg) or None)
     x0 = torch.from_numpy(np.stack([s.image() for s in samples])) * 2 - 1
     return x0, tokenizer.encode([s.caption for s in samples])
+
+
+def _templates(cfg: TrainConfig) -> tuple[str, ...]:
+    from hprune.shapes.data import TEMPLATES
+
+    names = tuple(t.strip() for t in cfg.templates.split(",") if t.strip())
+    unknown = [t for t in names if t not in TEMPLATES]
+    if unknown:
+        raise HpruneError(f"--templates: unknown template {unknown[0]!r} (one of {', '.join(TEMPLATES)})")
+    return names
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -157,6 +170,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
     from hprune.io import check_output
     from hprune.shapes.text import Tokenizer
 
+    _templates(cfg)  # refused before anything is written
     out = check_output(out, overwrite)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -194,7 +208,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         x0, ids = batch(step, cfg, tok)
         b = x0.shape[0]
         eps = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(cfg.logit_std * torch.randn(b, generator=gen))
+        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=gen))
         drop = torch.rand(b, generator=gen) < cfg.cfg_drop
         x0, eps, t, ids, drop = (v.to(device) for v in (x0, eps, t, ids, drop))
         tb = t.view(-1, 1, 1, 1)
@@ -234,7 +248,8 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             ev = _eval_ema(model, text, ema_model, ema_text, cfg)
             evals.append({"step": step + 1, **ev})
-            log(f"  eval at step {step + 1}: score {ev['score']:.3f} {json.dumps(ev['attributes'])}")
+            log(f"  eval at step {step + 1}: score {ev['score']:.3f} {json.dumps(ev['attributes'])} "
+                f"word sensitivity {json.dumps(ev['word_sensitivity'])}")
     train_s = time.perf_counter() - t0
     with torch.no_grad():  # ship the EMA weights
         for p, e in zip(model.parameters(), ema_model):
@@ -250,9 +265,11 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
                 p.copy_(p.to(torch.float16).float())
     t1 = time.perf_counter()
     final = evaluate_teacher(model.cpu(), text.cpu(), cfg)
+    final["word_sensitivity"] = _word_sensitivity(model.cpu(), text.cpu())
     eval_s = time.perf_counter() - t1
     log(f"final held-out score {final['score']:.4f} ({final['n']} captions, {cfg.eval_steps} steps, "
-        f"guidance {cfg.guidance}): {json.dumps(final['attributes'])}")
+        f"guidance {cfg.guidance}): {json.dumps(final['attributes'])}; "
+        f"word sensitivity {json.dumps(final['word_sensitivity'])}")
     import diffusers
 
     recipe = {
@@ -269,7 +286,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         "params": {"transformer": n_params, "text_encoder": sum(p.numel() for p in text.parameters())},
         "weights_dtype": "float16 (trained in float32; the score below is of the fp16-rounded weights)",
         "loss_history": history, "evals": evals,
-        "final": {k: final[k] for k in ("score", "exact", "attributes", "templates", "n")},
+        "final": {k: final[k] for k in ("score", "exact", "attributes", "templates", "n", "word_sensitivity")},
         "final_eval": {"captions": cfg.eval_captions, "steps": cfg.eval_steps, "guidance": cfg.guidance,
                        "split": "heldout", "seed": 0},
     }
@@ -327,7 +344,17 @@ def _eval_ema(model: nn.Module, text: nn.Module, ema_model: list[torch.Tensor], 
 
     ev = evaluate(m.cpu(), t.cpu(), n_captions=max(cfg.eval_captions // 3, 10), steps=cfg.eval_steps,
                   guidance=cfg.guidance)
-    return {k: ev[k] for k in ("score", "exact", "attributes", "templates")}
+    return {**{k: ev[k] for k in ("score", "exact", "attributes", "templates")},
+            "word_sensitivity": _word_sensitivity(m.cpu(), t.cpu())}
+
+
+def _word_sensitivity(model: nn.Module, text: nn.Module) -> dict[str, float]:
+    """Velocity change on swapping the colour / shape word or dropping the caption, mean over flow
+    times 0.7-0.9 (hprune.shapes.evaluate.word_sensitivity): is the shape word being learnt?"""
+    from hprune.shapes.evaluate import word_sensitivity
+
+    ws = word_sensitivity(model, text, times=(0.7, 0.8, 0.9))
+    return {k: round(float(np.mean(list(ws[k].values()))), 6) for k in ("colour", "shape", "caption")}
 
 
 def _grid(model: nn.Module, text: nn.Module, path: Path, n: int = 20) -> None:
