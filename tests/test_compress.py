@@ -63,8 +63,9 @@ def test_compress_bad_input(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_compress_under_torchrun_two_processes(tmp_path):
-    """The same command on 2 processes (gloo, FSDP2) gives the 1-process loss trajectory."""
-    common = ["tiny-sd3", "--ratio", "0.3", "--quant", "none", "--steps", "3", "--batch-size", "4"]
+    """The same command on 2 processes (gloo, FSDP2) gives the 1-process loss trajectory; the probe
+    and GPTQ's calibration are shared out between the ranks."""
+    common = ["tiny-sd3", "--ratio", "0.3", "--quant", "int4", "--steps", "3", "--batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "hprune", "compress", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env)
@@ -81,12 +82,20 @@ def test_compress_under_torchrun_two_processes(tmp_path):
     assert (s1["calib"]["ranks"], s2["calib"]["ranks"]) == (1, 2)
     for b1, b2 in zip(s1["blocks"], s2["blocks"]):
         assert b2["delta"] == pytest.approx(b1["delta"], rel=1e-12)
+    # GPTQ's Hessians were gathered half on each rank: the same 4-bit model, up to near-ties
+    q1, q2 = (json.loads((tmp_path / d / "report.json").read_text())["stages"][-1] for d in ("one", "two"))
+    assert "GPTQ" in q2["stage"] and q2["rel_mse"] == pytest.approx(q1["rel_mse"], rel=0.05)
     # `hprune probe` under torchrun: rank 0 writes the same table
     probe = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "hprune", "probe", "tiny-sd3",
                             "--out", str(tmp_path / "probe")], capture_output=True, text=True, env=env)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.count("wrote ") == 1
     assert json.loads((tmp_path / "probe" / "sensitivity.json").read_text())["calib"]["ranks"] == 2
+    # `hprune obs` under torchrun: one artifact, rank 0's
+    obs = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "hprune", "obs", "tiny-sd3",
+                          "--sparsity", "0.5", "--out", str(tmp_path / "obs")], capture_output=True, text=True, env=env)
+    assert obs.returncode == 0, obs.stderr[-3000:]
+    assert obs.stdout.count("wrote ") == 1 and (tmp_path / "obs").is_dir()
 
 
 def test_holdout_split_keeps_final_latents_with_their_trajectories():

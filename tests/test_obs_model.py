@@ -324,3 +324,74 @@ def test_semi_structured_matches_dense_on_gpu():
     done = to_semi_structured(m)
     assert done
     torch.testing.assert_close(out(m, x), y, rtol=2e-2, atol=2e-2)
+
+
+# ---- 2 processes (gloo): trajectories dealt out, Hessians combined --------------------------------
+
+def _dist_hessians():
+    """Hessians of a few sites over the whole set and over trajectory 1 only, the collectors' call
+    counts (this process's work), and the OBS-pruned model's weights."""
+    model, calib = fresh("tiny-sd3"), calib_for("tiny-sd3")
+    units = find_linear_units(model)
+    sites = {u.name: [l for _, l in u.linears] for u in units[:2] + units[-1:]}
+    weights = step_weights("log-decrease", calib.num_steps)
+    out = {}
+    for key, trajs in (("all", None), ("one", [1])):
+        c = HessianCollector(sites, weights)
+        run_calibration_loop(model, calib, c, trajectories=trajs)
+        out[key] = ({s: h.clone() for s, h in c.hessians().items()}, {s: c.mass(s) for s in sites}, c.calls)
+    obs_prune_model(model, calib, 0.5, "unstructured", progress=False)
+    out["pruned"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def _dist_worker(rank, world, port, path):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(_dist_hessians(), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_calibration_loop(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed gloo")
+    one = _dist_hessians()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path / "h")), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "h.0"), torch.load(tmp_path / "h.1")
+    for key in ("all", "one"):
+        (h1, m1, calls1), (ha, ma, ca), (hb, mb, cb) = one[key], r0[key], r1[key]
+        assert ca + cb == calls1  # each trajectory ran on one rank only
+        assert (ca, cb) == ((calls1 // 2, calls1 // 2) if key == "all" else (calls1, 0))
+        assert ma == mb and ma == pytest.approx(m1, rel=1e-12)
+        assert ha.keys() == hb.keys() == h1.keys()
+        for s in h1:
+            assert torch.equal(ha[s], hb[s])  # every rank holds the same Hessians
+            torch.testing.assert_close(ha[s], h1[s], rtol=1e-5, atol=1e-7)
+    # OBS on top: every rank prunes alike, and as one process does up to near-ties: a Hessian that
+    # differs in the 7th digit can swap which of two almost equally cheap weights of a row is
+    # zeroed (and so that row's compensation); every row with the same mask has the same weights
+    p1, pa, pb = one["pruned"], r0["pruned"], r1["pruned"]
+    rows = differ = 0
+    for k, w in p1.items():
+        assert torch.equal(pa[k], pb[k]), k
+        if w.dim() == 2 and w.is_floating_point():
+            same = ((pa[k] == 0) == (w == 0)).all(dim=1)
+            rows, differ = rows + len(same), differ + int((~same).sum())
+            # compensation amplifies the Hessians' last-digit differences: ~1e-4 of the weights' scale
+            torch.testing.assert_close(pa[k][same], w[same], rtol=1e-3, atol=2e-4)
+    assert differ <= 0.02 * rows, (differ, rows)

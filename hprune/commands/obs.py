@@ -14,6 +14,8 @@ examples:
   hprune obs tiny-sd3 --sparsity 0.5 --out sd3-obs50
   hprune obs ./sd35-large --calib calib.safetensors --pattern 2:4 --groups 4 --out sd35-24
   hprune obs tiny-flux --pattern structured --sparsity 0.3 --method wanda --out flux-s30
+  torchrun --nproc-per-node 8 -m hprune obs ./sd35-large --calib calib.safetensors --out sd35-obs50
+      (the calibration trajectories are dealt out to the ranks, their Hessians summed; rank 0 writes)
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib and not Path(args.calib).is_file():
         raise HpruneError(f"calibration set not found: {args.calib}")
 
+    from hprune import dist
     from hprune.artifacts import save_compressed
     from hprune.commands import FidelityCheck, calibration_for
     from hprune.models.stats import bytes_at
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.report import format_table, human_bytes, human_count
 
     device, dtype = device_and_dtype(args)
+    main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
     model = load_weighted_model(args.model, device, dtype, config=args.config, random_ok=True,
                                 hint="give a checkpoint folder, or run on a GPU for random weights")
     calib = (None if args.method == "magnitude" and not args.calib
@@ -108,11 +112,13 @@ def run(args: argparse.Namespace) -> int:
 
     report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name, groups=args.groups,
                              weighting=args.weighting, method=args.method, blocks=blocks,
-                             alpha=tuple(args.alpha), progress=True)
+                             alpha=tuple(args.alpha), progress=main)
     fid = check.measure(model)
     if fid:
         report["fidelity"] = fid
     report["bytes_bf16_before"], report["bytes_bf16_after"] = bytes_before, bytes_at(model)
+    if not main:
+        return 0
     save_compressed(model, args.out, overwrite=args.overwrite, extra={"obs": report})
 
     if args.json:

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calib and not Path(args.calib).is_file():
         raise HpruneError(f"calibration set not found: {args.calib}")
 
+    from hprune import dist
     from hprune.artifacts import save_compressed
     from hprune.commands import FidelityCheck, calibration_for
     from hprune.models.registry import BUILTINS
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.report import format_table, human_bytes
 
     device, dtype = device_and_dtype(args)
+    main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
     model = load_weighted_model(args.model, device, dtype)
     if args.method == "gptq" or args.calib:
         calib = calibration_for(args.model, model, args.calib, what="--method gptq")
@@ -84,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
                          method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
-                         progress=True)
+                         progress=main)
     report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
               "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
     fid = check.measure(model)
     if fid:
         report["fidelity"] = fid
+    if not main:
+        return 0
     save_compressed(model, args.out, overwrite=args.overwrite, extra={"quantize": report})
 
     if args.json:

@@ -134,6 +134,30 @@ class HessianCollector:
     def attached(self, transformer: nn.Module) -> "_Attached":
         return _Attached(self, transformer)
 
+    def reduce(self) -> None:
+        """Under torchrun: combines the ranks' running means (each weighted by its mass) so that
+        every rank holds the Hessians of all the trajectories the ranks ran between them. Collective:
+        every rank must call it, in the same state (each site reduced once)."""
+        from hprune import dist as hdist
+
+        if not hdist.active():
+            return
+        for site in sorted(self.sites):  # the same order on every rank
+            lin = self.sites[site][0]
+            m = self._mass.get(site, 0.0)
+            H = self._sum.get(site)
+            if H is None:
+                H = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
+            total = hdist.total(torch.cat([(H.double() * m).flatten(), torch.tensor([m], dtype=torch.float64,
+                                                                                    device=H.device)]))
+            mass = float(total[-1])
+            if mass > 0:
+                self._sum[site] = (total[:-1] / mass).view_as(H).to(torch.float32)
+                self._mass[site] = mass
+            else:
+                self._sum.pop(site, None)
+                self._mass.pop(site, None)
+
     def hessians(self) -> dict[str, torch.Tensor]:
         """{site: (in, in) float32}; sites whose layer never ran are missing."""
         return dict(self._sum)
@@ -200,9 +224,14 @@ def run_calibration_loop(model: nn.Module, calib: Any, collector: HessianCollect
 
     Runs a diffusers StableDiffusion3Pipeline / FluxPipeline around `model` with
     output_type="latent": nothing is decoded, so the tiny VAE of `build_pipeline` serves real
-    checkpoints too (only its scale factor is used, to turn the latent size into pixels)."""
+    checkpoints too (only its scale factor is used, to turn the latent size into pixels).
+
+    Under torchrun the trajectories are dealt out (trajectory k to rank k mod N) and the Hessians
+    combined at the end (`HessianCollector.reduce`): N ranks calibrate ~N x faster and all end
+    with the same Hessians. Collective: every rank must call it."""
     from tqdm.auto import tqdm
 
+    from hprune import dist as hdist
     from hprune.models import get_adapter
     from hprune.pipelines import build_pipeline
 
@@ -218,7 +247,8 @@ def run_calibration_loop(model: nn.Module, calib: Any, collector: HessianCollect
     size = _image_size(calib, fam, pipe.vae_scale_factor)
     seed = int(calib.meta.get("seed", 0) or 0)
     guidance = calib.meta.get("guidance_scale")
-    ids = range(emb.shape[0]) if trajectories is None else list(trajectories)
+    ids = list(range(emb.shape[0]) if trajectories is None else trajectories)
+    ids = ids[hdist.rank()::hdist.world_size()]
     with collector.attached(model):
         for i in tqdm(ids, desc=desc, disable=not progress, leave=False):
             collector.new_trajectory()
@@ -236,3 +266,4 @@ def run_calibration_loop(model: nn.Module, calib: Any, collector: HessianCollect
                     kw["negative_prompt_embeds"] = torch.zeros_like(kw["prompt_embeds"])
                     kw["negative_pooled_prompt_embeds"] = torch.zeros_like(kw["pooled_prompt_embeds"])
             pipe(**kw)
+    collector.reduce()
