@@ -15,7 +15,7 @@ from hprune.obs import (HessianCollector, find_linear_units, find_sites, obs_pru
                         run_calibration_loop, split_groups, step_weights, to_semi_structured)
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
 from hprune.recipe import get_recipe
-from util import TINY, fresh, inputs, out
+from util import TINY, fresh, inputs, on_ranks, out
 
 
 @functools.lru_cache(maxsize=None)
@@ -328,6 +328,7 @@ def test_semi_structured_matches_dense_on_gpu():
 
 # ---- 2 processes (gloo): trajectories dealt out, Hessians combined --------------------------------
 
+
 def _dist_hessians():
     """Hessians of a few sites over the whole set and over trajectory 1 only, the collectors' call
     counts (this process's work), and the OBS-pruned model's weights."""
@@ -345,34 +346,9 @@ def _dist_hessians():
     return out
 
 
-def _dist_worker(rank, world, port, path):
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        torch.save(_dist_hessians(), f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_processes_share_the_calibration_loop(tmp_path):
-    import socket
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed gloo")
     one = _dist_hessians()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(2, port, str(tmp_path / "h")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "h.0"), torch.load(tmp_path / "h.1")
+    r0, r1 = on_ranks(_dist_hessians, 2, tmp_path)
     for key in ("all", "one"):
         (h1, m1, calls1), (ha, ma, ca), (hb, mb, cb) = one[key], r0[key], r1[key]
         assert ca + cb == calls1  # each trajectory ran on one rank only

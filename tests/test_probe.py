@@ -1,20 +1,16 @@
 """ΔP probing: exactness of activation reuse, meaning of the numbers, determinism, bad input."""
 import copy
 import functools
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hprune.calib import CalibrationSet, synthetic
 from hprune.errors import HpruneError
 from hprune.metrics import rel_mse
 from hprune.models import PrunePlan, apply_plan, get_adapter
 from hprune.probe import SensitivityTable, probe_sensitivity
-from util import TINY, fresh
+from util import TINY, fresh, on_ranks
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,25 +126,10 @@ def _probe_tables():
     return tables, rows[0]
 
 
-def _probe_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        torch.save(_probe_tables(), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_processes_share_the_probe_and_agree_with_one(tmp_path):
     one, work_one = _probe_tables()
     assert len(calib("tiny-sd3")) == 6
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_probe_worker, args=(2, port, str(tmp_path / "t")), nprocs=2, join=True)
-    (r0, work0), (r1, work1) = torch.load(tmp_path / "t.0"), torch.load(tmp_path / "t.1")
+    (r0, work0), (r1, work1) = on_ranks(_probe_tables, 2, tmp_path)
     assert work0 + work1 == work_one and 0 < work1 < work0  # the work is split, not repeated
     for a, b, c in zip(one, r0, r1):
         assert b["blocks"] == c["blocks"] and b["baseline"] == c["baseline"]  # every rank: one table

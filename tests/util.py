@@ -39,3 +39,36 @@ def zero_branch_hooks(model: nn.Module, index: int, components: set[str]) -> lis
     blk = get_adapter(model).get_block(model, index)
     return [mod.register_forward_hook(hook, with_kwargs=kw)
             for c in components for mod, hook, kw in _hook_targets(blk, c)]
+
+
+def _gloo_worker(rank: int, world: int, port: int, fn, path: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.save(fn(), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_ranks(fn, world: int, folder) -> list:
+    """Runs fn() (a module-level function) on `world` processes of a gloo group; returns each
+    rank's result, in rank order. Skips the test where gloo is not available."""
+    import socket
+
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(folder / "rank")
+    mp.spawn(_gloo_worker, args=(world, port, fn, path), nprocs=world, join=True)
+    return [torch.load(f"{path}.{r}") for r in range(world)]
