@@ -164,9 +164,14 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     Give either `prompts` (needs the pipeline's text encoders) or `prompt_embeds` (n, T, D) and
     `pooled_prompt_embeds` (n, D_pooled). Each prompt is its own trajectory with its own noise
     (seed + index). With classifier-free guidance the pipeline batches [uncond, cond]; both rows
-    are kept (the transformer sees both)."""
+    are kept (the transformer sees both).
+
+    Under torchrun the prompts are dealt out (prompt i to rank i mod N) and the trajectories
+    gathered: every rank returns the whole set, the same as one process captures. Collective:
+    every rank must call it."""
     from tqdm.auto import tqdm
 
+    from hprune import dist as hdist
     from hprune.models import get_adapter
 
     model = pipe.transformer
@@ -181,10 +186,10 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
                         if isinstance(v, torch.Tensor) and k != "joint_attention_kwargs"})
 
     h = model.register_forward_pre_hook(hook, with_kwargs=True)
-    rows: list[dict[str, torch.Tensor]] = []
-    t_all, step_all, traj_all, finals = [], [], [], []
+    runs: list[tuple[int, list[dict[str, torch.Tensor]], torch.Tensor]] = []  # (prompt, calls, final)
+    mine = range(hdist.rank(), n, hdist.world_size())
     try:
-        for i in tqdm(range(n), desc="calibration", disable=not progress):
+        for i in tqdm(mine, desc="calibration", disable=not (progress and hdist.rank() == 0)):
             records.clear()
             kw: dict[str, Any] = dict(num_inference_steps=num_steps, output_type="latent",
                                       generator=torch.Generator().manual_seed(seed + i))
@@ -201,17 +206,27 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
                 if fam == "sd3":  # used only if the pipeline applies classifier-free guidance
                     kw["negative_prompt_embeds"] = torch.zeros_like(kw["prompt_embeds"])
                     kw["negative_pooled_prompt_embeds"] = torch.zeros_like(kw["pooled_prompt_embeds"])
-            finals.append(pipe(**kw).images.detach().float().cpu())
-            for s, rec in enumerate(records):
-                b = rec["hidden_states"].shape[0]
-                scale = 1000.0 if fam == "sd3" else 1.0
-                ts = rec["timestep"].float().reshape(-1).expand(b) / scale
-                rows.append(rec)
-                t_all.append(ts)
-                step_all.append(torch.full((b,), s, dtype=torch.long))
-                traj_all.append(torch.full((b,), i, dtype=torch.long))
+            final = pipe(**kw).images.detach().float().cpu()
+            runs.append((i, list(records), final))
     finally:
         h.remove()
+    if hdist.active():
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * hdist.world_size()
+        dist.all_gather_object(gathered, runs)
+        runs = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+    rows: list[dict[str, torch.Tensor]] = []
+    t_all, step_all, traj_all, finals = [], [], [], []
+    scale = 1000.0 if fam == "sd3" else 1.0
+    for i, calls, final in runs:
+        finals.append(final)
+        for s, rec in enumerate(calls):
+            b = rec["hidden_states"].shape[0]
+            rows.append(rec)
+            t_all.append(rec["timestep"].float().reshape(-1).expand(b) / scale)
+            step_all.append(torch.full((b,), s, dtype=torch.long))
+            traj_all.append(torch.full((b,), i, dtype=torch.long))
     if not rows:
         raise HpruneError("the pipeline never called its transformer")
     # diffusers expands every per-sample input (timestep, guidance) to the batch; ids are shared

@@ -11,6 +11,7 @@ import torch
 from hprune.artifacts import load_compressed, read_recipe
 from hprune.cli import main
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
+from util import on_ranks
 
 
 def run(capsys, *argv):
@@ -91,6 +92,16 @@ def test_compress_under_torchrun_two_processes(tmp_path):
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.count("wrote ") == 1
     assert json.loads((tmp_path / "probe" / "sensitivity.json").read_text())["calib"]["ranks"] == 2
+    # `hprune calib` under torchrun: rank 0 writes the 1-process set
+    from hprune.calib import CalibrationSet
+
+    cal = ["calib", "tiny-sd3", "--num-prompts", "3", "--steps", "2"]
+    for launcher, f in (([sys.executable, "-m"], "c1"), (["torchrun", "--standalone", "--nproc-per-node", "2", "-m"], "c2")):
+        r = subprocess.run([*launcher, "hprune", *cal, "--out", str(tmp_path / f"{f}.safetensors")],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and r.stdout.count("wrote ") == 1, r.stderr[-3000:]
+    c1, c2 = (CalibrationSet.load(tmp_path / f"{f}.safetensors") for f in ("c1", "c2"))
+    assert torch.equal(c1.final, c2.final) and all(torch.equal(c1.inputs[k], c2.inputs[k]) for k in c1.inputs)
     # `hprune obs` under torchrun: one artifact, rank 0's
     obs = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "hprune", "obs", "tiny-sd3",
                           "--sparsity", "0.5", "--out", str(tmp_path / "obs")], capture_output=True, text=True, env=env)
@@ -161,3 +172,29 @@ def test_torchrun_ranks_each_take_their_own_gpu(monkeypatch):
     assert local_device("cuda") == torch.device("cuda", 3)
     assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert local_device("cpu") == torch.device("cpu")
+
+
+def _capture_on_this_rank():
+    """A 3-prompt synthetic calibration set of tiny-sd3 and how many transformer calls this process ran."""
+    from hprune.calib import synthetic
+    from hprune.models import load_model
+
+    model = load_model("tiny-sd3")
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    cal = synthetic(model, n_prompts=3, num_steps=2, seed=4)
+    return {"inputs": cal.inputs, "t": cal.t, "step": cal.step, "trajectory": cal.trajectory, "final": cal.final,
+            "calls": calls[0]}
+
+
+def test_capture_under_two_processes_deals_out_the_prompts(tmp_path):
+    """Prompt i runs on rank i mod 2; every rank gets the whole set, equal to one process's."""
+    one = _capture_on_this_rank()
+    r0, r1 = on_ranks(_capture_on_this_rank, 2, tmp_path)
+    assert (r0["calls"], r1["calls"]) == (2 * one["calls"] // 3, one["calls"] // 3)  # prompts 0, 2 | 1
+    for r in (r0, r1):
+        for k in ("t", "step", "trajectory", "final"):
+            assert torch.equal(r[k], one[k]), k
+        assert r["inputs"].keys() == one["inputs"].keys()
+        for k, v in one["inputs"].items():
+            assert torch.equal(r["inputs"][k], v), k

@@ -3,7 +3,10 @@ prompts over a spread of timesteps (flow-matching Euler, --steps steps per promp
 
 With a local pipeline folder (model_index.json + text encoders) the real prompts from --prompts
 (one per line) are encoded by the pipeline. Built-in tiny models and transformer-only folders have
-no text encoder: they use seeded stand-in prompt embeddings (--n of them)."""
+no text encoder: they use seeded stand-in prompt embeddings (--num-prompts of them).
+
+Runs on N processes with torchrun (prompt i on rank i mod N; rank 0 writes the whole set):
+    torchrun --nproc-per-node 8 -m hprune calib ./sd35-large-pipeline --prompts prompts.txt --out calib.safetensors"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--prompts", help="text file, one prompt per line (pipeline folders only)")
-    p.add_argument("--n", type=int, default=8, help="number of stand-in prompts when there is no text encoder")
+    p.add_argument("--num-prompts", "--n", dest="n", type=int, default=8,
+                   help="number of stand-in prompts when there is no text encoder (under torchrun spell it "
+                        "--num-prompts: torchrun reads --n as one of its own options)")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per prompt (default 8)")
     p.add_argument("--size", type=int, help="image size in pixels (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
@@ -28,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hprune import dist
     from hprune.calib import builtin_calibration, capture
     from hprune.errors import HpruneError
     from hprune.io import check_output
@@ -35,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.out, args.overwrite)
     if args.steps < 1 or args.n < 1:
-        raise HpruneError("--steps and --n must be at least 1")
+        raise HpruneError("--steps and --num-prompts must be at least 1")
     device, dtype = device_and_dtype(args)
+    main = dist.setup(device)[0] == 0  # under torchrun: the prompts are dealt out, rank 0 writes
     kind, what = resolve(args.model)
     pipeline_dir = Path(what).parent if kind == "diffusers" and (Path(what).parent / "model_index.json").exists() else None
     if pipeline_dir is not None:
@@ -56,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.prompts:
             raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
-                              f"(use --n for stand-in prompts)")
+                              f"(use --num-prompts for stand-in prompts)")
         model = load_weighted_model(args.model, device, dtype)
         cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
                                   progress=True, latent_size=None if args.size is None else args.size // 2)
+    if not main:
+        return 0
     cal.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(cal)} samples from {int(cal.trajectory.max()) + 1} prompts x {cal.num_steps} steps")
     return 0
