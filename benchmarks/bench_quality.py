@@ -14,7 +14,8 @@ its own denoising runs on training-split captions (hprune.shapes.checkpoint.cali
     +sgd-fixed                    the same with sgd_budget="fixed": lr · s as it is (lowers the mean rate)
     +int4                         quantize_model (hprune int4, group 64) on top
     +int4-gptq                    the same with GPTQ codes (method="gptq", Hessians from the
-                                  calibration set's denoising loop on the model being quantised)
+                                  calibration set's denoising loop on the model being quantised;
+                                  act-order unless --gptq-natural-order)
     +w4a8                         the same 4-bit weights with FP8 e4m3 activations (set_activation_quant)
     koala20/30, bksdm20/30        the baseline planners at the same ratios, pruned only and with
                                   plain distillation (+kd: no PWP, no SGDistill, all weights train)
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="SGDistill's learning-rate budget (hprune.distill; fixed: lr · s as the paper states it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--gptq-natural-order", action="store_true",
+                   help="GPTQ rows: columns left to right (as before act-order became the default)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--resummarise", metavar="JSON", default=None,
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         m = copy.deepcopy(model)
         quantize_model(m, group_size=64, fmt="int4", method="gptq" if gptq else "rtn",
-                       calib=train_cal if gptq else None)
+                       calib=train_cal if gptq else None, act_order=not args.gptq_natural_order)
         return m, time.perf_counter() - t0
 
     record("original", teacher, "the teacher", 0.0)
@@ -330,7 +333,7 @@ def _save(args: argparse.Namespace, rows: list[dict[str, Any]], details: dict[st
         "settings": {k: getattr(args, k) for k in ("captions", "steps", "calib", "calib_steps", "probe_samples",
                                                    "distill_steps", "batch_size", "lr", "sgd_scale", "sgd_budget",
                                                    "seed", "threads")}
-        | {"guidance": guidance},
+        | {"guidance": guidance, "gptq_act_order": not args.gptq_natural_order},
         "teacher": {k: recipe.get(k) for k in ("steps", "train_seconds", "device", "final")},
         "rows": rows, "details": details, "plans": plans, "sensitivity": table.to_dict(),
         "captions": base["captions"], "seconds": round(seconds, 1),

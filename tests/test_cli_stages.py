@@ -112,15 +112,18 @@ def test_quantize_a_pruned_artifact_with_gptq(tmp_path_factory, capsys):
     tmp = tmp_path_factory.mktemp("quantize")
     assert run(capsys, "prune", "tiny-sd3", "--plan", d["plan"], "--out", tmp / "pruned")[0] == 0
     reports = {}
-    for method in ("rtn", "gptq"):
+    for label, method, extra in (("rtn", "rtn", []), ("gptq", "gptq", []), ("natural", "gptq", ["--natural-order"])):
         code, text, err = run(capsys, "quantize", tmp / "pruned", "--method", method, "--calib", d["calib"],
-                              "--group-size", 32, "--out", tmp / method, "--json")
+                              "--group-size", 32, "--out", tmp / label, "--json", *extra)
         assert code == 0, err
-        reports[method] = json.loads(text)
-        assert reports[method]["method"] == method and reports[method]["num_quantized"] > 0
-        doc = json.loads((tmp / method / "hprune.json").read_text())
+        reports[label] = json.loads(text)
+        assert reports[label]["method"] == method and reports[label]["num_quantized"] > 0
+        doc = json.loads((tmp / label / "hprune.json").read_text())
         assert [s["op"] for s in doc["recipe"]] == ["prune", "quantize"]
         assert doc["recipe"][-1]["method"] == method
-    assert reports["gptq"]["fidelity"]["rel_mse"] < reports["rtn"]["fidelity"]["rel_mse"]
+    assert (reports["gptq"]["act_order"], reports["natural"]["act_order"]) == (True, False)
+    assert "act_order" not in reports["rtn"]
+    for label in ("gptq", "natural"):
+        assert reports[label]["fidelity"]["rel_mse"] < reports["rtn"]["fidelity"]["rel_mse"]
     back = load_compressed(tmp / "gptq")
     assert torch.isfinite(out(back, inputs(back))).all()

@@ -31,14 +31,38 @@ def correlated_inputs(m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("fmt", F.FORMATS)
 @pytest.mark.parametrize("n,k,g", SHAPES)
 def test_identity_hessian_is_round_to_nearest(fmt, n, k, g):
-    """With H ∝ I no error can be moved anywhere: the codes, scales and zeros are quantize()'s."""
+    """With H ∝ I no error can be moved anywhere: the codes, scales and zeros are quantize()'s, in
+    either column order. So they are with act-order for any diagonal H: the columns are visited
+    in another order but nothing is compensated, so each code must land in its own column."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
-    ref, got = F.quantize(w, g, fmt), gptq_quantize(w, 3.0 * torch.eye(k), g, fmt)
-    assert torch.equal(got.qweight, ref.qweight)
-    assert torch.equal(got.scales, ref.scales)
-    assert (got.zeros is None) == (ref.zeros is None)
-    if ref.zeros is not None:
-        assert torch.equal(got.zeros, ref.zeros)
+    ref = F.quantize(w, g, fmt)
+    energy = torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(k)))  # a shuffled order
+    for h, act in ((3.0 * torch.eye(k), True), (3.0 * torch.eye(k), False), (torch.diag(energy), True)):
+        got = gptq_quantize(w, h, g, fmt, act_order=act)
+        assert torch.equal(got.qweight, ref.qweight)
+        assert torch.equal(got.scales, ref.scales)
+        assert (got.zeros is None) == (ref.zeros is None)
+        if ref.zeros is not None:
+            assert torch.equal(got.zeros, ref.zeros)
+
+
+@pytest.mark.parametrize("fmt", F.FORMATS)
+@pytest.mark.parametrize("n,k,g", SHAPES)
+def test_act_order_beats_the_natural_order_on_unseen_tokens(fmt, n, k, g):
+    """Rounding the high-energy inputs first (static group scales: quantize()'s, exactly) leaves
+    less output error on 2048 tokens the Hessian never saw: at most 0.9 x the left-to-right
+    order's (measured 0.37-0.78 x)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7 * n + k))
+    xc, xt = correlated_inputs(2048, k, seed=k)
+    h = xc.T @ xc / len(xc)
+    errs = {}
+    for act in (True, False):
+        qw = gptq_quantize(w, h, g, fmt, act_order=act)
+        d = (qw.dequantize(torch.float32) - w).double()
+        errs[act] = float((xt.double() @ d.T).square().sum() / (xt.double() @ w.double().T).square().sum())
+        if act:
+            assert torch.equal(qw.scales, F.quantize(w, g, fmt).scales)  # static groups
+    assert errs[True] < 0.9 * errs[False], errs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -155,3 +179,18 @@ def test_model_gptq_refuses_bad_input_before_changing_anything():
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not get_recipe(m) or get_recipe(m)[-1]["op"] != "quantize"
+
+
+def test_gptq_order_benchmark_on_a_real_models_hessians(tmp_path, capsys):
+    """benchmarks/gptq_order.py: on tiny-sd3's own calibration Hessians act-order has less
+    Hessian-weighted error than the natural order overall and in most layers, both far under RTN."""
+    import json
+
+    from benchmarks import gptq_order
+
+    assert gptq_order.main(["tiny-sd3", "--formats", "int4", "--prompts", "2", "--steps", "2", "--threads", "1",
+                            "--out", str(tmp_path)]) == 0
+    assert "GPTQ column order" in capsys.readouterr().out
+    (row,) = json.loads(next(tmp_path.glob("gptq_order-*.json")).read_text())["rows"]
+    assert row["layers"] > 50 and row["gptq_natural"] < 0.5 * row["rtn"]
+    assert row["act/natural (of means)"] < 1 and row["act lower in"] > 0.8, row

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act", default=None, choices=["fp8"], help="fp8: FP8 e4m3 activations (W4A8)")
     p.add_argument("--groups", type=int, default=None,
                    help="gptq: sequential groups (default: as few as keep ~2 GiB of Hessians each)")
+    p.add_argument("--natural-order", action="store_true",
+                   help="gptq: round the columns left to right instead of by decreasing input energy (act-order)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of Linear names to keep dense (repeatable), e.g. '*.norm1.linear'")
     add_device_arguments(p)
@@ -86,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
                          method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
-                         progress=main)
+                         act_order=not args.natural_order, progress=main)
     report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
               "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
+    if args.method == "gptq":
+        report["act_order"] = not args.natural_order
     fid = check.measure(model)
     if fid:
         report["fidelity"] = fid

@@ -5,14 +5,22 @@ Round-to-nearest picks each weight's code on its own. For a Linear whose inputs 
 moment H = E[xᵀx], what matters is the output error tr(ΔW H ΔWᵀ): GPTQ rounds the input columns
 left to right and, after each, moves the not-yet-rounded columns of the same row by
 -err · [H⁻¹]_j,: / [H⁻¹]_jj to cancel what the rounding did to the output (the SparseGPT solver of
-hprune.obs.solver with "set to the nearest code" in place of "set to zero"). A group's scale and
-zero are fitted (with `quantize`'s clipping search) to the group's weights as they stand when the
-solver reaches its first column, i.e. after the compensation from earlier columns.
+hprune.obs.solver with "set to the nearest code" in place of "set to zero").
+
+Column order. By default ("act-order") the columns are rounded in order of decreasing H_jj, the
+inputs with the most energy first, while they can still be compensated by every other column;
+each group's scale and zero are then fitted (with `quantize`'s clipping search) to the group's
+original weights ("static groups"), since its columns are visited out of order. With
+act_order=False the columns go left to right and a group's scale is fitted to its weights as they
+stand when the solver reaches its first column (after compensation). On the block Linears of the
+ShapesBench teacher and tiny-sd3, with their calibration Hessians, act-order has the lower
+Hessian-weighted error tr(ΔW H ΔWᵀ) in nearly every layer (`python -m benchmarks.gptq_order`; the
+README has the numbers). Either way the codes are stored in the natural layout, groups contiguous
+in K: kernels see no difference.
 
 Here H is OBS-Diff's timestep-aware Hessian (hprune.obs.HessianCollector): the same calibration
 denoising loop that drives pruning. The output is an ordinary QuantizedWeight in the packed
-layout, so every kernel runs it unchanged. Columns are processed in their natural order (no
-"act-order"), which keeps the groups contiguous in K as the layout requires.
+layout, so every kernel runs it unchanged.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from hprune.quant import formats as F
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = F.DEFAULT_GROUP_SIZE,
                   fmt: str = F.DEFAULT_FORMAT, scale_dtype: torch.dtype | None = None, refine: bool = True,
-                  blocksize: int = 128, percdamp: float = 0.01) -> F.QuantizedWeight:
+                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = True) -> F.QuantizedWeight:
     """Quantises one Linear weight with GPTQ.
 
     Args:
@@ -35,10 +43,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         hessian: (in_features, in_features) input second moment (any positive scale: the damping
             is relative), e.g. from hprune.obs.HessianCollector.
         group_size, fmt, scale_dtype, refine: as in `hprune.quant.formats.quantize`.
-        blocksize: columns per lazy-update block (rounded down to whole groups, at least one, so
-            a group's scale is fitted to weights that are already fully compensated).
+        blocksize: columns per lazy-update block (natural order: rounded down to whole groups, at
+            least one, so a group's scale is fitted to weights that are already fully compensated).
         percdamp: damping λ = percdamp · mean(diag H) added to the diagonal.
-    Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly.
+        act_order: round the columns in order of decreasing diag(H), with static group scales
+            (default); False: left to right, scales fitted to the compensated weights.
+    Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly (either order).
     """
     from hprune.obs.solver import cholesky_inverse_upper, damped_hessian, obs_sweep
 
@@ -61,6 +71,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     W[:, dead] = 0  # inputs that were always zero: their weights cannot matter
     g = group_size
     codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)
+    if act_order:
+        return _gptq_act_order(W, H, codes, g, fmt, scale_dtype, refine, blocksize)
     scales, zeros = [], []
     valid_all = torch.arange(g, device=W.device)
 
@@ -82,6 +94,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
 
 
+def _gptq_act_order(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, g: int, fmt: str,
+                    scale_dtype: torch.dtype, refine: bool, blocksize: int) -> F.QuantizedWeight:
+    """GPTQ over the columns in order of decreasing diag(H), each group's scale fitted to its
+    original weights (W: dead inputs already zeroed; H: damped)."""
+    from hprune.obs.solver import cholesky_inverse_upper, obs_sweep
+
+    n, k = W.shape
+    groups = -(-k // g)
+    wg = torch.nn.functional.pad(W, (0, groups * g - k)).view(n, groups, g)
+    valid = (torch.arange(groups * g, device=W.device) < k).view(1, groups, g)
+    s, z = F.fit_groups(wg, valid, fmt, scale_dtype, refine)  # (N, G, 1), rounded to scale_dtype
+    s, z = s.view(n, groups), (z.view(n, groups) if z is not None else None)
+    # stable: equal energies (H ∝ I) keep the natural order
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    group_of = (perm // g).tolist()
+    col_of = perm.tolist()
+
+    def column(_W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+        j, gi = col_of[b0 + i], group_of[b0 + i]
+        q, value = F.encode(_W1[:, i], s[:, gi], z[:, gi] if z is not None else None, fmt)
+        codes[:, j] = q.to(torch.uint8)
+        return value
+
+    Wp = W[:, perm].contiguous()
+    obs_sweep(Wp, cholesky_inverse_upper(H[perm][:, perm]), blocksize, column)
+    s_all = s.t().to(scale_dtype).contiguous()  # (G, N)
+    z_all = z.t().to(scale_dtype).contiguous() if fmt == "int4" else None
+    return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
+
+
+@torch.no_grad()
 def hessian_error(weight: torch.Tensor, qw: F.QuantizedWeight, hessian: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative output error of a quantised layer on inputs whose
     second moment is `hessian` (ΔW = dequantised - weight, all in float64)."""
@@ -102,7 +145,8 @@ def auto_groups(in_features: list[int], budget: int = HESSIAN_BUDGET) -> int:
 
 def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_size: int, fmt: str,
                  scale_dtype: torch.dtype | None, refine: bool, act: str | None, groups: int | None = None,
-                 weighting: str | None = None, progress: bool = False) -> list[tuple[str, torch.nn.Module]]:
+                 weighting: str | None = None, act_order: bool = True, progress: bool = False
+                 ) -> list[tuple[str, torch.nn.Module]]:
     """The quantised replacement of each named nn.Linear of `model`, chosen with GPTQ.
 
     Linears that read one input (q/k/v) share one Hessian. The AdaLN modulation Linears (fed by
@@ -112,7 +156,8 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
     collected with the earlier groups already quantised (sequential GPTQ, and only one group's
     Hessians in memory). None: total Hessian bytes / HESSIAN_BUDGET groups, rounded up (1 for
     small models; 16 for SD3.5-Large, whose block Hessians total 32 GiB); groups are balanced by
-    weight count, so one group's Hessians are about, not exactly, within the budget. The model is
+    weight count, so one group's Hessians are about, not exactly, within the budget. act_order is
+    `gptq_quantize`'s column order. The model is
     unchanged on return, also on error (layers swapped in for a later group's calibration are
     swapped back)."""
     from tqdm.auto import tqdm
@@ -151,7 +196,7 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
                     raise HpruneError(f"layer {name} never ran during the calibration loop")
                 for p, lin in members:
                     qw = gptq_quantize(lin.weight, hs[name], group_size, fmt, scale_dtype=scale_dtype,
-                                       refine=refine)
+                                       refine=refine, act_order=act_order)
                     new[p] = quantize_linear(lin, **kw, quantized=qw)
                 del hs[name]
             if gi + 1 < len(parts):  # later groups calibrate on the quantised earlier ones

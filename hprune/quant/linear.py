@@ -331,7 +331,7 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
                    backend: str = "hprune", scale_dtype: torch.dtype | None = None, refine: bool = True,
                    compress_statistics: bool = False, act: str | None = None, method: str = "rtn",
                    calib: Any = None, groups: int | None = None, weighting: str | None = None,
-                   progress: bool = False) -> QuantReport:
+                   act_order: bool = True, progress: bool = False) -> QuantReport:
     """Replaces every eligible nn.Linear of `model` in place and returns a QuantReport.
 
     Args:
@@ -350,10 +350,10 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
         method: hprune only: "rtn" (round to nearest, with the scale search of
             hprune.quant.formats.quantize; no data needed) or "gptq" (codes chosen with each
             layer's timestep-aware input Hessian from `calib`: see hprune.quant.gptq).
-        calib, groups, weighting, progress: GPTQ only: the CalibrationSet whose denoising loop gives
-            the Hessians, the number of sequential groups (1 = one-shot; more bounds the memory to
-            one group's Hessians; None = as few as keep them under 2 GiB), the step weighting
-            (hprune.obs.WEIGHTINGS), progress bars.
+        calib, groups, weighting, act_order, progress: GPTQ only: the CalibrationSet whose denoising
+            loop gives the Hessians, the number of sequential groups (1 = one-shot; more bounds the
+            memory to one group's Hessians; None = as few as keep them under 2 GiB), the step
+            weighting (hprune.obs.WEIGHTINGS), the column order (hprune.quant.gptq), progress bars.
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
@@ -385,7 +385,8 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
         from hprune.quant.gptq import gptq_linears
 
         new_layers = gptq_linears(model, names, calib, group_size=group_size, fmt=fmt, scale_dtype=scale_dtype,
-                                  refine=refine, act=act, groups=groups, weighting=weighting, progress=progress)
+                                  refine=refine, act=act, groups=groups, weighting=weighting, act_order=act_order,
+                                  progress=progress)
     else:
         new_layers = [(name, quantize_linear(model.get_submodule(name), group_size, fmt, scale_dtype=scale_dtype,
                                              refine=refine, act=act) if backend == "hprune"
