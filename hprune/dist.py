@@ -56,11 +56,14 @@ def mean(value: torch.Tensor) -> torch.Tensor:
 
 def total(value: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over the ranks (itself on one process)."""
-    if not active():
-        return value
-    v = value.detach().clone()
-    dist.all_reduce(v, op=dist.ReduceOp.SUM)
-    return v
+    return total_(value.detach().clone()) if active() else value
+
+
+def total_(value: torch.Tensor) -> torch.Tensor:
+    """In place: `value` becomes its sum over the ranks (no copy: for large buffers)."""
+    if active():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
 
 
 def shard(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

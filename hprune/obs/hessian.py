@@ -140,22 +140,19 @@ class HessianCollector:
         every rank must call it, in the same state (each site reduced once)."""
         from hprune import dist as hdist
 
-        if not hdist.active():
+        if not hdist.active() or not self.sites:
             return
-        for site in sorted(self.sites):  # the same order on every rank
-            lin = self.sites[site][0]
-            m = self._mass.get(site, 0.0)
-            H = self._sum.get(site)
-            if H is None:
-                H = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
-            total = hdist.total(torch.cat([(H.double() * m).flatten(), torch.tensor([m], dtype=torch.float64,
-                                                                                    device=H.device)]))
-            mass = float(total[-1])
+        sites = sorted(self.sites)  # the same order on every rank
+        dev = self.sites[sites[0]][0].weight.device
+        masses = hdist.total(torch.tensor([self._mass.get(s, 0.0) for s in sites], dtype=torch.float64, device=dev))
+        for site, mass in zip(sites, masses.tolist()):
+            k = self.sites[site][0].in_features
+            H = self._sum.pop(site, None)
+            H = torch.zeros(k, k, dtype=torch.float32, device=dev) if H is None else H.mul_(self._mass.get(site, 0.0))
+            hdist.total_(H)  # Σ_ranks mass_r · H_r, in place (a Hessian can be GBs)
             if mass > 0:
-                self._sum[site] = (total[:-1] / mass).view_as(H).to(torch.float32)
-                self._mass[site] = mass
+                self._sum[site], self._mass[site] = H.div_(mass), mass
             else:
-                self._sum.pop(site, None)
                 self._mass.pop(site, None)
 
     def hessians(self) -> dict[str, torch.Tensor]:

@@ -107,12 +107,13 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         blocksize = max(pattern.m, (blocksize // pattern.m) * pattern.m)  # N:M groups never straddle blocks
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
 
+    diag = torch.diagonal(U)
+
     def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
         M1 = mask[:, b0:b0 + W1.shape[1]]
-        d1 = torch.diagonal(U)[b0:b0 + W1.shape[1]]
         if not nm and i == 0:
             # Adaptive mask for the whole block: the `sparsity` fraction with the lowest OBS error.
-            score = W1.square() / d1.square().unsqueeze(0)
+            score = W1.square() / diag[b0:b0 + W1.shape[1]].square().unsqueeze(0)
             k = int(round(sparsity * score.numel()))
             if k:
                 chosen = torch.zeros_like(M1)  # contiguous: M1 is a column slice of the mask
@@ -120,7 +121,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
                 M1.copy_(chosen)
         if nm and i % pattern.m == 0:
             # Choose this group's M-N weights with the current (already compensated) values.
-            score = W1[:, i:i + pattern.m].square() / d1[i:i + pattern.m].square().unsqueeze(0)
+            score = W1[:, i:i + pattern.m].square() / diag[b0 + i:b0 + i + pattern.m].square().unsqueeze(0)
             drop = torch.topk(score, pattern.m - pattern.n, dim=1, largest=False).indices
             M1.scatter_(1, i + drop, True)
         w = W1[:, i]

@@ -72,55 +72,39 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     g = group_size
     codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)
     if act_order:
-        return _gptq_act_order(W, H, codes, g, fmt, scale_dtype, refine, blocksize)
-    scales, zeros = [], []
-    valid_all = torch.arange(g, device=W.device)
+        # static groups: round-to-nearest's scales of the original weights, columns by energy
+        static = F.quantize(W, g, fmt, scale_dtype=scale_dtype, refine=refine)
+        s_all, z_all = static.scales, static.zeros  # (G, N) in scale_dtype
+        s32, z32 = s_all.float(), (z_all.float() if z_all is not None else None)
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # H ∝ I: natural order
+        col_of = perm.tolist()
 
-    def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
-        if i % g == 0:  # a new group: fit its scale to the compensated weights
-            width = min(g, W1.shape[1] - i)
-            wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
-            s, z = F.fit_groups(wg, (valid_all < width).view(1, 1, g), fmt, scale_dtype, refine)
-            scales.append(s.view(n))
-            zeros.append(z.view(n) if z is not None else None)
-        q, value = F.encode(W1[:, i], scales[-1], zeros[-1], fmt)
-        codes[:, b0 + i] = q.to(torch.uint8)
-        return value
+        def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+            j = col_of[b0 + i]
+            q, value = F.encode(W1[:, i], s32[j // g], z32[j // g] if z32 is not None else None, fmt)
+            codes[:, j] = q.to(torch.uint8)
+            return value
 
-    # blocks are whole groups, so a group's scale is fitted to fully compensated weights
-    obs_sweep(W, cholesky_inverse_upper(H), max(g, (blocksize // g) * g), column)
-    s_all = torch.stack(scales).to(scale_dtype).contiguous()  # (G, N)
-    z_all = torch.stack(zeros).to(scale_dtype).contiguous() if fmt == "int4" else None
-    return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
+        obs_sweep(W[:, perm].contiguous(), cholesky_inverse_upper(H[perm][:, perm]), blocksize, column)
+    else:
+        scales, zeros = [], []
+        valid_all = torch.arange(g, device=W.device)
 
+        def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+            if i % g == 0:  # a new group: fit its scale to the compensated weights
+                width = min(g, W1.shape[1] - i)
+                wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
+                s, z = F.fit_groups(wg, (valid_all < width).view(1, 1, g), fmt, scale_dtype, refine)
+                scales.append(s.view(n))
+                zeros.append(z.view(n) if z is not None else None)
+            q, value = F.encode(W1[:, i], scales[-1], zeros[-1], fmt)
+            codes[:, b0 + i] = q.to(torch.uint8)
+            return value
 
-def _gptq_act_order(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, g: int, fmt: str,
-                    scale_dtype: torch.dtype, refine: bool, blocksize: int) -> F.QuantizedWeight:
-    """GPTQ over the columns in order of decreasing diag(H), each group's scale fitted to its
-    original weights (W: dead inputs already zeroed; H: damped)."""
-    from hprune.obs.solver import cholesky_inverse_upper, obs_sweep
-
-    n, k = W.shape
-    groups = -(-k // g)
-    wg = torch.nn.functional.pad(W, (0, groups * g - k)).view(n, groups, g)
-    valid = (torch.arange(groups * g, device=W.device) < k).view(1, groups, g)
-    s, z = F.fit_groups(wg, valid, fmt, scale_dtype, refine)  # (N, G, 1), rounded to scale_dtype
-    s, z = s.view(n, groups), (z.view(n, groups) if z is not None else None)
-    # stable: equal energies (H ∝ I) keep the natural order
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    group_of = (perm // g).tolist()
-    col_of = perm.tolist()
-
-    def column(_W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
-        j, gi = col_of[b0 + i], group_of[b0 + i]
-        q, value = F.encode(_W1[:, i], s[:, gi], z[:, gi] if z is not None else None, fmt)
-        codes[:, j] = q.to(torch.uint8)
-        return value
-
-    Wp = W[:, perm].contiguous()
-    obs_sweep(Wp, cholesky_inverse_upper(H[perm][:, perm]), blocksize, column)
-    s_all = s.t().to(scale_dtype).contiguous()  # (G, N)
-    z_all = z.t().to(scale_dtype).contiguous() if fmt == "int4" else None
+        # blocks are whole groups, so a group's scale is fitted to fully compensated weights
+        obs_sweep(W, cholesky_inverse_upper(H), max(g, (blocksize // g) * g), column)
+        s_all = torch.stack(scales).to(scale_dtype).contiguous()  # (G, N)
+        z_all = torch.stack(zeros).to(scale_dtype).contiguous() if fmt == "int4" else None
     return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
 
 
