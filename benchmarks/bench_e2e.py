@@ -137,7 +137,7 @@ def _bf16_breakdown(model: nn.Module, quantised: set[str]) -> dict[str, int]:
 
 
 def _quantised_meta(pruned: nn.Module, fmt: str, group: int, act: Optional[str]) -> nn.Module:
-    from hprune.quant.linear import eligible_linears, replay_quantize, set_activation_quant
+    from hprune.quant.model import eligible_linears, replay_quantize, set_activation_quant
 
     q = copy.deepcopy(pruned)
     names, _ = eligible_linears(q)
@@ -150,9 +150,10 @@ def _quantised_meta(pruned: nn.Module, fmt: str, group: int, act: Optional[str])
 
 def meta_bytes(name: str, ratio: float, plan_files: dict[str, str], group: int = DEFAULT_GROUP) -> dict[str, Any]:
     """Exact weight bytes of the real architecture `name` per row, on the meta device."""
-    from hprune.models import apply_plan, load_model
+    from hprune.loading import load_model
+    from hprune.models import apply_plan
     from hprune.models.stats import param_count, weight_bytes
-    from hprune.quant.linear import eligible_linears
+    from hprune.quant.model import eligible_linears
 
     model = load_model(name, meta=True).to(torch.bfloat16)
     rows = [{"row": 1, "what": ROWS[1], "params": param_count(model), "bytes": weight_bytes(model)}]
@@ -184,7 +185,8 @@ def sd35_target_variants(plan_files: dict[str, str]) -> list[dict[str, Any]]:
     with and without the stored sin-cos position table (pos_embed.pos_embed: a persistent buffer
     that diffusers computes from the config, 179 MB in bf16)."""
     from hprune.hpp import plan_hpp
-    from hprune.models import apply_plan, load_model
+    from hprune.loading import load_model
+    from hprune.models import apply_plan
     from hprune.models.stats import weight_bytes
 
     base = load_model("sd3.5-large", meta=True).to(torch.bfloat16)

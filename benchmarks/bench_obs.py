@@ -34,7 +34,8 @@ from benchmarks.common import bench, env_info, print_table, write_results  # noq
 def build(name: str, device: torch.device, blocks: int | None) -> torch.nn.Module:
     """Built-in model `name`: real-size ones with random bf16 weights on the GPU (optionally only
     their first `blocks` blocks), tiny ones as they are (float32)."""
-    from hprune.models.registry import BUILTINS, build_from_config, load_model, randomize_
+    from hprune.loading import load_model
+    from hprune.models.registry import BUILTINS, build_from_config, randomize_
 
     b = BUILTINS[name]
     if b.tiny or blocks is None:

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import env_info, print_table, write_results  # noqa: E402
 from hprune.calib import synthetic  # noqa: E402
-from hprune.models import get_adapter, load_model  # noqa: E402
+from hprune.loading import load_model  # noqa: E402
+from hprune.models import get_adapter  # noqa: E402
 from hprune.models.registry import BUILTINS, build_from_config  # noqa: E402
 from hprune.probe import probe_sensitivity  # noqa: E402
 

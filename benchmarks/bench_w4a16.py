@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import bench, env_info, print_table, write_results  # noqa: E402
 from hprune.kernels import dispatch  # noqa: E402
 from hprune.kernels.w4a16 import OP, w4a16_mm  # noqa: E402
-from hprune.quant import formats as F  # noqa: E402
+from hprune import formats as F  # noqa: E402
 
 # (K, N) of SD3.5-Large (hidden 2432, MLP 9728) and FLUX.1 (hidden 3072, MLP 12288, single-block
 # proj_out 15360 -> 3072) linears

@@ -29,9 +29,9 @@ from benchmarks.common import env_info, print_table, write_results  # noqa: E402
 
 def layer_errors(name: str, formats: list[str], group: int, prompts: int, steps: int) -> list[dict[str, Any]]:
     from hprune.calib import builtin_calibration
-    from hprune.models import load_model
+    from hprune.loading import load_model
     from hprune.obs import HessianCollector, find_linear_units, run_calibration_loop, step_weights
-    from hprune.quant import formats as F
+    from hprune import formats as F
     from hprune.quant.gptq import gptq_quantize, hessian_error
 
     model = load_model(name)

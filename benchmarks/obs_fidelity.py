@@ -51,7 +51,7 @@ def layer_errors() -> list[dict]:
 def model_fidelity(name: str) -> list[dict]:
     from hprune.calib import synthetic
     from hprune.metrics import cosine_distance, predict, rel_mse
-    from hprune.models import load_model
+    from hprune.loading import load_model
     from hprune.obs import obs_prune_model
 
     base = load_model(name)

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "hprune.models",
+    "load_model": "hprune.loading",
     "PrunePlan": "hprune.models",
     "apply_plan": "hprune.models",
     "model_report": "hprune.models",

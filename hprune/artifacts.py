@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hprune import recipe
+from hprune import rebuild, recipe
 from hprune.errors import CheckpointError, HpruneError
 from hprune.io import atomic_dir, check_safetensors, load_safetensors, read_json, write_json
 
@@ -134,7 +134,7 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     if verify and doc["weights"].get("sha256") and _sha256(wfile) != doc["weights"]["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch (the weights file is corrupted or was replaced)")
     model = build_from_config(doc["class_name"], doc["base_config"], meta=True)
-    model = recipe.replay(model, doc["recipe"])
+    model = rebuild.replay(model, doc["recipe"])
     state = load_safetensors(wfile, device=device)
     load_state_into(model, state, str(path))
     if dtype is not None:

@@ -15,7 +15,7 @@ import torch
 
 from hprune.calib import synthetic
 from hprune.compress import CompressOptions, compress
-from hprune.models import load_model
+from hprune.loading import load_model
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
 from hprune.plots import image_grid
 

@@ -368,12 +368,12 @@ class _BlockOutputs:
 
 def _rebuild_unsharded(student: nn.Module) -> nn.Module:
     """After FSDP training: an ordinary model with the full weights (on every rank)."""
-    from hprune import recipe
+    from hprune import rebuild, recipe
     from hprune.models.registry import build_from_config, load_state_into
 
     state = dist.full_state_dict(student)
     fresh = build_from_config(model_class_name(student), dict(student.config), meta=True)
-    fresh = recipe.replay(fresh, recipe.get_recipe(student))
+    fresh = rebuild.replay(fresh, recipe.get_recipe(student))
     return load_state_into(fresh, state, "distilled student")
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
 
-from hprune import recipe
+from hprune import rebuild
 from hprune.errors import HpruneError, PlanError
 from hprune.models.adapters import get_adapter
 from hprune.models.registry import build_from_config
@@ -53,7 +53,7 @@ def default_protect(n_blocks: int) -> int:
 
 def _meta_model(table: SensitivityTable) -> nn.Module:
     m = build_from_config(table.model["class_name"], table.model["config"], meta=True)
-    return recipe.replay(m, table.model.get("recipe", []))
+    return rebuild.replay(m, table.model.get("recipe", []))
 
 
 def _check_ratio(ratio: float) -> None:

@@ -3,7 +3,9 @@ base architecture (its diffusers config) into the compressed one. Artifacts stor
 replay it on an empty (meta) model before loading the weights, so no modules are pickled.
 
 Each stage that changes structure registers an op here (`prune` in hprune.models.surgery,
-`quantize` in hprune.quant, ...) and records itself on the model when it runs.
+`quantize` in hprune.quant, ...) and records itself on the model when it runs. This module sits
+below every stage and imports none of them: `hprune.rebuild` (above the stages) imports them all
+and replays a recipe with every op known.
 """
 from __future__ import annotations
 
@@ -37,27 +39,11 @@ def get_recipe(model: nn.Module) -> list[dict[str, Any]]:
     return copy.deepcopy(list(getattr(model, _ATTR, [])))
 
 
-def known_ops() -> list[str]:
-    _import_op_providers()
-    return sorted(_OPS)
-
-
-def _import_op_providers() -> None:
-    # Importing the stage modules registers their ops.
-    import hprune.models.surgery  # noqa: F401
-    import hprune.obs.sequential  # noqa: F401  (ops "sparsity" and "shrink")
-
-    try:
-        import hprune.quant  # noqa: F401
-    except ImportError:
-        pass
-
-
 def replay(model: nn.Module, steps: list[dict[str, Any]]) -> nn.Module:
-    """Applies a recorded recipe to a freshly built base model (typically on meta)."""
+    """Applies a recorded recipe to a freshly built base model (typically on meta), with the ops
+    registered so far. `hprune.rebuild.replay` first imports every stage that provides one."""
     from hprune.errors import CheckpointError
 
-    _import_op_providers()
     for i, step in enumerate(steps):
         op = step.get("op") if isinstance(step, dict) else None
         if op not in _OPS:

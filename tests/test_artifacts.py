@@ -7,7 +7,8 @@ import torch
 
 from hprune.artifacts import load_compressed, read_recipe, save_compressed
 from hprune.errors import CheckpointError, HpruneError, OutputExistsError
-from hprune.models import PrunePlan, apply_plan, get_adapter, load_model, param_count, weight_bytes
+from hprune.loading import load_model
+from hprune.models import PrunePlan, apply_plan, get_adapter, param_count, weight_bytes
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
 from util import TINY, fresh, inputs, out
 

@@ -15,7 +15,7 @@ from benchmarks import bench_e2e as B
 @pytest.mark.parametrize("n,k,bias", [(96, 256, True), (40, 200, False), (2432, 64, True)])
 def test_bnb_nf4_formula_matches_bitsandbytes(n, k, bias):
     pytest.importorskip("bitsandbytes")
-    from hprune.quant.linear import _bnb_linear
+    from hprune.quant.model import _bnb_linear
 
     lin = nn.Linear(k, n, bias=bias).to(torch.bfloat16)
     mod = _bnb_linear(lin, 64, "nf4", False)

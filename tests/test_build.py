@@ -19,7 +19,7 @@ def test_build_info_is_consistent():
 def test_pure_python_mode_runs_a_model():
     code = ("import torch\n"
             "from hprune._ext import build_info\n"
-            "from hprune.models import load_model, sample_inputs\n"
+            "from hprune.loading import load_model\nfrom hprune.models import sample_inputs\n"
             "assert build_info()['available'] is False\n"
             "m = load_model('tiny-flux'); y = m(**sample_inputs(m)).sample\n"
             "assert torch.isfinite(y).all()\n"

@@ -6,7 +6,7 @@ import torch
 
 from hprune.artifacts import load_compressed
 from hprune.cli import main
-from hprune.models import load_model
+from hprune.loading import load_model
 from util import TINY, inputs, out
 
 

@@ -114,7 +114,7 @@ def test_holdout_split_keeps_final_latents_with_their_trajectories():
     in the order of its prompt embeddings, and trajectory ids (the runs' noise seeds) are kept."""
     from hprune.calib import synthetic
     from hprune.compress import split_holdout
-    from hprune.models import load_model
+    from hprune.loading import load_model
 
     cal = synthetic(load_model("tiny-sd3"), n_prompts=4, num_steps=2, seed=0)
     emb, pooled = cal.prompt_embeddings()
@@ -132,7 +132,7 @@ def test_compress_without_final_latents_fails_before_probing(tmp_path):
     from hprune.calib import synthetic
     from hprune.compress import CompressOptions, compress
     from hprune.errors import HpruneError
-    from hprune.models import load_model
+    from hprune.loading import load_model
 
     model = load_model("tiny-sd3")
     cal = synthetic(model, n_prompts=2, num_steps=2, seed=0)
@@ -177,7 +177,7 @@ def test_torchrun_ranks_each_take_their_own_gpu(monkeypatch):
 def _capture_on_this_rank():
     """A 3-prompt synthetic calibration set of tiny-sd3 and how many transformer calls this process ran."""
     from hprune.calib import synthetic
-    from hprune.models import load_model
+    from hprune.loading import load_model
 
     model = load_model("tiny-sd3")
     calls = [0]

@@ -10,7 +10,7 @@ from hprune.calib import synthetic
 from hprune.errors import HpruneError, ShapeError
 from hprune.metrics import rel_mse
 from hprune.quant import W4A16Linear, quantize_model
-from hprune.quant import formats as F
+from hprune import formats as F
 from hprune.quant.gptq import auto_groups, gptq_quantize, hessian_error
 from hprune.recipe import get_recipe
 from util import fresh

@@ -8,7 +8,8 @@ import pytest
 from hprune.calib import synthetic
 from hprune.errors import HpruneError, PlanError
 from hprune.hpp import parse_blocks, plan_bksdm, plan_hpp, plan_koala, plan_manual, w_pos
-from hprune.models import apply_plan, get_adapter, load_model, param_count
+from hprune.loading import load_model
+from hprune.models import apply_plan, get_adapter, param_count
 from hprune.probe import probe_sensitivity
 from util import TINY, fresh
 

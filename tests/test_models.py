@@ -7,7 +7,8 @@ import torch
 
 from hprune.errors import CheckpointError, ModelNotFoundError
 from hprune.io import check_safetensors
-from hprune.models import get_adapter, load_model, model_report, param_count
+from hprune.loading import load_model
+from hprune.models import get_adapter, model_report, param_count
 from util import fresh, inputs, out
 
 

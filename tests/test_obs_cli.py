@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hprune.cli import main
-from hprune.models import load_model
+from hprune.loading import load_model
 from hprune.recipe import get_recipe
 from util import fresh, inputs, out
 

@@ -314,7 +314,7 @@ def test_semi_structured_swap_on_cpu_with_stand_in_converter(tmp_path):
 
 @pytest.mark.gpu
 def test_semi_structured_matches_dense_on_gpu():
-    from hprune.models import load_model
+    from hprune.loading import load_model
 
     m = load_model("tiny-sd3", device="cuda", dtype=torch.float16)
     obs_prune_model(m, None, pattern="2:4", method="magnitude")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hprune.errors import ShapeError
-from hprune.quant import formats as F
+from hprune import formats as F
 
 
 @pytest.mark.parametrize("k", [1, 31, 32, 33, 64, 200])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hprune.cli import main
-from hprune.models import load_model
+from hprune.loading import load_model
 from hprune.models.registry import BUILTINS, model_config
 from hprune.shapes import checkpoint as C
 from hprune.shapes.evaluate import evaluate

@@ -24,7 +24,7 @@ from hprune.errors import BackendUnavailableError, HpruneError, ShapeError
 from hprune.kernels import dispatch, use_backend
 from hprune.kernels.w4a16 import OP, w4a16_mm, w4a16_mm_reference
 from hprune.quant import W4A16Linear, quantize_linear, quantize_model
-from hprune.quant import formats as F
+from hprune import formats as F
 from util import inputs as sd3_inputs
 
 ROOT = Path(__file__).resolve().parents[1]

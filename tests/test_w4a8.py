@@ -31,7 +31,7 @@ from hprune.kernels import w4a8 as K
 from hprune.kernels.w4a8 import OP, w4a8_mm, w4a8_mm_reference
 from hprune.kernels.w4a16 import w4a16_mm_reference
 from hprune.quant import W4A8Linear, W4A16Linear, quantize_linear, quantize_model, set_activation_quant
-from hprune.quant import formats as F
+from hprune import formats as F
 from util import inputs as sd3_inputs
 
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}

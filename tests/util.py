@@ -7,7 +7,8 @@ import functools
 import torch
 import torch.nn as nn
 
-from hprune.models import get_adapter, load_model, sample_inputs
+from hprune.loading import load_model
+from hprune.models import get_adapter, sample_inputs
 
 TINY = ["tiny-sd3", "tiny-sd35", "tiny-flux"]
 

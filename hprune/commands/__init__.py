@@ -36,14 +36,14 @@ def device_and_dtype(args: argparse.Namespace):
 
 def load_weighted_model(name: str, device=None, dtype=None, *, config=None, random_ok: bool = False,
                         hint: str = "give a local checkpoint (diffusers folder or .safetensors)"):
-    """hprune.models.load_model for a command that needs weights. A real-size built-in name is an
+    """hprune.loading.load_model for a command that needs weights. A real-size built-in name is an
     architecture without trained weights here: refused before loading, unless `random_ok` (latency /
     memory work on a GPU, where it gets random weights); whatever comes back with parameters on the
     meta device is refused too. HpruneError names the model and `hint`."""
     import torch
 
     from hprune.errors import HpruneError
-    from hprune.models import load_model
+    from hprune.loading import load_model
     from hprune.models.registry import BUILTINS
 
     if not random_ok and name in BUILTINS and not BUILTINS[name].tiny:

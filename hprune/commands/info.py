@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hprune.models import load_model, model_report
+    from hprune.loading import load_model
+    from hprune.models import model_report
     from hprune.models.registry import BUILTINS
     from hprune.report import format_table, human_bytes, human_count
 

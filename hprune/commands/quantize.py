@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hprune.errors import HpruneError
     from hprune.io import check_output
-    from hprune.quant import formats as F
+    from hprune import formats as F
     from hprune.quant.linear import check_w4a8
 
     # Cheap checks first: nothing is loaded or computed for a command that cannot succeed.

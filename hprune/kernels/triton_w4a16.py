@@ -1,6 +1,6 @@
 """Triton kernel of w4a16_mm: dequantise 4-bit weights in registers inside a tensor-core GEMM.
 
-Layout (hprune.quant.formats): one 16-byte chunk of a packed row holds 32 consecutive k, the low
+Layout (hprune.formats): one 16-byte chunk of a packed row holds 32 consecutive k, the low
 nibbles the first 16 and the high nibbles the next 16. A K tile of BLOCK_K values is BLOCK_K/2
 contiguous bytes per output row; unpacking gives two (BLOCK_K/2, BLOCK_N) weight tiles whose
 matching activations are two runs of contiguous columns of x, so each K step is two `tl.dot`s
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from hprune.kernels import dispatch
-from hprune.quant import formats as F
+from hprune import formats as F
 
 
 @triton.jit

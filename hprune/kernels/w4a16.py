@@ -13,7 +13,7 @@ on the CUDA backend for inputs it does not take (fp32 activations, K or N not a 
 unusual group sizes, misaligned pointers) the op uses Triton instead; a forced "cuda" raises
 ShapeError naming the reason.
 
-The packed layout and the exact weights used are documented in `hprune.quant.formats`.
+The packed layout and the exact weights used are documented in `hprune.formats`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hprune.errors import BackendUnavailableError, ShapeError
 from hprune.kernels import dispatch
-from hprune.quant import formats as F
+from hprune import formats as F
 
 OP = "w4a16_mm"
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,7 +61,7 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
 
 
 def _as_act(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    # The kernels read scales / zeros / bias in the activation dtype (see hprune.quant.formats).
+    # The kernels read scales / zeros / bias in the activation dtype (see hprune.formats).
     return None if t is None else t.to(dtype).contiguous()
 
 
@@ -202,7 +202,7 @@ _w4a16_mm_op.register_autograd(_backward, setup_context=_setup_context)
 def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
              group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
              backend: Optional[str] = None) -> Tensor:
-    """y = x @ W^T + bias with W packed in 4 bits (layout: hprune.quant.formats).
+    """y = x @ W^T + bias with W packed in 4 bits (layout: hprune.formats).
 
     Args:
         x: (..., K) float16 / bfloat16 (GPU kernels) or float32, unit stride along K.

@@ -8,7 +8,7 @@ converted (exactly) to e4m3 in registers.
 The math (what the reference computes and the Triton kernel implements)
 -----------------------------------------------------------------------
 Inputs: x (M, K) in T (fp16 / bf16 / fp32); 4-bit codes q[n, k] in 0..15 packed as in
-`hprune.quant.formats`; group scales s (G, N) and, for "int4", zeros z (G, N), read in T and then
+`hprune.formats`; group scales s (G, N) and, for "int4", zeros z (G, N), read in T and then
 used in fp32 (the W4A16 convention); G = ceil(K / group_size).
 
 1. Activations, per token (row) m:
@@ -64,7 +64,7 @@ from hprune.kernels import dispatch
 # are those of W4A16 (the same packed weights)
 from hprune.kernels.w4a16 import _as_act, _setup_context
 from hprune.kernels.w4a16 import validate as _validate_w4a16
-from hprune.quant import formats as F
+from hprune import formats as F
 
 OP = "w4a8_mm"
 FORMATS = ("int4", "int4_sym")
@@ -277,7 +277,7 @@ def w4a8_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] 
 
     Args:
         x: (..., K) float16 / bfloat16 (GPU kernels) or float32, unit stride along K.
-        qweight: uint8 (N, ceil(K/32)*16), packed codes (hprune.quant.formats, as for w4a16_mm).
+        qweight: uint8 (N, ceil(K/32)*16), packed codes (hprune.formats, as for w4a16_mm).
         scales: (G, N) float, G = ceil(K / group_size); used in x's dtype.
         zeros: (G, N) float additive offsets for fmt "int4"; None for "int4_sym".
         group_size: K values per scale, a multiple of 64.

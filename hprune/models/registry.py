@@ -1,5 +1,6 @@
-"""Built-in model names and loading a MODEL argument (a name, a local diffusers folder, a
-.safetensors file with its config, or an hprune artifact)."""
+"""Built-in model names, building a transformer from its config, reading diffusers weights, and
+classifying a MODEL argument (`resolve`). Loading any MODEL argument, compressed artifacts
+included, is `hprune.loading.load_model`, above this package."""
 from __future__ import annotations
 
 import contextlib
@@ -164,7 +165,7 @@ def randomize_(model: nn.Module, device: torch.device | str, dtype: torch.dtype 
     return model.to(dtype)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     from hprune.io import read_json
 
     cfg = read_json(path, "model config")
@@ -201,10 +202,10 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     return model
 
 
-def _load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
+def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
     from hprune.io import check_safetensors, load_safetensors
 
-    cfg = _read_config(folder / "config.json")
+    cfg = read_config(folder / "config.json")
     files = sorted(glob.glob(str(folder / "*.safetensors")))
     if not files:
         if glob.glob(str(folder / "*.bin")):
@@ -247,52 +248,6 @@ def resolve(spec: str) -> tuple[str, Any]:
     if p.suffix == ".safetensors":
         return "safetensors", p
     raise ModelNotFoundError(f"{p}: expected a folder or a .safetensors file")
-
-
-def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               meta: bool | None = None, seed: int = 0, config: str | os.PathLike | None = None) -> nn.Module:
-    """Loads a MODEL argument into a diffusers transformer (or a compressed one).
-
-    - built-in tiny names: random weights from `seed`, float32 on the CPU unless told otherwise;
-    - built-in real-size names: parameters on the meta device (for counting) unless `device` is
-      a GPU, where they get random bf16 weights (for latency/memory benchmarks);
-    - a diffusers model folder, a pipeline folder (its transformer/), or an hprune artifact;
-    - a .safetensors file with its config (`config`, or a config.json beside the file).
-    """
-    kind, what = resolve(spec)
-    device = torch.device(device)
-    if kind == "builtin":
-        b: BuiltinModel = what
-        if b.loader and not meta:
-            return hook(b.loader)(dtype, device)
-        if b.tiny and not meta:
-            model = build_from_config(b.class_name, b.config, seed=seed, dtype=dtype)
-            return model.to(device)
-        if meta is None:
-            meta = device.type != "cuda"
-        if meta:
-            model = build_from_config(b.class_name, b.config, meta=True)
-            return model if dtype is None else model.to(dtype)
-        model = build_from_config(b.class_name, b.config, meta="params")
-        return randomize_(model, device, dtype or torch.bfloat16, seed=seed)
-    if kind == "artifact":
-        from hprune.artifacts import load_compressed
-
-        return load_compressed(what, device=device, dtype=dtype)
-    if kind == "diffusers":
-        return _load_diffusers_folder(what, dtype, device).eval()
-    # a lone .safetensors file
-    from hprune.io import load_safetensors
-
-    cfg_path = Path(config) if config else what.parent / "config.json"
-    if not cfg_path.exists():
-        raise ModelNotFoundError(f"{what}: no config for this weights file (put config.json beside it "
-                                 f"or pass --config)")
-    cfg = _read_config(cfg_path)
-    state = load_safetensors(what, device=device)
-    model = build_from_config(cfg["_class_name"], cfg, meta=True)
-    load_state_into(model, state, str(what))
-    return (model.to(dtype) if dtype is not None else model).eval()
 
 
 def hook(spec: str) -> Any:

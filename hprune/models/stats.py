@@ -34,7 +34,7 @@ def bytes_at(module: nn.Module, dtype: torch.dtype = torch.bfloat16, int4_group:
     """Bytes the module would take with floating tensors stored as `dtype`; with `int4_group`,
     Linear weights under `quantize_prefix` (the blocks) count as packed 4-bit weights of format
     `int4_fmt` (exactly as hprune.quant.quantize_model would store them)."""
-    from hprune.quant.formats import packed_nbytes
+    from hprune.formats import packed_nbytes
 
     elt = torch.empty((), dtype=dtype).element_size()
     q_weights: set[str] = set()

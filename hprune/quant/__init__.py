@@ -11,8 +11,8 @@ Linear4bit for comparison), `set_activation_quant`.
 The "quantize" step is recorded in the model's recipe, so `hprune.save_compressed` /
 `hprune.load_compressed` round-trip quantised models.
 
-Names are imported lazily: hprune.kernels (below this package) imports hprune.quant.formats, and
-the modules here import hprune.kernels, so this file must not import them eagerly.
+Names are imported lazily so that `import hprune.quant` (which registers the recipe ops) stays
+cheap: the modules behind them import the kernels and, with them, Triton.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ import torch.nn as nn
 from hprune import recipe
 
 _LAZY = {
-    "DEFAULT_FORMAT": "hprune.quant.formats", "DEFAULT_GROUP_SIZE": "hprune.quant.formats",
-    "FORMATS": "hprune.quant.formats", "NF4_CODE": "hprune.quant.formats",
-    "QuantizedWeight": "hprune.quant.formats", "bytes_per_param": "hprune.quant.formats",
-    "dequantize": "hprune.quant.formats", "pack_int4": "hprune.quant.formats", "quantize": "hprune.quant.formats",
-    "unpack_int4": "hprune.quant.formats", "from_bnb_4bit": "hprune.quant.formats",
-    "convert_bnb_model": "hprune.quant.linear",
-    "BLOCK_PREFIXES": "hprune.quant.linear", "QuantReport": "hprune.quant.linear",
-    "W4A16Linear": "hprune.quant.linear", "eligible_linears": "hprune.quant.linear",
-    "W4A8Linear": "hprune.quant.linear", "set_activation_quant": "hprune.quant.linear",
-    "quantize_linear": "hprune.quant.linear", "quantize_model": "hprune.quant.linear",
+    "DEFAULT_FORMAT": "hprune.formats", "DEFAULT_GROUP_SIZE": "hprune.formats",
+    "FORMATS": "hprune.formats", "NF4_CODE": "hprune.formats",
+    "QuantizedWeight": "hprune.formats", "bytes_per_param": "hprune.formats",
+    "dequantize": "hprune.formats", "pack_int4": "hprune.formats", "quantize": "hprune.formats",
+    "unpack_int4": "hprune.formats", "from_bnb_4bit": "hprune.formats",
+    "convert_bnb_model": "hprune.quant.model",
+    "BLOCK_PREFIXES": "hprune.quant.linear", "QuantReport": "hprune.quant.model",
+    "W4A16Linear": "hprune.quant.linear", "eligible_linears": "hprune.quant.model",
+    "W4A8Linear": "hprune.quant.linear", "set_activation_quant": "hprune.quant.model",
+    "quantize_linear": "hprune.quant.linear", "quantize_model": "hprune.quant.model",
     "QUANT_METHODS": "hprune.quant.linear",
     "gptq_quantize": "hprune.quant.gptq", "hessian_error": "hprune.quant.gptq",
 }
@@ -47,14 +47,14 @@ def __getattr__(name: str) -> Any:
 
 @recipe.register_op("quantize")
 def _replay(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    from hprune.quant.linear import replay_quantize
+    from hprune.quant.model import replay_quantize
 
     return replay_quantize(model, spec)
 
 
 @recipe.register_op("quant_act")
 def _replay_act(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    from hprune.quant.linear import replay_quant_act
+    from hprune.quant.model import replay_quant_act
 
     return replay_quant_act(model, spec)
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from hprune.errors import HpruneError, ShapeError
-from hprune.quant import formats as F
+from hprune import formats as F
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         weight: (out_features, in_features), any float dtype and device (work in float32 there).
         hessian: (in_features, in_features) input second moment (any positive scale: the damping
             is relative), e.g. from hprune.obs.HessianCollector.
-        group_size, fmt, scale_dtype, refine: as in `hprune.quant.formats.quantize`.
+        group_size, fmt, scale_dtype, refine: as in `hprune.formats.quantize`.
         blocksize: columns per lazy-update block (natural order: rounded down to whole groups, at
             least one, so a group's scale is fitted to weights that are already fully compensated).
         percdamp: damping λ = percdamp · mean(diag H) added to the diagonal.
@@ -148,7 +148,7 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
 
     from hprune.obs.hessian import DEFAULT_WEIGHTING, HessianCollector, run_calibration_loop, step_weights
     from hprune.obs.sequential import find_linear_units, split_groups
-    from hprune.quant.linear import _set_module, quantize_linear
+    from hprune.quant.linear import quantize_linear, set_module
 
     if groups is not None and (not isinstance(groups, int) or groups < 1):
         raise HpruneError(f"groups must be a positive integer (or None: automatic), got {groups!r}")
@@ -187,8 +187,8 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
                 for _, members in group:
                     for p, lin in members:
                         swapped.append((p, lin))
-                        _set_module(model, p, new[p])
+                        set_module(model, p, new[p])
     finally:
         for p, lin in swapped:
-            _set_module(model, p, lin)
+            set_module(model, p, lin)
     return [(p, new[p]) for p in names]

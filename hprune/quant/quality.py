@@ -71,7 +71,8 @@ def realistic_activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 def _layer(cfg: QConfig, w: torch.Tensor) -> tuple[nn.Module, int]:
     """The quantised layer and its bytes without bias."""
-    from hprune.quant.linear import _bnb_linear, quantize_linear
+    from hprune.quant.linear import quantize_linear
+    from hprune.quant.model import _bnb_linear
 
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
     with torch.no_grad():

@@ -33,9 +33,9 @@ def teacher_dir(path: str | os.PathLike | None = None) -> Path:
 def load_transformer(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> nn.Module:
     """The teacher's SD3Transformer2DModel, float32 unless `dtype` (weights are stored as fp16)."""
-    from hprune.models.registry import _load_diffusers_folder
+    from hprune.models.registry import load_diffusers_folder
 
-    model = _load_diffusers_folder(teacher_dir(path) / "transformer", dtype or torch.float32, device)
+    model = load_diffusers_folder(teacher_dir(path) / "transformer", dtype or torch.float32, device)
     return model.eval()
 
 
