@@ -210,13 +210,11 @@ def sample_layouts(table: SceneTable, rows: torch.Tensor, generator: torch.Gener
             return x0, y0, side
         r = rows[pending]
         lo, hi = table.side_lo[r][:, None], table.side_hi[r][:, None]  # (P, 1, 3)
-        shape = (pending.numel(), proposals, MAX_OBJECTS)
-
         def uniform(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # integers in [low, high]
-            u = torch.rand(shape, generator=generator, device=dev)
+            u = torch.rand(high.shape, generator=generator, device=dev)
             return low + (u * (high - low + 1)).long().clamp_max(high - low)
 
-        s = uniform(lo, hi)
+        s = uniform(lo, hi.expand(-1, proposals, -1))
         px = uniform(torch.full_like(s, D.MARGIN), size - D.MARGIN - s)
         py = uniform(torch.full_like(s, D.MARGIN), size - D.MARGIN - s)
         used = torch.arange(MAX_OBJECTS, device=dev) < table.count[r][:, None, None]

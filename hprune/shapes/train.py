@@ -77,7 +77,8 @@ _ARCH = tuple(MODEL_SIZES["small"])
 # Options that may change between a snapshot and the run that resumes it (they do not change what
 # the weights are trained on, only for how long, how often it is checked, and where it runs).
 _RUN_ONLY = ("steps", "minutes", "resume", "snapshot_every", "snapshot_minutes", "snapshot_dir", "eval_every",
-             "eval_captions", "eval_steps", "guidance", "log_every", "monitor_every", "threads", "device")
+             "eval_captions", "eval_steps", "guidance", "log_every", "monitor_every", "monitor_captions", "threads",
+             "device")
 
 
 @dataclass
@@ -119,6 +120,7 @@ class TrainConfig:
     guidance: float = 4.0
     log_every: int = 50
     monitor_every: int = 500  # log the EMA weights' word sensitivity every N steps (0: only at the end)
+    monitor_captions: int = 40  # held-out one-object images the word sensitivity is measured on
     snapshot_every: int = 0  # write a snapshot every N steps (0: never) ...
     snapshot_minutes: float = 0.0  # ... and / or every N minutes of training
     snapshot_dir: str = ""  # default: <out>-snapshot
@@ -220,7 +222,7 @@ def batch(step: int, cfg: TrainConfig, table: Any) -> tuple[torch.Tensor, ...]:
     dev = table.device
     gen = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + step)
     b = cfg.batch_size
-    n_twin = int(round(b * cfg.shape_twins / 2))
+    n_twin = round(b * cfg.shape_twins / 2)
     same = None if cfg.same_colour < 0 else cfg.same_colour
     sc = S.sample_scenes(table, b - n_twin, gen, split="train", templates=_templates(cfg), same_colour=same)
     eps = torch.randn((b - n_twin, 3, 32, 32), generator=gen, device=dev)
@@ -422,7 +424,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
             run_loss.zero_()
             run_n, seen_at_log, t_log = 0, step, now
         if cfg.monitor_every and step % cfg.monitor_every == 0 and not finished:
-            ws = _word_sensitivity(*ema_models())
+            ws = _word_sensitivity(*ema_models(), cfg.monitor_captions)
             monitor.append({"step": step, **ws})
             log(f"  word sensitivity at step {step} (EMA): {_ws_line(ws)}")
         if cfg.eval_every and step % cfg.eval_every == 0 and not finished:
@@ -451,7 +453,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
                 p.copy_(p.to(torch.float16).float())
     t1 = time.perf_counter()
     final = evaluate_teacher(model, text, cfg)
-    final["word_sensitivity"] = _word_sensitivity(model, text)
+    final["word_sensitivity"] = _word_sensitivity(model, text, cfg.monitor_captions)
     eval_s = time.perf_counter() - t1
     log(f"final held-out score {final['score']:.4f} ({final['n']} captions, {cfg.eval_steps} steps, "
         f"guidance {cfg.guidance}): {json.dumps(final['attributes'])}; "
@@ -541,13 +543,13 @@ def _eval_ema(models: tuple[nn.Module, nn.Module], cfg: TrainConfig) -> dict[str
     return {k: ev[k] for k in ("score", "exact", "attributes", "templates")}
 
 
-def _word_sensitivity(model: nn.Module, text: nn.Module) -> dict[str, float]:
+def _word_sensitivity(model: nn.Module, text: nn.Module, n: int = 40) -> dict[str, float]:
     """Velocity change on swapping the colour / shape word or dropping the caption, mean over flow
     times 0.7-0.9, and how often the x0-prediction from t = 0.5 has the image's shape under the
     true / swapped shape word (hprune.shapes.evaluate.word_sensitivity): is the shape word read?"""
     from hprune.shapes.evaluate import word_sensitivity
 
-    ws = word_sensitivity(model, text, times=(0.5, 0.7, 0.8, 0.9))
+    ws = word_sensitivity(model, text, n=n, times=(0.5, 0.7, 0.8, 0.9), shape_times=(0.5,))
     out = {k: round(float(np.mean([ws[k][t] for t in (0.7, 0.8, 0.9)])), 6) for k in ("colour", "shape", "caption")}
     out.update({k: round(ws[k][0.5], 4) for k in ("image_shape", "image_shape_swapped")})
     return out
