@@ -174,10 +174,14 @@ def test_snapshots_and_continued_training(tmp_path):
     assert snap["step"] == 4 and snap["snapshot"] and (snapshot / "train_state.pt").is_file()
     log = (tmp_path / "first.log").read_text()
     assert "final held-out score" in log and "word sensitivity" in log
-    train(TrainConfig(**{**TINY, "steps": 2}, init=str(first)), second, **QUIET)
+    train(TrainConfig(**{**TINY, "steps": 2}, init=str(first), compare=str(first)), second, **QUIET)
     rec = C.load_recipe(second)
     assert rec["init_from"]["steps"] == 4 and rec["total_steps"] == 6
     assert rec["total_train_seconds"] >= rec["train_seconds"]
+    # --compare scores the other teacher as the run scored its own (same captions, noise, device)
+    cmp = rec["compared_with"]
+    assert cmp["score"] == rec["init_from"]["final"]["score"] and cmp["n"] == rec["final"]["n"]
+    assert cmp["this_meets_or_beats_it"] == (rec["final"]["score"] >= cmp["score"])
     # a snapshot is a valid starting point too
     third = tmp_path / "third"
     train(TrainConfig(**{**TINY, "steps": 2}, init=str(snapshot)), third, **QUIET)
@@ -210,7 +214,8 @@ def test_bad_training_input_is_refused_before_training(tmp_path, capsys):
            ({"shape_twins": -0.1}, "--shape-twins must lie"),
            ({"amp": "fp8"}, "--amp"),
            ({"model_size": "huge"}, "invalid choice"),
-           ({"resume": str(first)}, "no train_state.pt"))
+           ({"resume": str(first)}, "no train_state.pt"),
+           ({"compare": str(tmp_path / "nowhere")}, "no ShapesBench teacher here"))
     if not torch.cuda.is_available():
         bad += (({"device": "cuda"}, "CUDA is not available"),)
     for opts, msg in bad:

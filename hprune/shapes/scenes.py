@@ -119,6 +119,7 @@ class SceneTable:
         two = self.count == 2
         self.same_colour = two & (self.colour[:, 0] == self.colour[:, 1])
         self.two_object = two & (self.template != D.TEMPLATES.index("count"))
+        self.cdf_cache: dict[tuple, torch.Tensor] = {}  # sample_captions' cumulative weights per setting
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -150,20 +151,23 @@ def sample_captions(table: SceneTable, n: int, generator: torch.Generator, *, sp
                     templates: Sequence[str] = (), same_colour: float | None = None) -> torch.Tensor:
     """(n,) int64 table rows drawn from `split` by data.random_caption_spec's distribution; with
     `templates`, row i is of template templates[i % len(templates)] (as data.dataset cycles them)."""
-    w = table.weights(split, same_colour)
     dev = table.device
-    if templates:
-        unknown = [t for t in templates if t not in D.TEMPLATES]
-        if unknown:
-            raise HpruneError(f"unknown template {unknown[0]!r}; choose from {', '.join(D.TEMPLATES)}")
-        groups = torch.stack([w * (table.template == D.TEMPLATES.index(t)) for t in templates])
-        which = torch.arange(n, device=dev) % len(templates)
-    else:
-        groups, which = w[None], torch.zeros(n, dtype=torch.long, device=dev)
-    if (groups.sum(1) <= 0).any():
-        raise HpruneError(f"no caption of templates {list(templates)} in split {split!r}")
-    cdf = groups.cumsum(1)
-    cdf = cdf / cdf[:, -1:]
+    key = (split, tuple(templates), same_colour)
+    cdf = table.cdf_cache.get(key)
+    if cdf is None:  # built once per setting: training asks for the same one every step
+        w = table.weights(split, same_colour)
+        if templates:
+            unknown = [t for t in templates if t not in D.TEMPLATES]
+            if unknown:
+                raise HpruneError(f"unknown template {unknown[0]!r}; choose from {', '.join(D.TEMPLATES)}")
+            groups = torch.stack([w * (table.template == D.TEMPLATES.index(t)) for t in templates])
+        else:
+            groups = w[None]
+        if (groups.sum(1) <= 0).any():
+            raise HpruneError(f"no caption of templates {list(templates)} in split {split!r}")
+        cdf = groups.cumsum(1)
+        cdf = table.cdf_cache[key] = cdf / cdf[:, -1:]
+    which = torch.arange(n, device=dev) % cdf.shape[0]
     u = torch.rand(n, 1, generator=generator, device=dev, dtype=torch.float64)
     idx = torch.searchsorted(cdf[which].contiguous(), u).squeeze(1)
     return idx.clamp_max(len(table) - 1)

@@ -78,7 +78,7 @@ _ARCH = tuple(MODEL_SIZES["small"])
 # the weights are trained on, only for how long, how often it is checked, and where it runs).
 _RUN_ONLY = ("steps", "minutes", "resume", "snapshot_every", "snapshot_minutes", "snapshot_dir", "eval_every",
              "eval_captions", "eval_steps", "guidance", "log_every", "monitor_every", "monitor_captions", "threads",
-             "device")
+             "device", "compare")
 
 
 @dataclass
@@ -126,6 +126,7 @@ class TrainConfig:
     snapshot_dir: str = ""  # default: <out>-snapshot
     init: str = ""  # a teacher folder to start from (continued training); its recipe is kept
     resume: str = ""  # a snapshot folder to continue this run from (same options)
+    compare: str = ""  # a teacher folder, or "shipped", scored on the same held-out captions at the end
 
     def __post_init__(self) -> None:
         if self.model_size not in MODEL_SIZES:
@@ -160,6 +161,10 @@ def _check(cfg: TrainConfig) -> None:
         raise HpruneError(f"--high-noise-weight must not be negative, got {cfg.high_noise_weight}")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise HpruneError(f"--amp: one of auto, bf16, off, not {cfg.amp!r}")
+    if cfg.compare and cfg.compare != "shipped":
+        from hprune.shapes.checkpoint import teacher_dir
+
+        teacher_dir(cfg.compare)
     _device(cfg)
 
 
@@ -479,6 +484,19 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
         "final_eval": {"captions": cfg.eval_captions, "steps": cfg.eval_steps, "guidance": cfg.guidance,
                        "split": "heldout", "seed": 0},
     }
+    if cfg.compare:  # the keep-or-not decision: the other teacher on the same captions, noise and device
+        from hprune.shapes import checkpoint as C
+
+        where = None if cfg.compare == "shipped" else cfg.compare
+        other = evaluate_teacher(C.load_transformer(where, device=device), C.load_text_encoder(where, device=device),
+                                 cfg)
+        better = final["score"] >= other["score"]
+        recipe["compared_with"] = {"teacher": cfg.compare, "n": other["n"], "score": other["score"],
+                                   "attributes": other["attributes"], "templates": other["templates"],
+                                   "this_score": final["score"], "this_meets_or_beats_it": better}
+        log(f"{cfg.compare} teacher on the same {other['n']} captions: score {other['score']:.4f} "
+            f"{json.dumps(other['attributes'])}; this one {final['score']:.4f}: "
+            + ("meets or beats it" if better else "scores LOWER: do not ship it"))
     if cfg.resume:
         recipe["resumed_from"] = {"snapshot": cfg.resume, "step": state["step"]}
     recipe.update(_lineage(init_recipe, step, train_s))
