@@ -11,7 +11,7 @@ import torch
 from hprune.shapes import checkpoint as C
 from hprune.shapes import data as D
 from hprune.shapes.scenes import SceneTable
-from hprune.shapes.train import MODEL_SIZES, TrainConfig, batch, build, main, train
+from hprune.shapes.train import MODEL_SIZES, TrainConfig, batch, build, lr_at, main, train
 
 TINY = dict(num_layers=2, num_heads=1, head_dim=16, text_width=32, steps=4, batch_size=4, warmup=2,
             eval_captions=2, eval_steps=2, log_every=2, monitor_every=0, monitor_captions=4, threads=1, device="cpu")
@@ -133,8 +133,13 @@ def test_time_budget_stops_the_run(tmp_path):
     assert rec["stopped_by"] == "minutes" and rec["steps"] >= 1
     assert 2.4 <= rec["train_seconds"] < 60  # stops after the step that crosses the budget
     assert rec["loss_history"][-1]["step"] == rec["steps"]
-    # the cosine follows the budget: the last step's learning rate is near the floor
-    assert rec["loss_history"][-1]["lr"] < 0.2 * cfg.get("lr", 1e-3)
+    # the cosine follows the budget (after the warm-up steps): lr, lr / 2 (+ floor) half-way, floor at the end
+    c = TrainConfig(**{**cfg, "minutes": 10.0, "warmup": 5, "lr": 1.0, "min_lr_ratio": 0.0})
+    assert lr_at(2, c, 0.0) == pytest.approx(3 / 5)
+    assert [lr_at(100, c, s) for s in (0.0, 300.0, 600.0)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-9)
+    # with both limits the one further along leads
+    c = TrainConfig(**{**cfg, "minutes": 10.0, "steps": 1000, "warmup": 0, "lr": 1.0, "min_lr_ratio": 0.0})
+    assert lr_at(500, c, 60.0) == pytest.approx(0.5) and lr_at(100, c, 300.0) == pytest.approx(0.5)
 
 
 def test_interrupted_run_resumes_from_its_snapshot(tmp_path):

@@ -3,8 +3,7 @@ with rectified-flow matching, seeded and reproducible (same seed, device, thread
 the same weights, up to BLAS summation order: an fp16 ulp at most).
 
     python -m hprune.shapes.train --out my-teacher --steps 6000          # --overwrite to replace
-    python -m hprune.shapes.train --out $OUT/teacher --minutes 7 --steps 0 --batch-size 512 ...
-                                                                          # a GPU run (README)
+    python -m hprune.shapes.train --out gpu/teacher --model-size medium --minutes 6.5 ...  # GPU (README)
 
 Data: every step's scenes are drawn and rendered in torch on the training device
 (hprune.shapes.scenes; no CPU data loader), from a generator seeded by (seed, step), so a step's
@@ -423,7 +422,7 @@ def train(cfg: TrainConfig, out: Path, log: Any = print, overwrite: bool = False
             rec = {"step": step, "loss": float(run_loss) / run_n, "lr": lr, "seconds": round(seconds, 1)}
             history.append(rec)
             rate = (step - seen_at_log) * cfg.batch_size / max(now - t_log, 1e-9)
-            left = (1 - progress(step, seconds, cfg)) / max(progress(step, seconds, cfg), 1e-9) * seconds
+            left = max(1 - progress(step, seconds, cfg), 0.0) / max(progress(step, seconds, cfg), 1e-9) * seconds
             log(f"step {step} loss {rec['loss']:.4f} lr {lr:.2e} {rate:.0f} samples/s "
                 f"elapsed {seconds / 60:.1f} min left {left / 60:.1f} min")
             run_loss.zero_()
