@@ -586,6 +586,26 @@ def _grid(model: nn.Module, text: nn.Module, path: Path, n: int = 20) -> None:
     save_grid({"teacher": ev["images"], "ground truth": ev["ground_truth"]}, path, captions=ev["captions"])
 
 
+_HELP = {
+    "model_size": "architecture by name (small: today's teacher; medium: wider, 2-layer text encoder); "
+                  "explicit --num-layers etc. override it",
+    "steps": "training steps (0: no step limit; then --minutes ends the run)",
+    "minutes": "wall-clock budget of the training loop in minutes (0: none); the cosine follows it",
+    "same_colour": "share of two-object captions whose objects share a colour (-1: the grammar's 2/17)",
+    "shape_twins": "share of each batch in shape-twin pairs (same scene, one object's shape changed)",
+    "high_noise_weight": "per-sample loss weight 1 + W * t (normalised over the batch)",
+    "device": "auto (cuda if available), cpu or cuda[:N]",
+    "amp": "auto (bf16 autocast on CUDA only), bf16 or off",
+    "monitor_every": "log the EMA weights' word sensitivity every N steps (0: only at the end)",
+    "snapshot_every": "write a snapshot (EMA teacher + train_state.pt) every N steps",
+    "snapshot_minutes": "write a snapshot every N minutes of training",
+    "snapshot_dir": "snapshot folder (default: <out>-snapshot)",
+    "init": "a teacher folder to start a new run from (same architecture)",
+    "resume": "a snapshot folder to continue its run from (same options)",
+    "compare": "a teacher folder, or 'shipped', to score on the same held-out captions at the end",
+}
+
+
 def _option_type(f: Any) -> type:
     kind = str(f.type).split("|")[0].strip()
     return {"int": int, "float": float, "str": str}[kind]
@@ -598,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     for f in fields(TrainConfig):
         extra = {"choices": list(MODEL_SIZES)} if f.name == "model_size" else {}
-        p.add_argument("--" + f.name.replace("_", "-"), type=_option_type(f), default=f.default, **extra)
+        p.add_argument("--" + f.name.replace("_", "-"), type=_option_type(f), default=f.default,
+                       help=_HELP.get(f.name), **extra)
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
