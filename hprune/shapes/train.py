@@ -65,8 +65,8 @@ from hprune.errors import HpruneError
 # Architectures by name (--model-size). "small" is the teacher shipped until issue 19 (12 blocks,
 # hidden 96, patch 4: 3.98 M parameters, 7.6 MiB fp16). "medium" widens it to hidden 128 (4 heads)
 # and gives the text encoder a second layer: 7.03 M parameters, 13.4 MiB fp16, ~1.8x the compute
-# per image (what a CPU benchmark pays; on a GPU a model this small is bound by kernel launches
-# more than by width). Patch 4 in both: patch 2 is 4x the tokens, in training and in every
+# per image (what a CPU benchmark pays; on a GPU a model this small should be bound by kernel
+# launches more than by width: expected, not measured). Patch 4 in both: patch 2 is 4x the tokens, in training and in every
 # benchmark after it.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "small": dict(num_layers=12, num_heads=3, head_dim=32, patch_size=4, text_width=64, text_layers=1),
