@@ -41,7 +41,7 @@ def test_teacher_loads_as_builtin_and_matches_its_recipe():
         assert k in rec
     assert rec["final"]["n"] >= 96 and rec["final"]["score"] >= THRESHOLD
     total = sum(f.stat().st_size for f in C.TEACHER_DIR.rglob("*") if f.is_file())
-    assert total < 12 * 2**20  # a few MB
+    assert total < 16 * 2**20  # small enough to ship in the package (a --model-size medium teacher: 13.4 MiB)
 
 
 def test_teacher_scores_above_threshold_on_heldout_captions():
