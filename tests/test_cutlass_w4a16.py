@@ -353,3 +353,19 @@ def test_cutlass_strided_rows_and_refusals():
     q, s, _, _ = _gpu_make(256, 512, 64, "nf4", torch.float16)
     with pytest.raises(ShapeError, match="NF4"):
         w4a16_mm(x, q, s, None, 64, "nf4", backend="cutlass")
+
+
+def test_bench_w4a16_runs_on_the_cpu(tmp_path):
+    """The benchmark still runs without a GPU: reference rows, the W4A8 reference and the FP8
+    ceiling (torch's CPU _scaled_mm); the CUTLASS / Triton / CUDA rows need their GPU."""
+    import json
+
+    from benchmarks.bench_w4a16 import FP8_CEILING, main
+
+    assert main(["--device", "cpu", "--shapes", "64x128", "--m", "2", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("bench_w4a16-*.json")
+    data = json.loads(result.read_text())
+    timed = {r["method"] for r in data["rows"] if "ms" in r}
+    assert {"bf16 F.linear", "hprune reference", "hprune W4A8 reference", FP8_CEILING} <= timed
+    assert not timed & {"hprune CUTLASS", "hprune Triton", "hprune CUDA"}
+    assert data["routes"][0]["backend"] == "cutlass"

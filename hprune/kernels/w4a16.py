@@ -207,6 +207,17 @@ def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
     return regs["reference"]
 
 
+def chosen_backend(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
+                   group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
+                   backend: Optional[str] = None) -> str:
+    """Name of the backend `w4a16_mm` runs for these arguments (the table, the device, the inputs)."""
+    if fmt is None:
+        fmt = "int4" if zeros is not None else "int4_sym"
+    validate(x, qweight, scales, zeros, bias, group_size, fmt)
+    scales, zeros, bias = _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype)
+    return _choose(x, qweight, scales, zeros, bias, group_size, fmt, backend).name
+
+
 @torch.library.custom_op("hprune::w4a16_mm", mutates_args=())
 def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
                  group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
@@ -271,4 +282,5 @@ def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     return torch.ops.hprune.w4a16_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend)
 
 
-__all__ = ["w4a16_mm", "w4a16_mm_reference", "w4a16_mm_cutlass", "validate", "cuda_unsupported", "OP"]
+__all__ = ["w4a16_mm", "w4a16_mm_reference", "w4a16_mm_cutlass", "chosen_backend", "validate", "cuda_unsupported",
+           "OP"]
