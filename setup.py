@@ -25,14 +25,14 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cutlass_include():
-    """(include dir or None, reason) from the pinned nvidia-cutlass wheel (hprune/kernels/cutlass_headers.py,
-    loaded by path: importing the package here would run its __init__)."""
+def _cutlass_headers():
+    """hprune/kernels/cutlass_headers.py (the pinned nvidia-cutlass headers and the nvcc flags),
+    loaded by path: importing the package here would run its __init__."""
     spec = importlib.util.spec_from_file_location(
         "hprune_cutlass_headers", os.path.join(HERE, "hprune", "kernels", "cutlass_headers.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.cutlass_include()
+    return mod
 
 
 def _extensions():
@@ -71,7 +71,8 @@ def _extensions():
     exts = [ext]
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     if use_cuda and not _flag("HPRUNE_NO_CUTLASS") and "9.0" in arch_list:
-        inc, why = _cutlass_include()
+        headers = _cutlass_headers()
+        inc, why = headers.cutlass_include()
         if inc is None:
             print(f"hprune: not building the CUTLASS kernels: {why}", file=sys.stderr)
         else:
@@ -80,10 +81,8 @@ def _extensions():
             exts.append(CUDAExtension(
                 "hprune._C_cutlass", rel("csrc/cuda/cutlass/*.cu") + rel("csrc/cuda/cutlass/*.cpp"),
                 include_dirs=[os.path.join(HERE, cutlass_dir), inc], define_macros=macros,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                    # an explicit -gencode: torch then adds no TORCH_CUDA_ARCH_LIST flags here
-                                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
-                                             "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo"]},
+                # its explicit -gencode (sm_90a) keeps torch from adding TORCH_CUDA_ARCH_LIST's flags here
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(headers.NVCC_FLAGS)},
             ))
 
     class OptionalBuildExt(BuildExtension):

@@ -21,7 +21,7 @@ import torch
 from hprune.errors import BackendUnavailableError, ShapeError
 from hprune.kernels import cutlass_w4a16 as CW
 from hprune.kernels import dispatch
-from hprune.kernels.cutlass_headers import CUTLASS_VERSION, cutlass_include
+from hprune.kernels.cutlass_headers import CUTLASS_VERSION, NVCC_FLAGS, cutlass_include
 from hprune.kernels.w4a16 import OP, w4a16_mm, w4a16_mm_reference
 from hprune.quant import formats as F
 
@@ -256,7 +256,8 @@ def test_headers_come_only_from_the_pinned_wheel(monkeypatch, tmp_path):
     inc, why = cutlass_include()
     assert (inc is None) != (CUTLASS_VERSION in why and Path(inc, "cutlass", "cutlass.h").exists())
     setup_py = (ROOT / "setup.py").read_text()
-    assert "hprune._C_cutlass" in setup_py and "compute_90a,code=sm_90a" in setup_py
+    assert "hprune._C_cutlass" in setup_py and "headers.NVCC_FLAGS" in setup_py
+    assert "-gencode=arch=compute_90a,code=sm_90a" in NVCC_FLAGS
     assert f'nvidia-cutlass=={CUTLASS_VERSION}' in (ROOT / "pyproject.toml").read_text()
 
 
@@ -279,9 +280,11 @@ def test_cutlass_binding_syntax():
 def test_cutlass_kernel_compiles_for_sm90a_without_spills(tmp_path):
     """One translation unit, four kernels ({fp16, bf16} x {int4, int4_sym}); ptxas -v must report
     each with 0 bytes of spill stores and loads. Takes 2-4 minutes of one core here."""
-    cmd = [shutil.which("nvcc"), "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DNDEBUG",
-           f"-I{CUTLASS_INC}", f"-I{CUTLASS_DIR}", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-           "-c", str(CUTLASS_DIR / "w4a16_cutlass.cu"), "-o", str(tmp_path / "w4a16_cutlass.o")]
+    import torch.utils.cpp_extension as ce
+
+    # the flags setup.py's build uses: torch's COMMON_NVCC_FLAGS first, then the module's own
+    cmd = [shutil.which("nvcc"), *ce.COMMON_NVCC_FLAGS, *NVCC_FLAGS, f"-I{CUTLASS_INC}", f"-I{CUTLASS_DIR}",
+           "-Xptxas", "-v", "-c", str(CUTLASS_DIR / "w4a16_cutlass.cu"), "-o", str(tmp_path / "w4a16_cutlass.o")]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
     took = time.monotonic() - t0

@@ -16,6 +16,16 @@ from typing import Optional
 CUTLASS_VERSION = "4.2.0.0"
 CUTLASS_REQUIREMENT = f"nvidia-cutlass=={CUTLASS_VERSION}"
 
+# nvcc flags of the CUTLASS module (setup.py) and of its compile test; sm_90a only. torch's
+# extension build puts -D__CUDA_NO_HALF_OPERATORS__ and its siblings first (COMMON_NVCC_FLAGS);
+# CUTLASS's half / bfloat16 code expects the CUDA operators and conversions, so they are undone.
+NVCC_FLAGS = [
+    "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-lineinfo",
+    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_HALF2_OPERATORS__",
+    "-gencode=arch=compute_90a,code=sm_90a",
+]
+
 
 def _is_include_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "cutlass", "cutlass.h")) and os.path.isfile(
