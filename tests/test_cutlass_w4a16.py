@@ -31,10 +31,11 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def make(n: int, k: int, group: int, fmt: str, dtype: torch.dtype, seed: int = 0, spread: float = 0.05):
+def make(n: int, k: int, group: int, fmt: str, dtype: torch.dtype, seed: int = 0, spread: float = 0.05,
+         refine: bool = False):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * spread
-    q = F.quantize(w, group, fmt, scale_dtype=dtype, refine=False)
+    q = F.quantize(w, group, fmt, scale_dtype=dtype, refine=refine)
     return q.qweight, q.scales, q.zeros
 
 
@@ -49,9 +50,9 @@ def test_reorder_is_a_permutation_with_an_exact_inverse(fmt, n, k):
     packed = CW.reorder_weight(qweight, k, fmt)
     assert packed.dtype == torch.uint8 and packed.shape == (n * k // 2,)
     assert torch.equal(CW.restore_weight(packed, n, k, fmt), qweight)
-    # a permutation of the codes (int4_sym: of q ^ 8, the two's-complement nibble of q - 8)
+    # a permutation of the codes, as q ^ 8 (the two's-complement nibble of q - 8)
     nibbles = torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1)
-    want = codes.reshape(-1) ^ (8 if fmt == "int4_sym" else 0)
+    want = codes.reshape(-1) ^ 8
     assert torch.equal(torch.sort(nibbles).values, torch.sort(want).values)
 
 
@@ -116,18 +117,34 @@ def test_reorder_matches_the_kernel_layout(tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", CW.FORMATS)
-@pytest.mark.parametrize("spread", [0.05, 300.0, 1e-4])
-def test_kernel_operands_give_exactly_the_formats_weights(fmt, dtype, spread):
+@pytest.mark.parametrize("spread,refine", [(0.05, False), (0.05, True), (300.0, True), (1e-4, False)])
+def test_kernel_operands_give_exactly_the_formats_weights(fmt, dtype, spread, refine):
     n, k, group = 128, 192, 64
-    qweight, scales, zeros = make(n, k, group, fmt, dtype, seed=int(spread * 10) + 1, spread=spread)
+    qweight, scales, zeros = make(n, k, group, fmt, dtype, seed=int(spread * 10) + 1, spread=spread, refine=refine)
     p = CW.prepared(qweight, scales, zeros, k, group, fmt, dtype)
+    assert p.inexact is None
     if fmt == "int4":
         assert p.scales.dtype == torch.float32 and p.zeros.dtype == torch.float32
-        assert torch.equal(p.scales, scales.to(dtype).float()) and torch.equal(p.zeros, zeros.to(dtype).float())
+        assert torch.equal(p.scales, scales.to(dtype).float())
+        # z' = z + 8 s, exactly (float64 holds the sum of two fp16 / bf16 values of these ranges)
+        assert torch.equal(p.zeros.double(), zeros.to(dtype).double() + 8 * scales.to(dtype).double())
     else:
         assert p.scales.dtype == dtype and p.zeros is None
     w = CW.kernel_weight(p.codes, p.scales, p.zeros, n, k, group, fmt, dtype)
     assert torch.equal(w, F.dequantize(qweight, scales, zeros, k, group, fmt, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shifted_zero_that_float32_cannot_hold_is_refused(dtype):
+    """Codes are stored as q - 8, so the kernel's zero is z + 8 s; a group whose |z| dwarfs its
+    scale would lose bits there: prepared() names it (and the op then takes another kernel)."""
+    qweight, scales, zeros = make(128, 128, 64, "int4", dtype)
+    zeros, scales = zeros.clone(), scales.clone()
+    zeros[1, 5], scales[1, 5] = 1024.0, 2.0 ** -10  # 2^10 + 2^-7: 18 significant bits, fits fp32
+    assert CW.prepared(qweight, scales, zeros, 128, 64, "int4", dtype).inexact is None
+    scales[1, 5] = 2.0 ** -24 if dtype == torch.float16 else 2.0 ** -20  # 2^10 + 2^-21 / 2^-17: > 24 bits
+    why = CW.prepared(qweight, scales, zeros, 128, 64, "int4", dtype).inexact
+    assert why is not None and "in 1 group(s)" in why
 
 
 def test_two_roundings_would_differ():
@@ -241,6 +258,14 @@ def test_op_falls_through_what_cutlass_cannot_take(monkeypatch):
         assert len(calls) == hits, (fmt, group, dtype, m)
         assert torch.equal(out, w4a16_mm_reference(x, qweight, scales.to(dtype), None if zeros is None else
                                                    zeros.to(dtype), None, group, fmt))
+    calls.clear()
+    qweight, scales, zeros = make(128, 128, 64, "int4", torch.bfloat16)
+    zeros[0, 0], scales[0, 0] = 1024.0, 2.0 ** -20  # z + 8 s not exact in fp32: not for the kernel
+    x = torch.randn(256, 128).to(torch.bfloat16)
+    assert torch.equal(w4a16_mm(x, qweight, scales, zeros, 64, "int4"),
+                       w4a16_mm_reference(x, qweight, scales, zeros, None, 64, "int4")) and not calls
+    with pytest.raises(ShapeError, match="float32 cannot hold"):
+        w4a16_mm(x, qweight, scales, zeros, 64, "int4", backend="cutlass")
     qweight, scales, _ = make(128, 128, 64, "nf4", torch.bfloat16)
     with pytest.raises(ShapeError, match="NF4"):  # forced: refused with the reason, no silent fallback
         w4a16_mm(torch.randn(256, 128).to(torch.bfloat16), qweight, scales, None, 64, "nf4", backend="cutlass")

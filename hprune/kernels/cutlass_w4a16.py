@@ -5,13 +5,17 @@ Kernel: csrc/cuda/cutlass/w4a16_cutlass.cu, CUTLASS's Hopper mixed-input GEMM
 (`sm90_mma_tma_gmma_rs_warpspecialized_mixed_input`, sm_90a only), built as `hprune._C_cutlass`
 when CUDA and the pinned nvidia-cutlass headers are there (hprune/kernels/cutlass_headers.py).
 
-The arithmetic is exactly `hprune.quant.formats.dequantize(..., dtype=T)` for T = fp16 / bf16:
-    "int4"      codes q as unsigned 4-bit, CUTLASS's scale-with-zero mode with float32 scales and
-                zeros holding s.to(T) and z.to(T): w = round_T(q * s + z) by one fp32 FMA (q * s is
-                exact in fp32), the same value as formats. (With T scales and zeros CUTLASS computes
-                q * s in T and then adds z in T: two roundings, a different weight.)
-    "int4_sym"  codes as signed 4-bit q - 8 (the nibble q ^ 8), scale-only mode in T: w =
-                round_T((q - 8) * s), one rounding of an exact product, as in formats.
+The codes are stored as signed 4-bit q - 8 (the nibble q ^ 8) for both formats: CUTLASS converts
+signed nibbles to fp32 / fp16 / bf16 with bit tricks, unsigned ones to fp32 one at a time. The
+arithmetic is exactly `hprune.quant.formats.dequantize(..., dtype=T)` for T = fp16 / bf16:
+    "int4"      scale-with-zero mode with float32 s' = s.to(T) and z' = z.to(T) + 8 s': the kernel's
+                fp32 FMA (q - 8) * s' + z' rounds the exact value q * s + z once to fp32, as formats'
+                q * s + z does (q * s is exact in fp32), and then once to T. That needs z' exact in
+                fp32, which holds unless a group's |z| exceeds its scale by ~2^13 (fp16) / 2^16
+                (bf16); `prepared` checks every group (error-free TwoSum) and a weight where it fails
+                goes to the other kernels. (With T scales and zeros CUTLASS computes q * s in T and
+                then adds z in T: two roundings, a different weight.)
+    "int4_sym"  scale-only mode in T: w = round_T((q - 8) * s), one rounding of an exact product.
 The products accumulate in fp32 on the tensor cores and the bias is added in fp32 before the one
 rounding to T, as in the reference.
 
@@ -29,8 +33,9 @@ per weight), which hprune's W4A8 math avoids by scaling the fp32 partial sums of
 (hprune/kernels/w4a8.py); CUTLASS 4.2's Hopper per-K-block accumulator scaling exists only for
 FP8 x FP8 operands. The Triton W4A8 kernel keeps serving it.
 
-Weight order (`reorder_weight`, exact inverse `restore_weight`): codes (N, K) go to a flat array
-in 16 x 16 atoms, atoms N-fastest, and inside an atom thread-major: code (n, k) sits at
+Weight order (`reorder_weight`, exact inverse `restore_weight`): codes (N, K), as the nibbles
+q ^ 8, go to a flat array in 16 x 16 atoms, atoms N-fastest, and inside an atom thread-major:
+code (n, k) sits at
     256 * (n // 16 + (N / 16) * (k // 16)) + 32 * t1 + 8 * t0 + 4 * v0 + 2 * v2 + v1
 with n % 16 = t1 + 8 v1 and k % 16 = v0 + 2 t0 + 8 v2 (csrc/cuda/cutlass/w4a16_cutlass_layout.hpp
 says why; tests check both agree). Two codes per byte, the even position in the low nibble.
@@ -67,9 +72,9 @@ def _check_shape(n: int, k: int) -> None:
         raise ShapeError(f"the CUTLASS weight order needs N and K multiples of {ATOM} (N={n}, K={k})")
 
 
-def reorder_codes(codes: Tensor, signed: bool) -> Tensor:
+def reorder_codes(codes: Tensor, signed: bool = True) -> Tensor:
     """codes uint8 (N, K) in 0..15 -> uint8 (N * K // 2,) in the kernel's order, two per byte.
-    signed: store q - 8 as a two's-complement nibble (q ^ 8), for "int4_sym"."""
+    signed: store q - 8 as a two's-complement nibble (q ^ 8), what the kernel reads."""
     n, k = codes.shape
     _check_shape(n, k)
     c = codes.to(torch.uint8)
@@ -80,7 +85,7 @@ def reorder_codes(codes: Tensor, signed: bool) -> Tensor:
     return (c[:, 0] | (c[:, 1] << 4)).contiguous()
 
 
-def restore_codes(packed: Tensor, n: int, k: int, signed: bool) -> Tensor:
+def restore_codes(packed: Tensor, n: int, k: int, signed: bool = True) -> Tensor:
     """Inverse of `reorder_codes`: uint8 (N * K // 2,) -> codes uint8 (N, K) in 0..15."""
     _check_shape(n, k)
     if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
@@ -97,36 +102,49 @@ def reorder_weight(qweight: Tensor, in_features: int, fmt: str) -> Tensor:
     `restore_weight`."""
     if fmt not in FORMATS:
         raise ShapeError(f"the CUTLASS kernel takes fmt 'int4' or 'int4_sym', not {fmt!r}")
-    return reorder_codes(F.unpack_int4(qweight, in_features), signed=fmt == "int4_sym")
+    return reorder_codes(F.unpack_int4(qweight, in_features))
 
 
 def restore_weight(packed: Tensor, out_features: int, in_features: int, fmt: str) -> Tensor:
     """Inverse of `reorder_weight`: the formats-layout qweight uint8 (N, ceil(K/32)*16)."""
     if fmt not in FORMATS:
         raise ShapeError(f"the CUTLASS kernel takes fmt 'int4' or 'int4_sym', not {fmt!r}")
-    return F.pack_int4(restore_codes(packed, out_features, in_features, signed=fmt == "int4_sym"), fmt)
+    return F.pack_int4(restore_codes(packed, out_features, in_features), fmt)
 
 
 def kernel_scales(scales: Tensor, zeros: Optional[Tensor], fmt: str, dtype: torch.dtype
-                  ) -> tuple[Tensor, Optional[Tensor]]:
-    """Scales (and zeros) as the kernel reads them: (G, N) float32 holding the dtype-rounded values
-    for "int4" (exact: every fp16 / bf16 value is a float32), (G, N) in `dtype` for "int4_sym"."""
-    if fmt == "int4":
-        return scales.to(dtype).float().contiguous(), zeros.to(dtype).float().contiguous()
-    return scales.to(dtype).contiguous(), None
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[str]]:
+    """Scales (and zeros) as the kernel reads them, and why they are not exact (None if they are).
+    "int4": (G, N) float32 s' = s.to(dtype) (exact: every fp16 / bf16 value is a float32) and
+    z' = z.to(dtype) + 8 s' (for codes stored as q - 8); "int4_sym": (G, N) s.to(dtype)."""
+    if fmt != "int4":
+        return scales.to(dtype).contiguous(), None, None
+    s32 = scales.to(dtype).float().contiguous()
+    z32 = zeros.to(dtype).float()
+    shift = 8.0 * s32  # exact (a power of two), barring overflow
+    z_shifted = z32 + shift
+    # error-free TwoSum: the rounding error of z32 + shift, exactly (IEEE fp32, no overflow)
+    back = z_shifted - z32
+    err = (z32 - (z_shifted - back)) + (shift - back)
+    why = None
+    if not bool(torch.isfinite(z_shifted).all()) or bool((err != 0).any()):
+        bad = int((err != 0).sum()) + int((~torch.isfinite(z_shifted)).sum())
+        why = (f"the cutlass backend reads int4 codes as q - 8 with zero z + 8 * scale, which float32 cannot hold "
+               f"exactly in {bad} group(s) of this weight (|zero| >> scale)")
+    return s32, z_shifted.contiguous(), why
 
 
 def kernel_weight(codes: Tensor, scales: Tensor, zeros: Optional[Tensor], n: int, k: int, group_size: int,
                   fmt: str, dtype: torch.dtype) -> Tensor:
     """The (N, K) weight the kernel multiplies by, computed from its own operands the way the
-    kernel does (fp32 FMA then one rounding for "int4"; a `dtype` multiply for "int4_sym").
-    Tests compare it with formats.dequantize: equal means the kernel's weights are formats'."""
-    q = restore_codes(codes, n, k, signed=False).float()  # the stored nibbles, as unsigned
-    s = scales.float().repeat_interleave(group_size, 0)[:k].t()
+    kernel does (fp32 FMA of the signed code then one rounding for "int4"; a `dtype` multiply for
+    "int4_sym"). Tests compare it with formats.dequantize: equal means the kernel's weights are formats'."""
+    u = restore_codes(codes, n, k, signed=False).float()  # the stored nibbles, as unsigned
+    q = torch.where(u >= 8, u - 16, u)  # their two's-complement value: q - 8 of the format's code
+    s = scales.repeat_interleave(group_size, 0)[:k].t()
     if fmt == "int4":
-        return torch.addcmul(zeros.float().repeat_interleave(group_size, 0)[:k].t(), q, s).to(dtype)
-    signed = torch.where(q >= 8, q - 16, q)  # the two's-complement value of the nibble
-    return (signed.to(dtype) * scales.repeat_interleave(group_size, 0)[:k].t().to(dtype)).to(dtype)
+        return torch.addcmul(zeros.float().repeat_interleave(group_size, 0)[:k].t(), q, s.float()).to(dtype)
+    return (q.to(dtype) * s.to(dtype)).to(dtype)
 
 
 # ---- what the kernel takes ------------------------------------------------------------------------
@@ -158,11 +176,13 @@ def cutlass_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optio
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """A weight in the kernel's operands: codes uint8 (N*K/2,), scales / zeros (G, N)."""
+    """A weight in the kernel's operands: codes uint8 (N*K/2,), scales / zeros (G, N); `inexact`:
+    why the kernel would not reproduce formats' weights (then it is not used), else None."""
 
     codes: Tensor
     scales: Tensor
     zeros: Optional[Tensor]
+    inexact: Optional[str]
     key: tuple
 
 
@@ -187,8 +207,8 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], in_featur
     hit = _PREPARED.get(qweight)
     if hit is not None and hit.key == key:
         return hit
-    s, z = kernel_scales(scales, zeros, fmt, dtype)
-    p = PreparedWeight(reorder_weight(qweight, in_features, fmt), s, z, key)
+    s, z, inexact = kernel_scales(scales, zeros, fmt, dtype)
+    p = PreparedWeight(reorder_weight(qweight, in_features, fmt), s, z, inexact, key)
     _PREPARED[qweight] = p
     return p
 

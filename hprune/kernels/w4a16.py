@@ -173,6 +173,8 @@ def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if why:
         raise ShapeError(why)
     p = CW.prepared(qweight, scales, zeros, x.shape[-1], group_size, fmt, x.dtype)
+    if p.inexact:
+        raise ShapeError(p.inexact)
     return torch.ops.hprune.w4a16_mm_cutlass(x, p.codes, p.scales, p.zeros, bias, group_size, F.FMT_ID[fmt])
 
 
@@ -181,7 +183,8 @@ def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
 def _unsupported(name: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                  bias: Optional[Tensor], group_size: int, fmt: str) -> Optional[str]:
     if name == "cutlass":
-        return CW.cutlass_unsupported(x, qweight, scales, zeros, group_size, fmt, bias)
+        return CW.cutlass_unsupported(x, qweight, scales, zeros, group_size, fmt, bias) or CW.prepared(
+            qweight, scales, zeros, x.shape[-1], group_size, fmt, x.dtype).inexact
     if name == "cuda":
         return cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
     return None  # triton and reference take every validated input

@@ -31,14 +31,16 @@ namespace {
 
 using namespace cute;
 
-// T: the activation / MMA type; kWithZero: "int4" (unsigned codes, fp32 scale and zero) versus
-// "int4_sym" (signed codes, scale in T).
+// T: the activation / MMA type; kWithZero: "int4" (fp32 scale and shifted zero) versus "int4_sym"
+// (scale in T). Codes are signed 4-bit (q - 8) in both: CUTLASS converts int4b_t to fp32 / fp16 /
+// bf16 with lop3 bit tricks, while uint4b_t -> fp32 would be one I2F per code.
 template <class T, bool kWithZero>
 struct W4A16Gemm {
-  using Code = cute::conditional_t<kWithZero, cutlass::uint4b_t, cutlass::int4b_t>;
-  // "int4": fp32, because with a T scale and zero CUTLASS would round q * s to T before adding z
-  // (two roundings); in fp32, q * s + z is one FMA and the result is rounded to T once, as in
-  // formats.dequantize. "int4_sym": T, one multiply of exact operands, rounded once.
+  using Code = cutlass::int4b_t;
+  // "int4": fp32, because with a T scale and zero CUTLASS would round (q - 8) * s to T before adding
+  // the zero (two roundings); in fp32, (q - 8) * s + (z + 8 s) is one FMA whose exact value is
+  // q * s + z, rounded to T once, as in formats.dequantize. "int4_sym": T, one multiply of exact
+  // operands, rounded once.
   using Scale = cute::conditional_t<kWithZero, float, T>;
   using MainloopA = cute::conditional_t<kWithZero, cute::tuple<Code, Scale, Scale>, cute::tuple<Code, Scale>>;
 

@@ -3,12 +3,12 @@
 //
 // Weights come prepared (hprune/kernels/cutlass_w4a16.py, once per weight):
 //   codes   uint8 (N * K / 2)   the codes in the order of w4a16_cutlass_layout.hpp, two per byte
-//                               (even position in the low nibble): "int4" as unsigned q (0..15),
-//                               "int4_sym" as signed q - 8 (the nibble q ^ 8)
-//   scales  (G, N), G = ceil(K / group_size): float32 for "int4", the activation dtype for "int4_sym"
-//   zeros   (G, N) float32 for "int4", nullptr for "int4_sym"
-// Each weight is then exactly hprune.quant.formats.dequantize's: round_T(q * s + z) (fp32 FMA;
-// q * s is exact in fp32) or round_T((q - 8) * s) (one T multiply of exact operands).
+//                               (even position in the low nibble), as signed q - 8 (the nibble q ^ 8)
+//   scales  (G, N), G = ceil(K / group_size): float32 s for "int4", the activation dtype for "int4_sym"
+//   zeros   (G, N) float32 z + 8 s for "int4" (exact in float32: checked), nullptr for "int4_sym"
+// Each weight is then exactly hprune.quant.formats.dequantize's: round_T(q * s + z) (one fp32 FMA
+// of (q - 8) * s + (z + 8 s), exact value q * s + z, as formats' fp32 q * s + z) or
+// round_T((q - 8) * s) (one T multiply of exact operands).
 // Requirements (checked by the caller, re-checked here): sm_90a, fp16/bf16, N % 128 == 0,
 // K % 64 == 0, group_size % 64 == 0, rows of x and all pointers 16-byte aligned, out (M, N) dense.
 #pragma once
