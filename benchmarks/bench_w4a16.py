@@ -147,8 +147,8 @@ def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: 
 
 def time_graph(calls: list[Callable[[], Any]], per_graph: int, replays: int) -> float:
     """Median ms per call: `per_graph` calls (cycling over `calls`) captured in one CUDA graph."""
-    for c in calls[:2]:
-        c()  # warm-up outside capture (Triton autotuning, lazy allocations)
+    for c in calls:
+        c()  # warm-up outside capture (Triton autotuning, lazy allocations, CUTLASS's once-per-weight reorder)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -40,8 +40,8 @@ code (n, k) sits at
 with n % 16 = t1 + 8 v1 and k % 16 = v0 + 2 t0 + 8 v2 (csrc/cuda/cutlass/w4a16_cutlass_layout.hpp
 says why; tests check both agree). Two codes per byte, the even position in the low nibble.
 
-Preparation happens once per weight, on its first call that reaches this backend, and is cached
-beside the weight (a second copy of the codes, N*K/2 bytes, plus float32 scales/zeros for
+Preparation happens once per weight, on its first call that reaches this backend (make that an
+eager call before capturing a CUDA graph), and is cached beside the weight (a second copy of the codes, N*K/2 bytes, plus float32 scales/zeros for
 "int4") for as long as that qweight tensor lives; the packed format, the state dict and artifacts
 on disk are unchanged. The cache notices in-place changes (tensor version counters).
 """
@@ -209,7 +209,10 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], in_featur
         return hit
     s, z, inexact = kernel_scales(scales, zeros, fmt, dtype)
     p = PreparedWeight(reorder_weight(qweight, in_features, fmt), s, z, inexact, key)
-    _PREPARED[qweight] = p
+    # During CUDA-graph capture the work above is only recorded (it runs at each replay): caching
+    # its not-yet-computed output would hand later eager calls garbage. Warm up before capturing.
+    if not (qweight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _PREPARED[qweight] = p
     return p
 
 
