@@ -65,8 +65,9 @@ def test_reorder_known_positions():
              (17, 19): 512 + 256 + 32 + 8 + 4}
     for i, (nk, pos) in enumerate(spots.items()):
         codes[nk] = 1 + i % 15
-        flat = torch.stack([CW.reorder_codes(codes, False) & 0xF, CW.reorder_codes(codes, False) >> 4], 1).reshape(-1)
-        assert flat[pos] == 1 + i % 15, f"code {nk} not at {pos}"
+        packed = CW.reorder_codes(codes, signed=False)
+        flat = torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1)
+        assert flat[pos] == 1 + i % 15 and int((flat != 0).sum()) == 1, f"code {nk} not at {pos}"
         codes[nk] = 0
 
 
@@ -352,7 +353,7 @@ def test_cutlass_matches_reference(fmt, group, dtype):
     _need_cutlass()
     for m, n, k, bias in ((128, 128, 384, True), (129, 256, 576, False), (1000, 384, 1152, True), (1, 128, 384, True)):
         qweight, scales, zeros, b = _gpu_make(n, k, group, fmt, dtype, seed=m, bias=bias)
-        x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) ).to(dtype).cuda()
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
         out = w4a16_mm(x, qweight, scales, zeros, group, fmt, bias=b, backend="cutlass")
         _assert_matches(out, w4a16_mm_reference(x, qweight, scales, zeros, b, group, fmt), dtype)
 

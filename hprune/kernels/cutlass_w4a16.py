@@ -11,9 +11,10 @@ arithmetic is exactly `hprune.quant.formats.dequantize(..., dtype=T)` for T = fp
     "int4"      scale-with-zero mode with float32 s' = s.to(T) and z' = z.to(T) + 8 s': the kernel's
                 fp32 FMA (q - 8) * s' + z' rounds the exact value q * s + z once to fp32, as formats'
                 q * s + z does (q * s is exact in fp32), and then once to T. That needs z' exact in
-                fp32, which holds unless a group's |z| exceeds its scale by ~2^13 (fp16) / 2^16
-                (bf16); `prepared` checks every group (error-free TwoSum) and a weight where it fails
-                goes to the other kernels. (With T scales and zeros CUTLASS computes q * s in T and
+                fp32, which holds unless a group's |z| exceeds 8 s by more than ~2^13 (fp16) /
+                2^16 (bf16) (asymmetric zeros are about the group's minimum); `prepared` checks
+                every group (error-free TwoSum) and a weight where it fails goes to the other
+                kernels. (With T scales and zeros CUTLASS computes q * s in T and
                 then adds z in T: two roundings, a different weight.)
     "int4_sym"  scale-only mode in T: w = round_T((q - 8) * s), one rounding of an exact product.
 The products accumulate in fp32 on the tensor cores and the bias is added in fp32 before the one
@@ -41,9 +42,10 @@ with n % 16 = t1 + 8 v1 and k % 16 = v0 + 2 t0 + 8 v2 (csrc/cuda/cutlass/w4a16_c
 says why; tests check both agree). Two codes per byte, the even position in the low nibble.
 
 Preparation happens once per weight, on its first call that reaches this backend (make that an
-eager call before capturing a CUDA graph), and is cached beside the weight (a second copy of the codes, N*K/2 bytes, plus float32 scales/zeros for
-"int4") for as long as that qweight tensor lives; the packed format, the state dict and artifacts
-on disk are unchanged. The cache notices in-place changes (tensor version counters).
+eager call before capturing a CUDA graph), and is cached beside the weight (a second copy of the
+codes, N*K/2 bytes, plus float32 scales / zeros for "int4") for as long as that qweight lives;
+the packed format, the state dict and artifacts on disk are unchanged. The cache notices
+in-place changes (tensor version counters).
 """
 from __future__ import annotations
 
