@@ -3,11 +3,16 @@
 - CPU C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built when torch is importable.
 - CUDA sources (csrc/cuda/*.cu, csrc/cuda/*.cpp) are added when torch is a CUDA build and nvcc
   is found (CUDA_HOME). Architectures: TORCH_CUDA_ARCH_LIST, default "8.0;9.0a".
+- The CUTLASS kernels (csrc/cuda/cutlass/) build as a second module, `hprune._C_cutlass`, for
+  sm_90a only, when CUDA builds, the arch list includes 9.0 and the pinned `nvidia-cutlass` wheel
+  provides the headers (hprune/kernels/cutlass_headers.py; HPRUNE_NO_CUTLASS=1 skips it). It takes
+  a few minutes of nvcc; without it the other kernels serve every size.
 - HPRUNE_NO_EXT=1 skips the extension entirely (pure-Python install; the library then uses its
   Triton / PyTorch paths). A failed compile also degrades to pure Python with a warning, unless
   HPRUNE_REQUIRE_EXT=1 asks for a hard failure.
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -18,6 +23,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cutlass_headers():
+    """hprune/kernels/cutlass_headers.py (the pinned nvidia-cutlass headers and the nvcc flags),
+    loaded by path: importing the package here would run its __init__."""
+    spec = importlib.util.spec_from_file_location(
+        "hprune_cutlass_headers", os.path.join(HERE, "hprune", "kernels", "cutlass_headers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _extensions():
@@ -53,6 +68,23 @@ def _extensions():
         ext = CppExtension("hprune._C", sources, include_dirs=include_dirs, define_macros=macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
+    exts = [ext]
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if use_cuda and not _flag("HPRUNE_NO_CUTLASS") and "9.0" in arch_list:
+        headers = _cutlass_headers()
+        inc, why = headers.cutlass_include()
+        if inc is None:
+            print(f"hprune: not building the CUTLASS kernels: {why}", file=sys.stderr)
+        else:
+            print(f"hprune: building the CUTLASS kernels (sm_90a) from {why}", file=sys.stderr)
+            cutlass_dir = os.path.join("csrc", "cuda", "cutlass")
+            exts.append(CUDAExtension(
+                "hprune._C_cutlass", rel("csrc/cuda/cutlass/*.cu") + rel("csrc/cuda/cutlass/*.cpp"),
+                include_dirs=[os.path.join(HERE, cutlass_dir), inc], define_macros=macros,
+                # its explicit -gencode (sm_90a) keeps torch from adding TORCH_CUDA_ARCH_LIST's flags here
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(headers.NVCC_FLAGS)},
+            ))
+
     class OptionalBuildExt(BuildExtension):
         """A compile failure leaves a working pure-Python install (unless HPRUNE_REQUIRE_EXT=1)."""
 
@@ -74,7 +106,7 @@ def _extensions():
                 print(f"hprune: WARNING: compiling {ext.name} failed ({exc}); installing without it",
                       file=sys.stderr)
 
-    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+    return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,5 +1,6 @@
 """W4A16 matmul benchmark: bf16 F.linear (cuBLAS) vs bitsandbytes NF4 (matmul_4bit) vs hprune
-Triton vs hprune CUDA, over M and the (K, N) shapes of SD3.5-Large and FLUX.1 linears.
+Triton vs hprune CUDA vs hprune CUTLASS (Hopper), and W4A8 (FP8 activations) vs bf16 and vs the
+FP8 ceiling `torch._scaled_mm`, over M and the (K, N) shapes of SD3.5-Large and FLUX.1 linears.
 
     PYTHONPATH=. python benchmarks/bench_w4a16.py                 # GPU if present, else CPU
     PYTHONPATH=. python benchmarks/bench_w4a16.py --quick         # fewer shapes / M
@@ -15,7 +16,12 @@ Triton configurations are autotuned during warm-up (not timed).
 On the CPU the GPU kernels cannot run: it times the reference path (the CPU path of the op),
 bf16 F.linear and bitsandbytes' CPU NF4, on small shapes, and says so in the table and JSON.
 Targets (H100/H200): >= 3x bf16 at M <= 16, >= 0.95x bf16 at M >= 1024, faster than
-bitsandbytes at every M; the table marks each row.
+bitsandbytes at every M; W4A8 >= 1.5x bf16 at M >= 1024; the table marks each row.
+Rows appear only where their backend runs: "hprune CUTLASS" needs an sm_90 GPU and
+hprune._C_cutlass, W4A8 and the FP8 ceiling need FP8 tensor cores (sm_89+). "hprune auto" is the
+op's automatic choice (dispatch.ROUTES), the backend it took in the note. The FP8 ceiling is
+`torch._scaled_mm` on pre-quantised e4m3 operands with per-tensor scales: the GEMM alone, without
+the per-token activation quantisation or group scales W4A8 does.
 """
 from __future__ import annotations
 
@@ -31,8 +37,13 @@ import torch.nn.functional as TF
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import bench, env_info, print_table, write_results  # noqa: E402
+from hprune.kernels import cutlass_w4a16 as CW  # noqa: E402
 from hprune.kernels import dispatch  # noqa: E402
-from hprune.kernels.w4a16 import OP, w4a16_mm  # noqa: E402
+from hprune.kernels.w4a8 import OP as OP_W4A8  # noqa: E402
+from hprune.kernels.w4a8 import FORMATS as W4A8_FORMATS  # noqa: E402
+from hprune.kernels.w4a8 import GROUP_MULTIPLE as W4A8_GROUP_MULTIPLE  # noqa: E402
+from hprune.kernels.w4a8 import fp8_supported, w4a8_mm  # noqa: E402
+from hprune.kernels.w4a16 import OP, chosen_backend, w4a16_mm  # noqa: E402
 from hprune import formats as F  # noqa: E402
 
 # (K, N) of SD3.5-Large (hidden 2432, MLP 9728) and FLUX.1 (hidden 3072, MLP 12288, single-block
@@ -53,8 +64,14 @@ def _bnb():
         return None, str(exc)
 
 
+LABELS = {"reference": "hprune reference", "triton": "hprune Triton", "cuda": "hprune CUDA",
+          "cutlass": "hprune CUTLASS", "auto": "hprune auto"}
+FP8_CEILING = "torch._scaled_mm FP8"
+
+
 def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: str, group: int,
-                 copies_for: Callable[[int], int], backends: list[str]) -> dict[str, dict[str, Any]]:
+                 copies_for: Callable[[int], int], backends: list[str],
+                 w4a8_backends: list[str] = ()) -> dict[str, dict[str, Any]]:
     """{method: {"make": x -> [callables over weight copies], "bytes": weight bytes, "note": str}}."""
     gen = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
@@ -73,12 +90,42 @@ def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: 
     qs = [(q.qweight, q.scales, q.zeros)] + [(q.qweight.clone(), q.scales.clone(),
                                              None if q.zeros is None else q.zeros.clone()) for _ in range(nq - 1)]
     for be in backends:
-        if be not in dispatch.available(OP, device):
+        if be != "auto" and be not in dispatch.available(OP, device):
             continue
-        label = {"reference": "hprune reference", "triton": "hprune Triton", "cuda": "hprune CUDA"}[be]
+        label = LABELS[be]
+        if be == "cutlass":
+            why = CW.cutlass_unsupported(torch.empty(1, k, dtype=dtype, device=device), q.qweight, q.scales, q.zeros,
+                                         group, fmt)
+            if why:
+                methods[label] = {"error": f"not served: {why}"}
+                continue
         methods[label] = {
-            "make": lambda x, be=be: [lambda t=t: w4a16_mm(x, t[0], t[1], t[2], group, fmt, backend=be) for t in qs],
-            "bytes": qbytes, "note": f"{fmt} g{group}", "backend": be, "q": q}
+            "make": lambda x, be=be: [lambda t=t: w4a16_mm(x, t[0], t[1], t[2], group, fmt,
+                                                           backend=None if be == "auto" else be) for t in qs],
+            "bytes": qbytes, "note": f"{fmt} g{group}", "backend": None if be == "auto" else be, "q": q,
+            "op": OP}
+
+    # W4A8: the same packed weight, FP8 (e4m3) activations quantised per token on the fly
+    if fmt in W4A8_FORMATS and group % W4A8_GROUP_MULTIPLE == 0:
+        for be in w4a8_backends:
+            if be not in dispatch.available(OP_W4A8, device):
+                continue
+            methods[f"hprune W4A8 {LABELS[be].split()[-1]}"] = {
+                "make": lambda x, be=be: [lambda t=t: w4a8_mm(x, t[0], t[1], t[2], group, fmt, backend=be) for t in qs],
+                "bytes": qbytes, "note": f"{fmt} g{group}, e4m3 activations", "backend": be, "q": q, "op": OP_W4A8}
+    # the FP8 ceiling: an e4m3 x e4m3 GEMM (cuBLASLt on a GPU), operands already in FP8
+    if w4a8_backends and (device.type == "cpu" or fp8_supported(device)) and k % 16 == 0 and n % 16 == 0:
+        w8 = (w.float() / w.float().abs().amax().clamp_min(1e-12) * 448).to(torch.float8_e4m3fn)
+        n8 = copies_for(w8.numel())
+        w8s = [w8] + [w8.clone() for _ in range(n8 - 1)]
+        one = torch.ones((), device=device)
+
+        def fp8_calls(x):
+            x8 = x.to(torch.float8_e4m3fn)  # outside the timed calls: the GEMM alone
+            return [lambda wi=wi: torch._scaled_mm(x8, wi.t(), scale_a=one, scale_b=one, out_dtype=dtype) for wi in w8s]
+
+        methods[FP8_CEILING] = {"make": fp8_calls, "bytes": w8.numel(),
+                                "note": "e4m3 GEMM only, per-tensor scales (W4A8's ceiling)"}
 
     bnb, bf = _bnb()
     if bnb is not None:
@@ -100,8 +147,8 @@ def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: 
 
 def time_graph(calls: list[Callable[[], Any]], per_graph: int, replays: int) -> float:
     """Median ms per call: `per_graph` calls (cycling over `calls`) captured in one CUDA graph."""
-    for c in calls[:2]:
-        c()  # warm-up outside capture (Triton autotuning, lazy allocations)
+    for c in calls:
+        c()  # warm-up outside capture (Triton autotuning, lazy allocations, CUTLASS's once-per-weight reorder)
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -130,11 +177,12 @@ def time_graph(calls: list[Callable[[], Any]], per_graph: int, replays: int) -> 
 
 def check(method: dict[str, Any], x: torch.Tensor, group: int, fmt: str) -> float | None:
     """Max |out - reference| / max |reference| of an hprune backend (guards against timing a wrong kernel)."""
-    if "backend" not in method:
+    if "op" not in method:
         return None
     q = method["q"]
-    out = w4a16_mm(x, q.qweight, q.scales, q.zeros, group, fmt, backend=method["backend"])
-    ref = w4a16_mm(x, q.qweight, q.scales, q.zeros, group, fmt, backend="reference")
+    fn = w4a8_mm if method["op"] == OP_W4A8 else w4a16_mm
+    out = fn(x, q.qweight, q.scales, q.zeros, group, fmt, backend=method["backend"])
+    ref = fn(x, q.qweight, q.scales, q.zeros, group, fmt, backend="reference")
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
@@ -146,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=F.DEFAULT_GROUP_SIZE)
     ap.add_argument("--m", default=None, help="comma-separated M values")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 2432x2432,3072x12288")
-    ap.add_argument("--backends", default="reference,triton,cuda",
-                    help="hprune backends to time (those that run on the device)")
+    ap.add_argument("--backends", default="reference,triton,cuda,cutlass,auto",
+                    help="hprune W4A16 backends to time (those that run on the device; auto: the op's choice)")
+    ap.add_argument("--w4a8-backends", default="triton,reference",
+                    help="hprune W4A8 backends to time (GPU: triton; CPU: reference), plus the FP8 ceiling; "
+                         "empty: no W4A8 rows")
     ap.add_argument("--timing", default="graph", choices=["graph", "eager"])
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -162,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         shapes = shapes[:2]
     ms = [int(v) for v in args.m.split(",")] if args.m else (MS if gpu else CPU_MS)
     backends = [b for b in args.backends.split(",") if b]
+    w4a8_backends = [b for b in args.w4a8_backends.split(",") if b]
     if not gpu:
         backends = [b for b in backends if b == "reference"]  # Triton on CPU is the (slow) interpreter
+        w4a8_backends = [b for b in w4a8_backends if b == "reference"]
+    else:  # on a GPU the W4A8 reference is an emulation, not a candidate: time the kernels
+        w4a8_backends = [b for b in w4a8_backends if b != "reference"]
     env = env_info(device)
     note = ("GPU: CUDA-graph timing over L2-exceeding weight copies" if gpu and args.timing == "graph"
             else "GPU: eager CUDA-event timing" if gpu
@@ -175,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for k, n in shapes:
-        methods = make_methods(k, n, device, dtype, args.fmt, args.group, copies_for, backends)
+        methods = make_methods(k, n, device, dtype, args.fmt, args.group, copies_for, backends, w4a8_backends)
         for m in ms:
             x = (torch.randn(m, k, device=device) ).to(dtype)
             times: dict[str, float] = {}
@@ -198,21 +253,30 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 times[name] = ms_
                 flops = 2.0 * m * n * k
+                note = meth["note"]
+                if name == LABELS["auto"]:
+                    qq = meth["q"]
+                    note = f"{note} -> {chosen_backend(x, qq.qweight, qq.scales, qq.zeros, args.group, args.fmt)}"
                 row.update(ms=ms_, us=ms_ * 1e3, tflops=flops / ms_ / 1e9, weight_gbps=meth["bytes"] / ms_ / 1e6,
-                           note=meth["note"])
+                           note=note)
                 err = check(meth, x[: min(m, 64)], args.group, args.fmt) if gpu else None
                 if err is not None:
                     row["max_rel_err"] = err
                 rows.append(row)
             base = next((t for nm, t in times.items() if "F.linear" in nm), None)
             bnb_t = times.get("bnb NF4 matmul_4bit")
+            fp8_t = times.get(FP8_CEILING)
             for row in rows:
                 if row["K"] == k and row["N"] == n and row["M"] == m and "ms" in row:
                     if base:
                         row["x_vs_bf16"] = base / row["ms"]
-                    if bnb_t and row["method"].startswith("hprune"):
+                    if bnb_t and row["method"].startswith("hprune") and "W4A8" not in row["method"]:
                         row["x_vs_bnb"] = bnb_t / row["ms"]
-                    if gpu and row["method"] in ("hprune Triton", "hprune CUDA"):
+                    if fp8_t and "W4A8" in row["method"]:
+                        row["x_vs_fp8"] = fp8_t / row["ms"]
+                    if gpu and "W4A8" in row["method"] and m >= 1024:
+                        row["targets"] = f">=1.5x bf16: {'ok' if row.get('x_vs_bf16', 0) >= 1.5 else 'MISS'}"
+                    if gpu and row["method"] in ("hprune Triton", "hprune CUDA", "hprune CUTLASS", "hprune auto"):
                         tgt = []
                         if m <= 16:
                             tgt.append(f">=3x bf16: {'ok' if row.get('x_vs_bf16', 0) >= 3 else 'MISS'}")
@@ -223,14 +287,15 @@ def main(argv: list[str] | None = None) -> int:
                         row["targets"] = "; ".join(tgt)
             print_table([r for r in rows if r["K"] == k and r["N"] == n and r["M"] == m],
                         ["K", "N", "M", "method", "us", "tflops", "weight_gbps", "x_vs_bf16", "x_vs_bnb",
-                         "max_rel_err", "targets", "note"])
+                         "x_vs_fp8", "max_rel_err", "targets", "note"])
     if not gpu:  # CPU timings on a shared machine: record how busy it was
         payload_load = {"loadavg_1_5_15min": os.getloadavg(), "cpu_count": os.cpu_count()}
     else:
         payload_load = {}
     payload = {"benchmark": "w4a16_mm", "env": {**env, **payload_load}, "note": note, "dtype": args.dtype, "fmt": args.fmt,
                "group_size": args.group, "timing": args.timing if gpu else "cpu wall clock (median)",
-               "shapes": shapes, "ms": ms, "rows": rows}
+               "shapes": shapes, "ms": ms, "rows": rows,
+               "routes": [vars(r) for r in dispatch.ROUTES]}
     if gpu and "triton" in backends:
         from hprune.kernels.triton_w4a16 import tuned_configs
         payload["triton_configs"] = tuned_configs()

@@ -24,6 +24,23 @@ def load_extension():
 load_extension.error = None  # type: ignore[attr-defined]
 
 
+@functools.lru_cache(maxsize=None)
+def load_cutlass_extension():
+    """Returns `hprune._C_cutlass` (the sm_90a CUTLASS kernels, built only with CUDA and the pinned
+    nvidia-cutlass headers), or None. Importing it registers `torch.ops.hprune.w4a16_mm_cutlass`."""
+    if load_extension() is None:
+        return None
+    try:
+        from hprune import _C_cutlass
+    except ImportError as exc:
+        load_cutlass_extension.error = str(exc)
+        return None
+    return _C_cutlass
+
+
+load_cutlass_extension.error = None  # type: ignore[attr-defined]
+
+
 def build_info() -> dict:
     """What the compiled extension contains: {'available', 'cuda', 'openmp', ...}."""
     ext = load_extension()
@@ -31,4 +48,5 @@ def build_info() -> dict:
         return {"available": False, "cuda": False, "reason": load_extension.error or "HPRUNE_NO_EXT=1 or not built"}
     info = dict(ext.build_info())
     info["available"] = True
+    info["cutlass"] = load_cutlass_extension() is not None
     return info

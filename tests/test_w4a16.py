@@ -251,7 +251,8 @@ def test_triton_autotuner_picks_a_correct_config(monkeypatch):
 @pytest.mark.gpu
 def test_auto_backend_on_gpu_prefers_cuda_then_triton():
     order = dispatch.available(OP, "cuda")
-    assert dispatch.select(OP, "cuda").name == order[0]
+    # without M the table (dispatch.ROUTES) names nothing: cutlass serves only the rows it is routed to
+    assert dispatch.select(OP, "cuda").name == [n for n in order if n != "cutlass"][0]
     assert "triton" in order and "reference" in order
 
 

@@ -310,6 +310,8 @@ def test_forced_backend_errors(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="has no 'cuda' backend"):
         w4a8_mm(x, qw, s, z, 64, "int4", backend="cuda")
     with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        w4a8_mm(x, qw, s, z, 64, "int4", backend="fast")
+    with pytest.raises(BackendUnavailableError, match="has no 'cutlass' backend"):  # W4A16 only (see cutlass_w4a16)
         w4a8_mm(x, qw, s, z, 64, "int4", backend="cutlass")
     monkeypatch.setenv("HPRUNE_BACKEND_W4A8_MM", "cuda")
     with pytest.raises(BackendUnavailableError, match="has no 'cuda' backend"):

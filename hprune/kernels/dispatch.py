@@ -1,8 +1,10 @@
 """The one place that decides which implementation runs an op.
 
-Every op registers named backends; the automatic choice takes the first that can run on the
-input's device in the order of `PREFERENCE`:
+Every op registers named backends; the automatic choice first asks the table `ROUTES` (which
+backend serves which op, GPU architecture and M range), then takes the first backend that can
+run on the input's device in the order of `PREFERENCE`:
 
+    cutlass    CUTLASS (sm_90a) kernels from `hprune._C_cutlass`: only where a row of ROUTES names them
     cuda       CUDA C++ from `hprune._C` (built only with a CUDA torch and nvcc)
     triton     Triton kernels (on a GPU; on the CPU only when forced, under TRITON_INTERPRET=1)
     cpp        CPU C++ from `hprune._C`
@@ -29,7 +31,7 @@ import torch
 
 from hprune.errors import BackendUnavailableError
 
-PREFERENCE = ("cuda", "triton", "cpp", "reference")
+PREFERENCE = ("cutlass", "cuda", "triton", "cpp", "reference")
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,69 @@ def _forced(op: str, explicit: str | None) -> tuple[str | None, bool]:
     return None, False
 
 
-def select(op: str, device: torch.device | str, backend: str | None = None) -> Backend:
-    """Picks the backend that runs `op` on `device` (see module docstring for the rules)."""
+# ---- which backend serves which sizes ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """`backend` serves `op` on GPUs of compute capability arch_min..arch_max for M (rows of the
+    activation) in m_min..m_max (None: no upper bound)."""
+    op: str
+    backend: str
+    arch_min: tuple[int, int]
+    arch_max: tuple[int, int]
+    m_min: int = 1
+    m_max: int | None = None
+
+
+# The one table of size- and architecture-dependent choices; the first matching row wins. A backend
+# named here runs automatically only where its rows say; whatever no row covers goes to the first
+# backend in PREFERENCE order that runs on the device (cuda, else triton, ...; reference on the CPU).
+ROUTES: tuple[Route, ...] = (
+    # w4a16_mm on Hopper from one full 128-row tile of x up: CUTLASS's wgmma + TMA mixed-input
+    # GEMM (128 x 128 tiles) is compute-bound there, where the mma.sync kernel is capped well
+    # below Hopper's tensor-core peak. Below 128 rows the 128-wide tile is mostly idle and the
+    # weights' memory traffic dominates: the split-K CUDA kernel (16-row tiles) keeps M < 128.
+    # sm_90 only: sm_90a code does not run on other architectures. Inputs the kernel does not
+    # take (nf4, fp32 activations, group_size % 64, N % 128, K % 64) fall through to cuda / triton
+    # (hprune/kernels/cutlass_w4a16.py says why). The boundary awaits an H100/H200 benchmark.
+    Route("w4a16_mm", "cutlass", (9, 0), (9, 0), m_min=128),
+    # w4a8_mm: no CUTLASS row (its mixed-input path would round q * scale to FP8): Triton serves it.
+)
+
+
+def route(op: str, capability: tuple[int, int] | None, m: int | None) -> str | None:
+    """The backend ROUTES names for `op` at this compute capability (None: not a GPU) and M, or None."""
+    if capability is None or m is None:
+        return None
+    for r in ROUTES:
+        if r.op == op and r.arch_min <= tuple(capability) <= r.arch_max and m >= r.m_min and (
+                r.m_max is None or m <= r.m_max):
+            return r.backend
+    return None
+
+
+def _routed_only(op: str) -> set[str]:
+    return {r.backend for r in ROUTES if r.op == op}
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device (cached), None for other devices."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
+
+
+def select(op: str, device: torch.device | str, backend: str | None = None, *, m: int | None = None,
+           capability: tuple[int, int] | None = None) -> Backend:
+    """Picks the backend that runs `op` on `device` (see module docstring for the rules). `m`: rows
+    of the activation, for ROUTES; `capability`: the GPU's (major, minor), read from `device` when
+    None (tests pass one to check the table without that GPU)."""
     device = torch.device(device)
     regs = _REGISTRY.get(op)
     if not regs:
@@ -123,9 +186,13 @@ def select(op: str, device: torch.device | str, backend: str | None = None) -> B
         if strict:
             raise BackendUnavailableError(
                 f"{op} has no {name!r} backend (it has: {', '.join(backends(op))})")
+    routed = route(op, capability if capability is not None else device_capability(device), m)
+    if routed is not None and routed in regs and regs[routed].auto(device):
+        return regs[routed]
+    only = _routed_only(op)
     for n in PREFERENCE:
         b = regs.get(n)
-        if b is not None and b.auto(device):
+        if b is not None and n not in only and b.auto(device):
             return b
     raise BackendUnavailableError(f"no backend of {op} runs on device {device}")
 

@@ -1,17 +1,21 @@
 """`torch.ops.hprune.w4a16_mm`: y = x @ W^T (+ bias) with W stored as packed 4-bit codes.
 
-One op (torch.library schema + fake kernel, so torch.compile traces through it), three backends
+One op (torch.library schema + fake kernel, so torch.compile traces through it), four backends
 behind `hprune.kernels.dispatch` (op name "w4a16_mm"):
 
+    cutlass    CUTLASS wgmma mixed-input kernel from hprune._C_cutlass (sm_90 only; int4 / int4_sym;
+               fp16/bf16; group_size % 64, N % 128, K % 64): chosen by dispatch.ROUTES for M >= 128
+               on Hopper; its weight order and exact arithmetic: hprune.kernels.cutlass_w4a16
     cuda       CUDA C++ mma.sync kernel from hprune._C (sm_80+; fp16/bf16; K, N multiples of 8)
     triton     Triton kernel (any shape; fp16/bf16/fp32); on the CPU only under TRITON_INTERPRET=1
     reference  plain PyTorch: dequantise, fp32 matmul, round once. The CPU path and the oracle.
 
 Force one with `backend=` (strict), `hprune.kernels.use_backend(name)`, or the environment
 (`HPRUNE_BACKEND_W4A16_MM=triton`, `HPRUNE_BACKEND=reference`). When the automatic choice lands
-on the CUDA backend for inputs it does not take (fp32 activations, K or N not a multiple of 8,
-unusual group sizes, misaligned pointers) the op uses Triton instead; a forced "cuda" raises
-ShapeError naming the reason.
+on the cutlass or CUDA backend for inputs it does not take (nf4 or fp32 activations for cutlass,
+fp32 activations, K or N not a multiple of 8, unusual group sizes, misaligned pointers) the op
+uses the next backend in preference order that takes them (cutlass -> cuda -> triton); a forced
+"cutlass" or "cuda" raises ShapeError naming the reason.
 
 The packed layout and the exact weights used are documented in `hprune.formats`.
 """
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hprune.errors import BackendUnavailableError, ShapeError
+from hprune.kernels import cutlass_w4a16 as CW
 from hprune.kernels import dispatch
 from hprune import formats as F
 
@@ -138,24 +143,82 @@ def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Te
     return torch.ops.hprune.w4a16_mm_cuda(x, qweight, scales, zeros, bias, group_size, F.FMT_ID[fmt])
 
 
+# ---- CUTLASS backend (Hopper) ---------------------------------------------------------------------
+
+def _cutlass_supports(device: torch.device) -> bool:
+    if device.type != "cuda" or dispatch.device_capability(device) != CW.CAPABILITY:
+        return False
+    from hprune._ext import load_cutlass_extension
+
+    return load_cutlass_extension() is not None and dispatch.ext_has("w4a16_mm_cutlass")
+
+
+def _cutlass_why_not(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"the cutlass backend of {OP} needs a CUDA tensor (got device {device})"
+    cap = dispatch.device_capability(device)
+    if cap != CW.CAPABILITY:
+        got = f"sm_{cap[0]}{cap[1]}" if cap else "no compute capability"
+        return f"the cutlass backend of {OP} is sm_90a code (H100 / H200); {device} has {got}"
+    from hprune._ext import load_cutlass_extension
+
+    return (f"the cutlass backend of {OP} is not built ({load_cutlass_extension.error or 'hprune._C_cutlass missing'}); "
+            f"rebuild with a CUDA torch, nvcc and nvidia-cutlass==4.2.0.0: python setup.py build_ext --inplace")
+
+
+@dispatch.register(OP, "cutlass", supports=_cutlass_supports, why_not=_cutlass_why_not)
+def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                     bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
+    why = CW.cutlass_unsupported(x, qweight, scales, zeros, group_size, fmt, bias)
+    if why:
+        raise ShapeError(why)
+    p = CW.prepared(qweight, scales, zeros, x.shape[-1], group_size, fmt, x.dtype)
+    if p.inexact:
+        raise ShapeError(p.inexact)
+    return torch.ops.hprune.w4a16_mm_cutlass(x, p.codes, p.scales, p.zeros, bias, group_size, F.FMT_ID[fmt])
+
+
 # ---- the op ---------------------------------------------------------------------------------------
 
+def _unsupported(name: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                 bias: Optional[Tensor], group_size: int, fmt: str) -> Optional[str]:
+    if name == "cutlass":
+        return CW.cutlass_unsupported(x, qweight, scales, zeros, group_size, fmt, bias) or CW.prepared(
+            qweight, scales, zeros, x.shape[-1], group_size, fmt, x.dtype).inexact
+    if name == "cuda":
+        return cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
+    return None  # triton and reference take every validated input
+
+
 def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-            group_size: int, backend: Optional[str]) -> dispatch.Backend:
-    """The backend for these inputs (as the kernel will receive them): an automatic choice of cuda
-    that cannot take them falls to the next backend instead of raising."""
-    b = dispatch.select(OP, x.device, backend)
-    if b.name == "cuda":
-        why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
-        if why:
-            forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
-            if forced == "cuda":
-                raise ShapeError(why)
-            # automatic choice: the next backend that runs here takes shapes CUDA does not
-            for name in ("triton", "reference"):
-                if name in dispatch.available(OP, x.device) and dispatch._REGISTRY[OP][name].auto(x.device):  # noqa: SLF001
-                    return dispatch._REGISTRY[OP][name]  # noqa: SLF001
-    return b
+            group_size: int, fmt: str, backend: Optional[str]) -> dispatch.Backend:
+    """The backend for these inputs (as the kernel will receive them): an automatic choice of
+    cutlass or cuda that cannot take them falls to the next backend that can instead of raising."""
+    b = dispatch.select(OP, x.device, backend, m=x.numel() // x.shape[-1])
+    why = _unsupported(b.name, x, qweight, scales, zeros, bias, group_size, fmt)
+    if why is None:
+        return b
+    forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
+    if forced == b.name:
+        raise ShapeError(why)
+    regs = dispatch._REGISTRY[OP]  # noqa: SLF001
+    for name in dispatch.PREFERENCE[dispatch.PREFERENCE.index(b.name) + 1:]:
+        cand = regs.get(name)
+        if cand is not None and cand.auto(x.device) and _unsupported(name, x, qweight, scales, zeros, bias,
+                                                                     group_size, fmt) is None:
+            return cand
+    return regs["reference"]
+
+
+def chosen_backend(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
+                   group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
+                   backend: Optional[str] = None) -> str:
+    """Name of the backend `w4a16_mm` runs for these arguments (the table, the device, the inputs)."""
+    if fmt is None:
+        fmt = "int4" if zeros is not None else "int4_sym"
+    validate(x, qweight, scales, zeros, bias, group_size, fmt)
+    scales, zeros, bias = _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype)
+    return _choose(x, qweight, scales, zeros, bias, group_size, fmt, backend).name
 
 
 @torch.library.custom_op("hprune::w4a16_mm", mutates_args=())
@@ -166,7 +229,7 @@ def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
     if m == 0:
         return x.new_empty(out_shape)
     scales, zeros, bias = _as_act(scales, x.dtype), _as_act(zeros, x.dtype), _as_act(bias, x.dtype)
-    b = _choose(x, qweight, scales, zeros, bias, group_size, backend)
+    b = _choose(x, qweight, scales, zeros, bias, group_size, fmt, backend)
     out = b.fn(x.reshape(m, k), qweight, scales, zeros, bias, group_size, fmt)
     return out.reshape(out_shape)
 
@@ -212,7 +275,7 @@ def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
         group_size: K values per scale (a multiple of 32).
         fmt: "int4" (needs zeros), "int4_sym" or "nf4"; default: "int4" if zeros is given else "int4_sym".
         bias: (N,) or None.
-        backend: force "cuda", "triton" or "reference" (default: automatic, see module docstring).
+        backend: force "cutlass", "cuda", "triton" or "reference" (default: automatic, see module docstring).
     Returns (..., N) in x's dtype.
     Raises ShapeError for bad arguments, BackendUnavailableError for a forced backend that cannot run."""
     if fmt is None:
@@ -222,4 +285,5 @@ def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     return torch.ops.hprune.w4a16_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend)
 
 
-__all__ = ["w4a16_mm", "w4a16_mm_reference", "validate", "cuda_unsupported", "OP"]
+__all__ = ["w4a16_mm", "w4a16_mm_reference", "w4a16_mm_cutlass", "chosen_backend", "validate", "cuda_unsupported",
+           "OP"]
