@@ -120,10 +120,15 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
             state, meta = StableDiffusion3Pipeline.lora_state_dict(source, return_lora_metadata=True, **kw)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise CheckpointError(f"cannot read the LoRA {source}: {exc}") from None
+    return dict(state), dict(alphas or {}), _own_metadata(meta)
+
+
+def _own_metadata(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The transformer's PEFT adapter metadata (diffusers keys it per component: "transformer.r")."""
     meta = dict(meta or {})
-    if any(k.startswith("transformer.") for k in meta):  # diffusers keys it per component
+    if any(k.startswith("transformer.") for k in meta):
         meta = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
-    return dict(state), dict(alphas or {}), meta
+    return meta
 
 
 def _split_keys(state: Mapping[str, torch.Tensor], alphas: Mapping[str, float]
@@ -249,6 +254,14 @@ def _kept_indices(model: nn.Module, path: str, out_orig: int, in_orig: int
     return rows, cols
 
 
+def _check_name(model: nn.Module, adapter_name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", adapter_name):
+        raise HpruneError(f"adapter name must be letters, digits and _, got {adapter_name!r}")
+    if adapter_name in getattr(model, _ATTR, {}):
+        raise HpruneError(f"a LoRA named {adapter_name!r} is already applied; remove_lora(model, "
+                          f"{adapter_name!r}) first or pick another adapter_name")
+
+
 # -- public API ---------------------------------------------------------------------------------------
 def apply_lora(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], scale: float = 1.0,
                adapter_name: str = "default", *, warn: bool = True) -> LoraReport:
@@ -260,14 +273,14 @@ def apply_lora(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.
         adapter_name: several adapters can be active at once under different names.
         warn: emit a warning naming the dropped modules.
     Returns a LoraReport. Raises HpruneError if nothing of the LoRA fits the model."""
-    if not re.fullmatch(r"[A-Za-z0-9_]+", adapter_name):
-        raise HpruneError(f"adapter name must be letters, digits and _, got {adapter_name!r}")
+    _check_name(model, adapter_name)
+    state, alphas, meta = read_lora(source, get_adapter(model).family)
+    return _apply(model, state, alphas, meta, scale, adapter_name, warn)
+
+
+def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], alphas: Mapping[str, float],
+           meta: Mapping[str, Any], scale: float, adapter_name: str, warn: bool) -> LoraReport:
     adapters: dict[str, _Adapter] = getattr(model, _ATTR, {})
-    if adapter_name in adapters:
-        raise HpruneError(f"a LoRA named {adapter_name!r} is already applied; remove_lora(model, "
-                          f"{adapter_name!r}) first or pick another adapter_name")
-    family = get_adapter(model).family
-    state, alphas, meta = read_lora(source, family)
     modules, other = _split_keys(state, alphas)
     if not modules:
         raise CheckpointError("the LoRA has no transformer layers (lora_A / lora_B keys)")
@@ -351,3 +364,45 @@ def remove_lora(model: nn.Module, adapter_name: str | None = None) -> int:
             n += 1
     object.__setattr__(model, _ATTR, adapters)
     return n
+
+
+
+def enable_diffusers_lora(target: Any) -> Any:
+    """Lets diffusers' LoRA calls reach hprune's layers (PEFT cannot wrap W4A16Linear / W4A8Linear
+    or sliced layers, and FLUX's loader would re-widen shrunk ones):
+
+    - on a pipeline: `pipe.load_lora_weights(src, adapter_name=None, scale=1.0)` runs `apply_lora`
+      on its transformer (returning the report) and `pipe.unload_lora_weights()` runs `remove_lora`;
+    - on a transformer: `load_lora_adapter` / `unload_lora`, what SD3 pipelines call after reading
+      and converting the file, do the same (FLUX pipelines first reshape layers: use a pipeline from
+      `hprune.load_pipeline`, or `apply_lora`).
+
+    `hprune.load_compressed` and `hprune.load_pipeline` do this already. Returns `target`."""
+    transformer = getattr(target, "transformer", None)
+    if transformer is not None:
+        enable_diffusers_lora(transformer)
+
+        def load_lora_weights(pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
+                              scale: float = 1.0, **_: Any) -> LoraReport:
+            return apply_lora(transformer, pretrained_model_name_or_path_or_dict, scale=scale,
+                              adapter_name=adapter_name or "default")
+
+        object.__setattr__(target, "load_lora_weights", load_lora_weights)
+        object.__setattr__(target, "unload_lora_weights", lambda: remove_lora(transformer) and None)
+        return target
+
+    def load_lora_adapter(pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer",
+                          network_alphas: Mapping[str, float] | None = None, adapter_name: str | None = None,
+                          metadata: Mapping[str, Any] | None = None, **_: Any) -> None:
+        name = adapter_name or "default"
+        _check_name(target, name)
+        if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+            state, alphas, meta = (pretrained_model_name_or_path_or_dict, network_alphas or {},
+                                   _own_metadata(metadata))
+        else:
+            state, alphas, meta = read_lora(pretrained_model_name_or_path_or_dict, get_adapter(target).family)
+        _apply(target, state, alphas, meta, 1.0, name, warn=True)
+
+    object.__setattr__(target, "load_lora_adapter", load_lora_adapter)
+    object.__setattr__(target, "unload_lora", lambda: remove_lora(target) and None)
+    return target
