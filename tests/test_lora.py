@@ -51,8 +51,8 @@ def compressed(name, quant=False, shrink=True):
     if shrink:  # magnitude: no compensation, so kept weights are exact slices of the original's
         obs_prune_model(m, None, 0.5, "structured", method="magnitude")
     if quant:  # the first blocks W4A8, the rest W4A16
-        quantize_model(m, 64, include=["transformer_blocks.0."], act="fp8")
-        quantize_model(m, 32)
+        quantize_model(m, 64, include=["transformer_blocks.0."], act="fp8", refine=False)
+        quantize_model(m, 32, refine=False)
     return m
 
 
@@ -109,14 +109,19 @@ def test_sliced_layers_get_the_original_update_on_their_rows_and_columns(name, t
             d_c = (layer(eye) - F.linear(eye, w_c, layer.bias)).t()
             d_o = orig.get_delta_weight("default")
         if w_c.shape[1] == w_o.shape[1]:  # rows kept (producers, AdaLN chunks)
-            rows = [int((w_o == r).all(1).nonzero()[0]) for r in w_c]
-            want = d_o[rows]
+            want = d_o[_match(w_c, w_o)]
         else:  # columns kept (consumers)
             assert w_c.shape[0] == w_o.shape[0]
-            cols = [int((w_o == c.unsqueeze(1)).all(0).nonzero()[0]) for c in w_c.t()]
-            want = d_o[:, cols]
+            want = d_o[:, _match(w_c.t(), w_o.t())]
         assert (p in rep.sliced) == (want.shape != d_o.shape)
         torch.testing.assert_close(d_c, want, rtol=1e-5, atol=1e-6, msg=p)
+
+
+def _match(kept, full):
+    """Index in `full` (n, k) of each row of `kept` (m, k): rows are distinct random vectors."""
+    eq = (kept[:, None, :] == full[None]).all(-1)
+    assert (eq.sum(1) == 1).all()
+    return eq.float().argmax(1)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
@@ -151,8 +156,8 @@ def test_compressed_model_moves_like_the_original(name, tmp_path):
 
 def _quant_only(name):
     m = fresh(name)
-    quantize_model(m, 64, include=["transformer_blocks.0."], act="fp8")
-    quantize_model(m, 32)
+    quantize_model(m, 64, include=["transformer_blocks.0."], act="fp8", refine=False)
+    quantize_model(m, 32, refine=False)
     return m
 
 
@@ -243,19 +248,23 @@ def test_errors(tmp_path):
         set_lora_scale(m, 1.0, "other")
 
 
-def test_torch_compile_fullgraph_compressed_with_lora(tmp_path):
-    """torch.compile(fullgraph=True) of a compressed transformer (pruned blocks, shrunk heads and
-    neurons, W4A16 and W4A8 layers, LoRA on) runs on the CPU with no graph break and gives the
-    eager output (inductor reorders float32 sums: rtol 1e-4, atol 1e-5)."""
-    _, path = make_lora("tiny-sd3", tmp_path)
-    m = compressed("tiny-sd3", quant=True)
+@pytest.mark.parametrize("name,backend", [("tiny-flux", "inductor"), ("tiny-sd3", "eager")])
+def test_torch_compile_fullgraph_compressed_with_lora(name, backend, tmp_path):
+    """torch.compile(fullgraph=True) of a compressed transformer (pruned blocks and components,
+    shrunk heads and neurons, W4A16 and W4A8 layers, LoRA on) runs on the CPU with no graph break
+    and gives the eager output. tiny-flux goes through inductor (its generated C++ reorders float32
+    sums: rtol 1e-4, atol 1e-5; cold compile ~1 min on 2 busy cores); tiny-sd3's other block code
+    through dynamo alone (backend "eager": the same graph capture and fake kernels, exact)."""
+    _, path = make_lora(name, tmp_path)
+    m = compressed(name, quant=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         apply_lora(m, path)
     x = inputs(m, batch=1)
     eager = out(m, x)
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True)
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
     with torch.no_grad():
         got = compiled(**x, return_dict=False)[0]
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-5) if backend == "inductor" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(got, eager, **tol)
