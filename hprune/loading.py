@@ -93,13 +93,17 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
         artifact = base / "transformer"
     art = find_artifact(artifact)
     doc = read_recipe(art)
+    index = read_json(base / PIPELINE_INDEX, PIPELINE_INDEX)
+    if not isinstance(index, dict):
+        raise ModelNotFoundError(f"{base / PIPELINE_INDEX}: not a pipeline index")
     cfg_file = base / "transformer" / "config.json"
     if cfg_file.is_file():
-        index = read_json(base / PIPELINE_INDEX, PIPELINE_INDEX)
-        base_cls = (index.get("transformer") or [None, None])[1] if isinstance(index, dict) else None
+        base_cls = (index.get("transformer") or [None, None])[1]
         check_pipeline_fits(base_cls, read_json(cfg_file, "base transformer config"), doc["class_name"],
                             doc["base_config"], str(base))
     transformer = load_compressed(art, device=device, dtype=dtype)
-    pipe = DiffusionPipeline.from_pretrained(str(base), transformer=transformer,
+    # components saved as absent (e.g. no text encoders: prompt embeddings are passed in) stay absent
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(base), transformer=transformer, **absent,
                                              **({"torch_dtype": dtype} if dtype is not None else {}))
     return enable_diffusers_lora(pipe.to(device))
