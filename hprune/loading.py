@@ -76,8 +76,6 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
     Returns the pipeline (its own VAE, text encoders, tokenizers and scheduler). Its
     `load_lora_weights` / `unload_lora_weights` apply a LoRA to the compressed transformer
     (`hprune.apply_lora`; the report is returned)."""
-    from diffusers import DiffusionPipeline
-
     from hprune.artifacts import PIPELINE_INDEX, check_pipeline_fits, find_artifact, read_recipe
     from hprune.errors import HpruneError
     from hprune.io import read_json
@@ -102,8 +100,20 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
         check_pipeline_fits(base_cls, read_json(cfg_file, "base transformer config"), doc["class_name"],
                             doc["base_config"], str(base))
     transformer = load_compressed(art, device=device, dtype=dtype)
-    # components saved as absent (e.g. no text encoders: prompt embeddings are passed in) stay absent
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(str(base), transformer=transformer, **absent,
+    return enable_diffusers_lora(open_pipeline(base, device=device, dtype=dtype, transformer=transformer))
+
+
+def open_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  **components: Any) -> Any:
+    """`DiffusionPipeline.from_pretrained(folder, **components)` on `device`; components the folder
+    saved as absent (e.g. no text encoders: prompt embeddings are passed in) stay absent."""
+    from diffusers import DiffusionPipeline
+
+    from hprune.artifacts import PIPELINE_INDEX
+    from hprune.io import read_json
+
+    index = read_json(Path(folder) / PIPELINE_INDEX, PIPELINE_INDEX)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None and k not in components}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **components,
                                              **({"torch_dtype": dtype} if dtype is not None else {}))
-    return enable_diffusers_lora(pipe.to(device))
+    return pipe.to(device)
