@@ -127,15 +127,16 @@ def _match(kept, full):
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_compressed_model_moves_like_the_original(name, tmp_path):
     """Pruned + shrunk + W4A16 / W4A8: (compressed with LoRA - compressed) matches (original with
-    LoRA - original). The LoRA update is ~10 % of the output; measured rel. error of the update
-    0.02-0.06 with quantisation alone and 0.12-0.20 with pruning and shrinking too (the removed
-    parts change what the update passes through): bounds 0.1 and 0.3, cosine > 0.97.
+    LoRA - original). The LoRA update is 12-15 % of the output; measured rel. error of the update
+    0.017-0.018 with quantisation alone and 0.12-0.18 with pruning and shrinking too (the removed
+    parts change what the update passes through; cosine 0.984-0.993): bounds 0.05 and 0.3,
+    cosine > 0.97.
     Removing the LoRA restores bit-identical outputs; the scale is linear in the branch."""
     peft_model, path = make_lora(name, tmp_path)
     orig = fresh(name)
     x = inputs(orig)
     d_orig = out(peft_model, x) - out(orig, x)
-    for m, bound in ((_quant_only(name), 0.1),
+    for m, bound in ((_quant_only(name), 0.05),
                      (compressed(name, quant=True), 0.3)):
         assert any(isinstance(l, W4A8Linear) for l in m.modules())
         assert any(type(l) is W4A16Linear for l in m.modules())
