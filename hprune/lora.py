@@ -81,16 +81,18 @@ def _buffer_names(adapter: str) -> tuple[str, str, str]:
     return f"lora_down_{adapter}", f"lora_up_{adapter}", f"lora_up_bias_{adapter}"
 
 
-def _make_hook(adapter: _Adapter, scaling: float, names: tuple[str, str, str]):
-    down_name, up_name, bias_name = names
+class _LoraHook:
+    """Forward hook adding the branch of one adapter to one layer's output. An object, not a
+    closure, so that a deep copy of the model gets hooks bound to its own adapter copy."""
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+    def __init__(self, adapter: _Adapter, scaling: float, names: tuple[str, str, str]) -> None:
+        self.adapter, self.scaling, self.names = adapter, float(scaling), names
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        down_name, up_name, bias_name = self.names
         down, up = getattr(module, down_name), getattr(module, up_name)
-        delta = F.linear(F.linear(x.to(down.dtype), down), up, getattr(module, bias_name, None))
-        return output + (adapter.scale * scaling) * delta.to(output.dtype)
-
-    return hook
+        delta = F.linear(F.linear(args[0].to(down.dtype), down), up, getattr(module, bias_name, None))
+        return output + (self.adapter.scale * self.scaling) * delta.to(output.dtype)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], alphas: Mapping[
         layer.register_buffer(names[1], B.detach().to(ref.device, dtype).contiguous(), persistent=False)
         if bias is not None:
             layer.register_buffer(names[2], bias.detach().to(ref.device, dtype), persistent=False)
-        adapter.handles.append(layer.register_forward_hook(_make_hook(adapter, scaling, names)))
+        adapter.handles.append(layer.register_forward_hook(_LoraHook(adapter, scaling, names)))
         adapter.modules.append((layer, [n for n in names if n in layer._buffers]))
         report.applied.append(path)
         if sliced:
@@ -377,32 +379,42 @@ def enable_diffusers_lora(target: Any) -> Any:
       and converting the file, do the same (FLUX pipelines first reshape layers: use a pipeline from
       `hprune.load_pipeline`, or `apply_lora`).
 
-    `hprune.load_compressed` and `hprune.load_pipeline` do this already. Returns `target`."""
+    `hprune.load_compressed` and `hprune.load_pipeline` do this already. Returns `target`. The
+    methods are bound to `target` (a deep copy gets its own)."""
+    import types
+
     transformer = getattr(target, "transformer", None)
     if transformer is not None:
         enable_diffusers_lora(transformer)
-
-        def load_lora_weights(pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
-                              scale: float = 1.0, **_: Any) -> LoraReport:
-            return apply_lora(transformer, pretrained_model_name_or_path_or_dict, scale=scale,
-                              adapter_name=adapter_name or "default")
-
-        object.__setattr__(target, "load_lora_weights", load_lora_weights)
-        object.__setattr__(target, "unload_lora_weights", lambda: remove_lora(transformer) and None)
-        return target
-
-    def load_lora_adapter(pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer",
-                          network_alphas: Mapping[str, float] | None = None, adapter_name: str | None = None,
-                          metadata: Mapping[str, Any] | None = None, **_: Any) -> None:
-        name = adapter_name or "default"
-        _check_name(target, name)
-        if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
-            state, alphas, meta = (pretrained_model_name_or_path_or_dict, network_alphas or {},
-                                   _own_metadata(metadata))
-        else:
-            state, alphas, meta = read_lora(pretrained_model_name_or_path_or_dict, get_adapter(target).family)
-        _apply(target, state, alphas, meta, 1.0, name, warn=True)
-
-    object.__setattr__(target, "load_lora_adapter", load_lora_adapter)
-    object.__setattr__(target, "unload_lora", lambda: remove_lora(target) and None)
+        object.__setattr__(target, "load_lora_weights", types.MethodType(_pipe_load_lora_weights, target))
+        object.__setattr__(target, "unload_lora_weights", types.MethodType(_pipe_unload_lora_weights, target))
+    else:
+        object.__setattr__(target, "load_lora_adapter", types.MethodType(_load_lora_adapter, target))
+        object.__setattr__(target, "unload_lora", types.MethodType(_unload_lora, target))
     return target
+
+
+def _pipe_load_lora_weights(pipe: Any, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
+                            scale: float = 1.0, **_: Any) -> LoraReport:
+    return apply_lora(pipe.transformer, pretrained_model_name_or_path_or_dict, scale=scale,
+                      adapter_name=adapter_name or "default")
+
+
+def _pipe_unload_lora_weights(pipe: Any) -> None:
+    remove_lora(pipe.transformer)
+
+
+def _load_lora_adapter(model: nn.Module, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer",
+                       network_alphas: Mapping[str, float] | None = None, adapter_name: str | None = None,
+                       metadata: Mapping[str, Any] | None = None, **_: Any) -> None:
+    name = adapter_name or "default"
+    _check_name(model, name)
+    if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+        state, alphas, meta = pretrained_model_name_or_path_or_dict, network_alphas or {}, _own_metadata(metadata)
+    else:
+        state, alphas, meta = read_lora(pretrained_model_name_or_path_or_dict, get_adapter(model).family)
+    _apply(model, state, alphas, meta, 1.0, name, warn=True)
+
+
+def _unload_lora(model: nn.Module) -> None:
+    remove_lora(model)

@@ -179,6 +179,26 @@ def test_scale_and_layer_update_on_a_4bit_layer(tmp_path):
     assert "lora_down_default" not in m.state_dict() and not any("lora" in k for k in m.state_dict())
 
 
+def test_a_deep_copy_has_its_own_lora(tmp_path):
+    """copy.deepcopy of a model with a LoRA (compress deep-copies models): scale and removal act on
+    the copy alone, and its diffusers-facing methods are bound to the copy."""
+    from hprune.lora import enable_diffusers_lora
+
+    _, path = make_lora("tiny-sd3", tmp_path)
+    m = enable_diffusers_lora(_quant_only("tiny-sd3"))
+    x = inputs(m)
+    base = out(m, x)
+    m.load_lora_adapter(str(path))
+    with_lora = out(m, x)
+    c = copy.deepcopy(m)
+    assert torch.equal(out(c, x), with_lora)
+    set_lora_scale(c, 0.0)
+    assert torch.equal(out(c, x), base) and torch.equal(out(m, x), with_lora)
+    c.unload_lora()
+    assert lora_adapters(c) == {} and lora_adapters(m) == {"default": 1.0}
+    assert torch.equal(out(c, x), base) and torch.equal(out(m, x), with_lora)
+
+
 def test_kohya_flux_keys_are_converted(tmp_path):
     """kohya-style FLUX keys (lora_unet_double_blocks_..., with alphas) are read through diffusers'
     converter: the fused qkv LoRA lands on to_q / to_k / to_v, linear2 on proj_out, scaled by alpha/r."""
