@@ -73,6 +73,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     if any(st.get("op") == "quantize" and st.get("backend") == "bnb" for st in recipe.get_recipe(model)):
         raise HpruneError("bitsandbytes-quantised layers (backend='bnb') cannot be stored in an hprune artifact; "
                           "convert them first with hprune.quant.convert_bnb_model(model) (exact for NF4)")
+    _warn_lora_not_saved(model)
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.device.type == "meta"]
     if meta:
@@ -102,6 +103,17 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         }
         write_json(tmp / RECIPE_FILE, doc)
     return Path(path)
+
+
+def _warn_lora_not_saved(model: nn.Module) -> None:
+    from hprune.lora import lora_adapters
+
+    names = lora_adapters(model)
+    if names:
+        import warnings
+
+        warnings.warn(f"save_compressed stores the model without its LoRA ({', '.join(names)}): apply it again "
+                      f"after loading (hprune.apply_lora)", UserWarning, stacklevel=3)
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:

@@ -163,7 +163,8 @@ def _quant_only(name):
 
 
 def test_scale_and_layer_update_on_a_4bit_layer(tmp_path):
-    """On W4A16Linear the branch is unfused: the codes stay; output = layer + scale * s * B A x."""
+    """On W4A16Linear the branch is unfused: the codes stay; output = layer + scale * s * B A x.
+    The state dict (and so an artifact) holds the model without the LoRA, with a warning."""
     peft_model, path = make_lora("tiny-sd3", tmp_path)
     m = _quant_only("tiny-sd3")
     layer = m.get_submodule("transformer_blocks.3.attn.to_q")
@@ -177,6 +178,11 @@ def test_scale_and_layer_update_on_a_4bit_layer(tmp_path):
         want = base + 0.5 * x @ orig.get_delta_weight("default").t()
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     assert "lora_down_default" not in m.state_dict() and not any("lora" in k for k in m.state_dict())
+    from hprune.artifacts import load_compressed, save_compressed
+
+    with pytest.warns(UserWarning, match="without its LoRA"):
+        save_compressed(m, tmp_path / "art")
+    assert torch.equal(load_compressed(tmp_path / "art").get_submodule("transformer_blocks.3.attn.to_q")(x), base)
 
 
 def test_a_deep_copy_has_its_own_lora(tmp_path):
