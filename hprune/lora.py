@@ -58,8 +58,8 @@ class LoraReport:
     other_keys: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"LoRA {self.adapter!r} (scale {self.scale:g}): {len(self.applied)} layers applied "
-                 f"({len(self.sliced)} sliced to pruned heads / neurons / chunks), {len(self.dropped)} dropped"]
+        lines = [(f"LoRA {self.adapter!r} (scale {self.scale:g}): {len(self.applied)} layers applied "
+                  f"({len(self.sliced)} sliced to pruned heads / neurons / chunks), {len(self.dropped)} dropped")]
         for path, why in self.dropped.items():
             lines.append(f"  dropped {path}: {why}")
         if self.other_keys:
@@ -120,7 +120,7 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
                                                                return_lora_metadata=True, **kw)
         else:
             state, meta = StableDiffusion3Pipeline.lora_state_dict(source, return_lora_metadata=True, **kw)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read the LoRA {source}: {exc}") from None
     return dict(state), dict(alphas or {}), _own_metadata(meta)
 
