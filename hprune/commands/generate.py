@@ -11,7 +11,8 @@ MODEL is one of
 --compare puts the original and the compressed model side by side from the same noise (needs the
 original: a base pipeline folder or a built-in). Image i uses seed + i.
 
-Writes OUT/compressed/NNN.png (OUT/original/NNN.png with --compare) and OUT/contact_sheet.png.
+Writes OUT/compressed/NNN.png (OUT/original/NNN.png with --compare, or alone for a built-in
+without --artifact) and OUT/contact_sheet.png.
 
 examples:
   hprune generate ./sd35-large --artifact out/ --prompt "a fox in the snow" --compare --out imgs
@@ -206,7 +207,7 @@ def _builtin_makers(args: argparse.Namespace, name: str, artifact: str | None, d
         raise HpruneError("--compare needs a compressed model: add --artifact")
     compressed = (load_compressed(artifact, device=device, dtype=dtype) if artifact
                   else load_model(name, device=device, dtype=dtype))
-    models = {"compressed": compressed}
+    models = {"compressed" if artifact else "original": compressed}
     if args.compare:
         models = {"original": load_model(name, device=device, dtype=dtype), "compressed": compressed}
     if name == "shapes-teacher":
