@@ -2,7 +2,7 @@
 
 Library entry points (imported lazily so `import hprune` stays cheap):
     load_model, save_compressed, load_compressed, load_pipeline, apply_lora, set_lora_scale,
-    remove_lora, PrunePlan, apply_plan, model_report,
+    remove_lora, enable_diffusers_lora, PrunePlan, apply_plan, model_report,
     SensitivityAdamW
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ _LAZY = {
     "apply_lora": "hprune.lora",
     "set_lora_scale": "hprune.lora",
     "remove_lora": "hprune.lora",
+    "enable_diffusers_lora": "hprune.lora",
     "HpruneError": "hprune.errors",
     "SensitivityAdamW": "hprune.optim",
 }

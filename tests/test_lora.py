@@ -259,6 +259,28 @@ def test_pipeline_load_lora_weights(tmp_path):
     assert torch.equal(generate(pipe, **emb, steps=2), base)
 
 
+def test_flux_pipeline_you_assembled(tmp_path):
+    """FLUX's own loader reshapes layers before loading (it fails on compressed ones);
+    enable_diffusers_lora(pipe) routes pipe.load_lora_weights to apply_lora (the report comes back)."""
+    from hprune.lora import enable_diffusers_lora
+    from hprune.pipelines import build_pipeline
+
+    _, path = make_lora("tiny-flux", tmp_path)
+    m = compressed("tiny-flux", quant=True)
+    ref = copy.deepcopy(m)
+    x = inputs(m)
+    base = out(m, x)
+    pipe = enable_diffusers_lora(build_pipeline(m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = pipe.load_lora_weights(str(path), scale=0.7)
+        apply_lora(ref, path, scale=0.7)
+    assert rep.applied and rep.sliced and rep.dropped
+    assert torch.equal(out(m, x), out(ref, x)) and not torch.equal(out(m, x), base)
+    pipe.unload_lora_weights()
+    assert torch.equal(out(m, x), base)
+
+
 def test_errors(tmp_path):
     m = fresh("tiny-sd3")
     with pytest.raises(CheckpointError, match="not found"):
