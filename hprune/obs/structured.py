@@ -314,14 +314,14 @@ def shrink_entry(site: StructuredSite, keep: torch.Tensor) -> dict[str, Any]:
         entry["attention"] = site.attention
         entry["kept"] = [int(k) for k in keep]  # head indices: small, useful provenance
     else:  # neurons: thousands per FFN, so a bitmask (hprune.lora slices a LoRA with it)
-        entry["kept_mask"] = _mask_hex(keep, site.count)
+        entry["kept_mask"] = _mask_hex(keep)
     if site.owner:
         entry["owner"] = site.owner
     return entry
 
 
-def _mask_hex(keep: torch.Tensor, count: int) -> str:
-    """Kept group indices as a hex bitmask (bit i of the little-endian integer = group i kept)."""
+def _mask_hex(keep: torch.Tensor) -> str:
+    """Kept group indices as a hex integer whose bit i is set when group i is kept."""
     value = 0
     for k in torch.as_tensor(keep).tolist():
         value |= 1 << int(k)
