@@ -303,7 +303,8 @@ def test_torch_compile_fullgraph_compressed_with_lora(name, backend, tmp_path):
     shrunk heads and neurons, W4A16 and W4A8 layers, LoRA on) runs on the CPU with no graph break
     and gives the eager output. tiny-flux goes through inductor (its generated C++ reorders float32
     sums: rtol 1e-4, atol 1e-5; a cold compile takes ~1.5 min on 2 busy cores, seconds once inductor
-    has cached it); tiny-sd3's other block code through dynamo alone (backend "eager": the same graph capture and fake kernels, exact)."""
+    has cached it); tiny-sd3's other block code through dynamo alone (backend "eager": the same
+    graph capture and fake kernels, exact)."""
     _, path = make_lora(name, tmp_path)
     m = compressed(name, quant=True)
     with warnings.catch_warnings():
