@@ -1,7 +1,8 @@
 """hprune: compression toolkit for large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1).
 
 Library entry points (imported lazily so `import hprune` stays cheap):
-    load_model, save_compressed, load_compressed, PrunePlan, apply_plan, model_report,
+    load_model, save_compressed, load_compressed, load_pipeline, apply_lora, set_lora_scale,
+    remove_lora, enable_diffusers_lora, PrunePlan, apply_plan, model_report,
     SensitivityAdamW
 """
 from __future__ import annotations
@@ -19,6 +20,11 @@ _LAZY = {
     "get_adapter": "hprune.models",
     "save_compressed": "hprune.artifacts",
     "load_compressed": "hprune.artifacts",
+    "load_pipeline": "hprune.loading",
+    "apply_lora": "hprune.lora",
+    "set_lora_scale": "hprune.lora",
+    "remove_lora": "hprune.lora",
+    "enable_diffusers_lora": "hprune.lora",
     "HpruneError": "hprune.errors",
     "SensitivityAdamW": "hprune.optim",
 }

@@ -47,7 +47,7 @@ def _versions() -> dict[str, str]:
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, as_pipeline: Any = None) -> Path:
     """Saves a (pruned / quantised) transformer to folder `path`.
 
     Args:
@@ -55,7 +55,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
             (its structural changes are read from the recipe that hprune's stages record).
         path: output folder; must not exist unless `overwrite`.
         extra: JSON-able data stored under "extra" in hprune.json (reports, provenance).
-    Returns the folder path.
+        as_pipeline: a diffusers pipeline (folder or loaded pipeline) of the base model: `path`
+            becomes a complete pipeline folder, the base's VAE, text encoders, tokenizers and
+            scheduler with the artifact as transformer/ (open it with `hprune.load_pipeline(path)`).
+    Returns the folder path. A LoRA applied with hprune.apply_lora is not saved (it is not part of
+    the state dict): apply it again after loading.
     """
     from safetensors.torch import save_file
 
@@ -69,6 +73,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     if any(st.get("op") == "quantize" and st.get("backend") == "bnb" for st in recipe.get_recipe(model)):
         raise HpruneError("bitsandbytes-quantised layers (backend='bnb') cannot be stored in an hprune artifact; "
                           "convert them first with hprune.quant.convert_bnb_model(model) (exact for NF4)")
+    _warn_lora_not_saved(model)
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.device.type == "meta"]
     if meta:
@@ -79,7 +84,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         raise HpruneError(f"cannot save {odd[0]}: it is a {type(state[odd[0]]).__name__}, not a plain tensor "
                           f"(e.g. a weight converted by hprune.obs.to_semi_structured); save before converting")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as out:
+        tmp = out if as_pipeline is None else _write_pipeline_components(as_pipeline, out, class_name,
+                                                                          model_config(model))
         wfile = tmp / WEIGHTS_FILE
         save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "hprune"})
         doc = {
@@ -96,6 +103,17 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         }
         write_json(tmp / RECIPE_FILE, doc)
     return Path(path)
+
+
+def _warn_lora_not_saved(model: nn.Module) -> None:
+    from hprune.lora import lora_adapters
+
+    names = lora_adapters(model)
+    if names:
+        import warnings
+
+        warnings.warn(f"save_compressed stores the model without its LoRA ({', '.join(names)}): apply it again "
+                      f"after loading (hprune.apply_lora)", UserWarning, stacklevel=3)
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -119,15 +137,18 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
 def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, verify: bool = True) -> nn.Module:
     """Loads an artifact written by `save_compressed`; returns the transformer in eval mode.
+    `path` is the artifact folder, the folder `hprune compress` wrote (its artifact/), or a pipeline
+    folder from `save_compressed(..., as_pipeline=...)` (its transformer/).
 
     Args:
         device: where the weights go.
         dtype: cast floating-point weights to this dtype (packed integer weights are untouched).
         verify: check the weights file's SHA-256 against the recipe (detects corruption).
     Raises CheckpointError for a missing, truncated or corrupted artifact."""
+    from hprune.lora import enable_diffusers_lora
     from hprune.models.registry import build_from_config, load_state_into
 
-    path = Path(path)
+    path = find_artifact(path)
     doc = read_recipe(path)
     wfile = path / doc["weights"].get("file", WEIGHTS_FILE)
     check_safetensors(wfile)
@@ -139,4 +160,90 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     load_state_into(model, state, str(path))
     if dtype is not None:
         model = model.to(dtype)
-    return model.to(device).eval()
+    return enable_diffusers_lora(model.to(device).eval())
+
+
+# -- where artifacts are, and pipeline folders around them -------------------------------------------
+PIPELINE_INDEX = "model_index.json"
+# config keys a base pipeline's transformer must share with the compressed one (its VAE latents,
+# text encoders' widths, patching)
+_PIPELINE_KEYS = ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim",
+                  "guidance_embeds")
+
+
+def find_artifact(path: str | os.PathLike) -> Path:
+    """The artifact folder behind `path`: the folder itself, the artifact/ that `hprune compress`
+    writes, or a pipeline folder's transformer/. CheckpointError names what is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"artifact not found: {p}")
+    for cand in (p, p / "artifact", p / "transformer"):
+        if (cand / RECIPE_FILE).is_file():
+            return cand
+    if (p / PIPELINE_INDEX).is_file():
+        raise CheckpointError(f"{p}: a diffusers pipeline folder whose transformer is not hprune-compressed "
+                              f"(no transformer/{RECIPE_FILE}); put a compressed transformer in it with "
+                              f"hprune.load_pipeline({str(p)!r}, ARTIFACT)")
+    return p  # read_recipe names the problem
+
+
+def check_pipeline_fits(base_class: str | None, base_config: dict[str, Any], class_name: str,
+                        config: dict[str, Any], where: str) -> None:
+    """HpruneError unless a base pipeline's transformer (class, config) can be replaced by the
+    compressed one: same class and the same inputs / outputs."""
+    if base_class and base_class != class_name:
+        raise HpruneError(f"{where}: the pipeline's transformer is a {base_class}, the compressed model a {class_name}")
+    for key in _PIPELINE_KEYS:
+        if key in base_config and key in config and base_config[key] != config[key]:
+            raise HpruneError(f"{where}: the pipeline's transformer has {key}={base_config[key]!r}, the compressed "
+                              f"model {key}={config[key]!r} (a different base model?)")
+
+
+def _write_pipeline_components(base: Any, out: Path, class_name: str, config: dict[str, Any]) -> Path:
+    """Writes the base pipeline's components except its transformer into `out` (hard links where
+    the filesystem allows, else copies) and a model_index.json naming `class_name` as the
+    transformer. Returns out/transformer (created, empty) for the artifact."""
+    import shutil
+
+    if isinstance(base, (str, os.PathLike)):
+        src = Path(base)
+        index = read_json(src / PIPELINE_INDEX, f"base pipeline index ({PIPELINE_INDEX})")
+        if not isinstance(index, dict) or "transformer" not in index:
+            raise HpruneError(f"{src}: not a diffusers pipeline folder with a transformer")
+        cfg_file = src / "transformer" / "config.json"
+        base_cfg = read_json(cfg_file, "base transformer config") if cfg_file.is_file() else {}
+        base_cls = (index["transformer"] or [None, None])[1]
+        check_pipeline_fits(base_cls, base_cfg, class_name, config, str(src))
+        for entry in src.iterdir():
+            if entry.name in ("transformer", PIPELINE_INDEX) or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, out / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, out / entry.name)
+    else:
+        if not hasattr(base, "save_pretrained") or getattr(base, "transformer", None) is None:
+            raise HpruneError(f"as_pipeline must be a diffusers pipeline (or its folder) with a transformer, "
+                              f"got {type(base).__name__}")
+        own = base.transformer
+        check_pipeline_fits(type(own).__name__, dict(own.config), class_name, config, type(base).__name__)
+        base.register_modules(transformer=None)
+        try:
+            base.save_pretrained(out, safe_serialization=True)
+        finally:
+            base.register_modules(transformer=own)
+        index = read_json(out / PIPELINE_INDEX, PIPELINE_INDEX)
+    index["transformer"] = ["diffusers", class_name]
+    write_json(out / PIPELINE_INDEX, index)
+    (out / "transformer").mkdir(exist_ok=True)
+    return out / "transformer"
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,3 +60,60 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
     model = build_from_config(cfg["_class_name"], cfg, meta=True)
     load_state_into(model, state, str(what))
     return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | None = None, *,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """A diffusers pipeline with an hprune-compressed transformer in place.
+
+    Args:
+        pipeline: a diffusers pipeline folder: the base model's (then `artifact` is required), or
+            one written by `save_compressed(..., as_pipeline=...)` (its transformer/ is the artifact).
+        artifact: the compressed transformer: an artifact folder, the folder `hprune compress`
+            wrote, or a pipeline folder holding one. Must fit the base (same class and inputs).
+        device, dtype: where the pipeline runs, and the dtype of its floating-point weights
+            (default: as stored).
+    Returns the pipeline (its own VAE, text encoders, tokenizers and scheduler). Its
+    `load_lora_weights` / `unload_lora_weights` apply a LoRA to the compressed transformer
+    (`hprune.apply_lora`; the report is returned)."""
+    from hprune.artifacts import PIPELINE_INDEX, check_pipeline_fits, find_artifact, read_recipe
+    from hprune.errors import HpruneError
+    from hprune.io import read_json
+    from hprune.lora import enable_diffusers_lora
+
+    base = Path(pipeline)
+    if not (base / PIPELINE_INDEX).is_file():
+        raise ModelNotFoundError(f"{base}: not a diffusers pipeline folder (no {PIPELINE_INDEX})")
+    if artifact is None:
+        if not (base / "transformer" / "hprune.json").is_file():
+            raise HpruneError(f"{base}: its transformer is not hprune-compressed; pass the artifact too: "
+                              f"load_pipeline({str(base)!r}, ARTIFACT)")
+        artifact = base / "transformer"
+    art = find_artifact(artifact)
+    doc = read_recipe(art)
+    index = read_json(base / PIPELINE_INDEX, PIPELINE_INDEX)
+    if not isinstance(index, dict):
+        raise ModelNotFoundError(f"{base / PIPELINE_INDEX}: not a pipeline index")
+    cfg_file = base / "transformer" / "config.json"
+    if cfg_file.is_file():
+        base_cls = (index.get("transformer") or [None, None])[1]
+        check_pipeline_fits(base_cls, read_json(cfg_file, "base transformer config"), doc["class_name"],
+                            doc["base_config"], str(base))
+    transformer = load_compressed(art, device=device, dtype=dtype)
+    return enable_diffusers_lora(open_pipeline(base, device=device, dtype=dtype, transformer=transformer))
+
+
+def open_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  **components: Any) -> Any:
+    """`DiffusionPipeline.from_pretrained(folder, **components)` on `device`; components the folder
+    saved as absent (e.g. no text encoders: prompt embeddings are passed in) stay absent."""
+    from diffusers import DiffusionPipeline
+
+    from hprune.artifacts import PIPELINE_INDEX
+    from hprune.io import read_json
+
+    index = read_json(Path(folder) / PIPELINE_INDEX, PIPELINE_INDEX)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None and k not in components}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **components,
+                                             **({"torch_dtype": dtype} if dtype is not None else {}))
+    return pipe.to(device)

@@ -233,8 +233,9 @@ def resolve(spec: str) -> tuple[str, Any]:
                                      f"and no such path")
         raise ModelNotFoundError(f"model path not found: {spec}")
     if p.is_dir():
-        if (p / "hprune.json").exists():
-            return "artifact", p
+        for art in (p, p / "artifact", p / "transformer"):  # + `hprune compress` output, compressed pipeline
+            if (art / "hprune.json").exists():
+                return "artifact", art
         if (p / "model_index.json").exists():
             if not (p / "transformer").is_dir():
                 raise ModelNotFoundError(f"{p}: pipeline folder without a transformer/ subfolder")

@@ -313,9 +313,31 @@ def shrink_entry(site: StructuredSite, keep: torch.Tensor) -> dict[str, Any]:
     if site.attention:
         entry["attention"] = site.attention
         entry["kept"] = [int(k) for k in keep]  # head indices: small, useful provenance
+    else:  # neurons: thousands per FFN, so a bitmask (hprune.lora slices a LoRA with it)
+        entry["kept_mask"] = _mask_hex(keep)
     if site.owner:
         entry["owner"] = site.owner
     return entry
+
+
+def _mask_hex(keep: torch.Tensor) -> str:
+    """Kept group indices as a hex integer whose bit i is set when group i is kept."""
+    value = 0
+    for k in torch.as_tensor(keep).tolist():
+        value |= 1 << int(k)
+    return format(value, "x")
+
+
+def kept_groups(entry: dict[str, Any]) -> torch.Tensor | None:
+    """(after,) sorted indices of the groups a shrink entry kept, or None when the recipe did not
+    record them (artifacts written before hprune recorded neuron masks)."""
+    if "kept" in entry:
+        return torch.as_tensor(entry["kept"], dtype=torch.long).sort().values
+    if "kept_mask" in entry:
+        value = int(entry["kept_mask"], 16)
+        idx = [i for i in range(int(entry["before"])) if value >> i & 1]
+        return torch.as_tensor(idx, dtype=torch.long)
+    return None
 
 
 def record_shrink(model: nn.Module, entries: list[dict[str, Any]], meta: dict[str, Any]) -> None:
