@@ -7,6 +7,7 @@ import importlib
 import sys
 
 COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "obs", "eval", "demo"]
+COMMANDS.append("selftest")  # issue 15: kernels checked on the user's device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,7 +158,7 @@ def scaled_adamw_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     check_lists(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, beta1, beta2, eps, weight_decay)
     if not params:
         return
-    impl = dispatch.select(OP, params[0].device, backend)
+    impl = dispatch.select(OP, params[0].device, backend, dtype=params[0].dtype)
     if impl.name in ("cuda", "cpp"):
         # the C++ binding checks every tensor itself (TORCH_CHECK): validate in Python only to
         # turn a failure into a precise ShapeError, keeping the per-tensor loop off the fast path
@@ -208,6 +208,39 @@ def scaled_adamw_reference(params: Sequence[Tensor], grads: Sequence[Tensor], ex
         p32.addcdiv_(m, denom, value=-step_size)
         if p32 is not p:
             p.copy_(p32)  # round to nearest even, once
+
+
+# ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
+
+def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
+    """One step over tensors of odd sizes (a single element, a tail, several chunks plus a tail,
+    one view off 16-byte alignment) with their own learning rates and step counts."""
+    sizes = (1, 1000, 3 * 16384 + 5, 4099)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    exp_avgs = [0.1 * torch.randn(n, generator=gen) for n in sizes]
+    exp_avg_sqs = [0.01 * torch.rand(n, generator=gen) for n in sizes]
+    lrs = torch.rand(len(sizes), generator=gen, dtype=torch.float64) * 1e-2
+    steps = torch.tensor([1.0, 7.0, 150.0, 2.0])
+
+    def on_device(ts: list[Tensor], misalign_last: bool) -> list[Tensor]:
+        out = [t.to(device) for t in ts]
+        if misalign_last:  # the same values in a buffer not 16-byte aligned
+            t = out[-1]
+            buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=device)
+            out[-1] = buf[2:2 + t.numel()].copy_(t)
+        return out
+
+    return [(on_device(params, True), on_device(grads, True), on_device(exp_avgs, True),
+             on_device(exp_avg_sqs, False), lrs.to(device), steps.to(device), 0.9, 0.999, 1e-8, 0.01)]
+
+
+dispatch.register_selftest(OP, dispatch.SelfTest(
+    make=_selftest_problems, outputs=lambda args, _ret: [*args[0], *args[2], *args[3]],
+    # fp32: the reference's operations in its order (FMA contraction / last-bit differences);
+    # bf16 parameters: one bf16 ulp (2^-7 relative)
+    tolerance=lambda dtype: 1e-6 if dtype == torch.float32 else 2.0 ** -7,
+    dtypes=PARAM_DTYPES))
 
 
 # ---- compiled C++ / CUDA ------------------------------------------------------------------------

@@ -138,13 +138,43 @@ def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Te
     return torch.ops.hprune.w4a16_mm_cuda(x, qweight, scales, zeros, bias, group_size, F.FMT_ID[fmt])
 
 
+# ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
+
+# Max |out - ref| / max|ref| a backend may differ from the reference: both use the same weights
+# (rounded once to T) and accumulate in fp32, so only the order and the final rounding differ
+# (the bounds of tests/test_w4a16.py).
+SELFTEST_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (M, N, K, group, fmt, bias): odd M, N and K tails, a partial last group, both the small-M
+# (split-K) and the large-M (big tile) launch paths, the zeros and the NF4-table paths
+SELFTEST_PROBLEMS = ((5, 200, 328, 64, "int4", True), (133, 72, 328, 128, "nf4", False))
+
+
+def selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator,
+                      problems=SELFTEST_PROBLEMS) -> list[tuple]:
+    """Random problems in the argument order of the backends: (x, qweight, scales, zeros, bias,
+    group_size, fmt), scales / zeros / bias already in x's dtype (as the op passes them)."""
+    out = []
+    for m, n, k, group, fmt, with_bias in problems:
+        q = F.quantize(torch.randn(n, k, generator=gen) * 0.05, group, fmt, scale_dtype=dtype, refine=False)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if with_bias else None
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        out.append((mv(x), mv(q.qweight), mv(q.scales), mv(q.zeros), mv(b), group, fmt))
+    return out
+
+
+dispatch.register_selftest(OP, dispatch.SelfTest(
+    make=selftest_problems, outputs=lambda _args, out: [out], tolerance=SELFTEST_TOL.__getitem__,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+
+
 # ---- the op ---------------------------------------------------------------------------------------
 
 def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
             group_size: int, backend: Optional[str]) -> dispatch.Backend:
     """The backend for these inputs (as the kernel will receive them): an automatic choice of cuda
     that cannot take them falls to the next backend instead of raising."""
-    b = dispatch.select(OP, x.device, backend)
+    b = dispatch.select(OP, x.device, backend, dtype=x.dtype)
     if b.name == "cuda":
         why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
         if why:
@@ -152,9 +182,7 @@ def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
             if forced == "cuda":
                 raise ShapeError(why)
             # automatic choice: the next backend that runs here takes shapes CUDA does not
-            for name in ("triton", "reference"):
-                if name in dispatch.available(OP, x.device) and dispatch._REGISTRY[OP][name].auto(x.device):  # noqa: SLF001
-                    return dispatch._REGISTRY[OP][name]  # noqa: SLF001
+            return dispatch.select(OP, x.device, backend, dtype=x.dtype, exclude=("cuda",))
     return b
 
 
