@@ -308,7 +308,7 @@ class _LRU:
 
 
 _layout_cache = _LRU()  # (device, chunk, numels) -> (numels int64 [n], chunks int32 [C, 2], C)
-_pointer_cache = _LRU()  # (device, addresses) -> (int64 [4, n] addresses, all 16-byte aligned)
+_pointer_cache = _LRU()  # (device, addresses) -> int64 [5, n]: addresses, then aligned per tensor
 
 
 _captured_host_tables: List[Tensor] = []  # host sources of copies recorded into CUDA graphs
@@ -342,13 +342,17 @@ def _layout_tables(numels: Tuple[int, ...], chunk: int, device: torch.device) ->
     return val
 
 
-def _pointer_table(tensors: Sequence[Sequence[Tensor]], device: torch.device) -> Tuple[Tensor, bool]:
+def _pointer_table(tensors: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+    """int64 [5, n]: the addresses of the n params, grads, exp_avgs, exp_avg_sqs, then 1 for each
+    tensor whose four addresses are all 16-byte aligned (the kernel vectorises those only)."""
     addrs = tuple(t.data_ptr() for lst in tensors for t in lst)
     key = (device, addrs)
     hit = _pointer_cache.get(key)
     if hit is not None:
         return hit
-    val = (_to_device(torch.tensor(addrs, dtype=torch.int64), device), all(a % 16 == 0 for a in addrs))
+    table = torch.tensor(addrs, dtype=torch.int64).view(len(tensors), -1)
+    aligned = (table % 16 == 0).all(dim=0).to(torch.int64)
+    val = _to_device(torch.cat([table, aligned[None]]).contiguous(), device)
     _pointer_cache.put(key, val)
     return val
 
@@ -368,14 +372,14 @@ def scaled_adamw_triton(params: Sequence[Tensor], grads: Sequence[Tensor], exp_a
     numels_t, chunks, n_chunks = _layout_tables(tuple(p.numel() for p in params), chunk, device)
     if n_chunks == 0:
         return
-    ptrs, aligned = _pointer_table((params, grads, exp_avgs, exp_avg_sqs), device)
+    ptrs = _pointer_table((params, grads, exp_avgs, exp_avg_sqs), device)
     hyper = hyper_table(lrs, steps, beta1, beta2, weight_decay, device)
     is_bf16 = params[0].dtype == torch.bfloat16
     w1 = 1.0 - beta1
     kernel[(n_chunks,)](
         ptrs, numels_t, chunks, hyper, len(params), w1, beta2, 1.0 - beta2, eps,
         P_DTYPE=tl.bfloat16 if is_bf16 else tl.float32, BLOCK=TRITON_BLOCK, ITERS=TRITON_ITERS,
-        ALIGNED=aligned, SOFT_BF16=is_bf16 and dispatch.triton_interpret(), LERP_SMALL=abs(w1) < 0.5,
+        SOFT_BF16=is_bf16 and dispatch.triton_interpret(), LERP_SMALL=abs(w1) < 0.5,
         num_warps=TRITON_NUM_WARPS)
 
 

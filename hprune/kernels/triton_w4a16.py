@@ -107,7 +107,27 @@ def _w4a16_kernel(
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             else:
                 z = 0.0
-        else:  # several groups per tile (a chunk never straddles two): per-row gather
+        elif BLOCK_K % GROUP == 0:
+            # BLOCK_K // GROUP whole groups per tile: one (BLOCK_N,) row of scales (and zeros) per
+            # group, selected per tile row. (A gathered (HALF, BLOCK_N) tile would be pipelined
+            # through shared memory as a full tile per stage: ~5x the weight's bytes.)
+            GPT: tl.constexpr = BLOCK_K // GROUP
+            row_group = jj // (GROUP // 2)  # tile byte jj lies in group k0 // GROUP + row_group
+            g0 = k0 // GROUP
+            s = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if FMT == 0:
+                z = tl.load(z_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                z = 0.0
+            last_g = (K - 1) // GROUP  # groups past K (the tile's masked tail) re-read the last one
+            for gg in tl.static_range(1, GPT):
+                gi = tl.minimum(g0 + gg, last_g)
+                sg = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                s = tl.where((row_group == gg)[:, None], sg[None, :], s)
+                if FMT == 0:
+                    zg = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    z = tl.where((row_group == gg)[:, None], zg[None, :], z)
+        else:  # groups not aligned to tiles (e.g. 96): per-row gather (a chunk never straddles two)
             gi = kl // GROUP
             sp = gi[:, None] * N + offs_n[None, :]
             smask = ml[:, None] & mask_n[None, :]
@@ -221,9 +241,11 @@ def _with_split(cfg: Config, m: int, n: int, k: int, sms: int, max_split: int = 
     return replace(cfg, split_k=split)
 
 
-def heuristic_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    """A reasonable configuration without tuning."""
-    sms = _sms(device)
+def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dtype: torch.dtype = torch.float16,
+                     *, arch: Optional[int] = None, sms: Optional[int] = None) -> Config:
+    """A reasonable configuration without tuning, for activations of `dtype` on `device` (or, for
+    ahead-of-time checks, a GPU of compute capability `arch` with `sms` SMs)."""
+    sms = sms or _sms(device)
     if m <= 16:
         cfg = Config(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
         return _with_split(cfg, m, n, k, sms)
@@ -275,15 +297,37 @@ _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _TUNED: dict[tuple, Config] = {}
 
 
+_captured_luts: list[torch.Tensor] = []  # NF4 tables (and host sources) recorded into CUDA graphs
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _lut(device: torch.device) -> torch.Tensor:
-    if device not in _LUT:
-        _LUT[device] = F.nf4_code(device)
+    """The 16 NF4 values (fp32) on `device`. Cached from the first eager call; a first call inside
+    CUDA-graph capture (where a pageable host-to-device copy is illegal and a cached tensor would
+    only be filled at replay) records a copy from pinned memory into the graph instead, both
+    buffers kept alive for the graph's replays."""
+    lut = _LUT.get(device)
+    if lut is not None:
+        return lut
+    if _capturing(device):
+        host = F.nf4_code().pin_memory()
+        lut = host.to(device, non_blocking=True)
+        _captured_luts.extend((host, lut))
+        return lut
+    _LUT[device] = F.nf4_code(device)
     return _LUT[device]
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     # Arrival counters of serial split-K; every launch leaves them at zero. One set per stream
-    # so concurrent launches on different streams do not share them.
+    # so concurrent launches on different streams do not share them. Inside CUDA-graph capture a
+    # fresh zeroed buffer per launch: its zeroing is recorded into the graph (a cached buffer
+    # created there would be zeroed only at replay, and two graphs' replays would share it).
+    if _capturing(device):
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
