@@ -169,39 +169,57 @@ def _collapse_split(cfg):
 
 
 def w4a16_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
-    """Every configuration `triton_w4a16.heuristic_config` returns on a GPU of `arch`, for each
-    activation dtype, crossed with the scale paths (group >= BLOCK_K: one row per tile; group <
-    BLOCK_K: one row per group) and formats (int4 reads zeros, nf4 the code table). `full` adds
-    the variants that change little (int4_sym, bias, EVEN_K, group 32 and 128)."""
+    """Every configuration `triton_w4a16.heuristic_config` returns (SD3.5 / FLUX and small shapes,
+    every M bucket, each activation dtype) on a GPU of `arch`, with the kernel variants that
+    weigh most on resources: int4 (scales and zeros) at group 32 (the most scale rows per tile)
+    and nf4 (the code values) at group 64, with a bias and a masked K tail. A configuration that
+    the heuristics choose both with and without split-K is compiled with it (the serial split-K
+    epilogue is the larger), and fp16 is left to bf16 (the same code). `full` compiles every
+    variant instead: each dtype, format and group 32 / 64 / 128, with and without split-K, bias
+    and the K tail (minutes)."""
     from hprune.kernels import triton_w4a16 as t
 
-    configs: dict[tuple, Any] = {}
+    configs: set[tuple] = set()
     for dtype in ("fp16", "bf16", "fp32"):
         for m in _MS:
             for n, k in _NKS:
-                cfg = _collapse_split(t.heuristic_config(m, n, k, None, _TORCH_DTYPE[dtype], arch=arch,
-                                                         sms=SMS[arch]))
-                configs[(cfg, dtype)] = cfg
-    groups = (32, 64, 128) if full else (64,)
-    fmts = ("int4", "nf4", "int4_sym") if full else ("int4", "nf4")
+                cfg = _collapse_split(t.heuristic_config(m, n, k, None, _TORCH_DTYPE[dtype], sms=SMS[arch]))
+                configs.add((cfg, dtype))
+    if not full:
+        configs = {(c, d) for c, d in configs
+                   if d != "fp16" and not (c.split_k == 1 and (_with_split2(c), d) in configs)}
     specs = []
-    for (cfg, dtype), _ in sorted(configs.items(), key=lambda kv: (kv[0][1], kv[0][0].short())):
-        for group in sorted(set(groups) | {cfg.block_k}):
-            for fmt in fmts:
-                for even_k, bias in (((False, True), (True, False)) if full else ((False, True),)):
-                    p = _PTR[dtype]
-                    sig = {"x_ptr": p, "w_ptr": "*u8", "s_ptr": p, "z_ptr": p, "bias_ptr": p, "lut_ptr": "*fp32",
-                           "out_ptr": p, "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                           "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
-                    const = dict(GROUP=group, FMT={"int4": 0, "int4_sym": 1, "nf4": 2}[fmt], HAS_BIAS=bias,
-                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                 SPLIT_K=cfg.split_k, SPLIT_MODE=cfg.split_mode, GROUP_M=cfg.group_m,
-                                 USE_DOT=cfg.use_dot, UPCAST=False, FP32_DOT=dtype == "fp32", EVEN_K=even_k)
-                    label = f"{cfg.short()} {dtype} {fmt} g{group}" + (" even" if even_k else "") + \
-                        (" bias" if bias else "")
-                    specs.append(LaunchSpec("w4a16", label, t._w4a16_kernel, sig, const,
-                                            cfg.num_warps, cfg.num_stages))
+    for cfg, dtype in sorted(configs, key=lambda cd: (cd[1], cd[0].short())):
+        if full:
+            variants = [(fmt, g, even, bias) for fmt in ("int4", "int4_sym", "nf4") for g in (32, 64, 128)
+                        for even, bias in ((False, True), (True, False))]
+        else:
+            variants = [("int4", 32, False, True), ("nf4", 64, False, True)]
+        for fmt, group, even_k, bias in variants:
+            specs.append(w4a16_spec(cfg, dtype, fmt, group, even_k, bias))
     return specs
+
+
+def _with_split2(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, split_k=2)
+
+
+def w4a16_spec(cfg, dtype: str, fmt: str, group: int, even_k: bool = False, bias: bool = True) -> LaunchSpec:
+    """The compile of `_w4a16_kernel` that a launch with `cfg` on these inputs makes."""
+    from hprune.kernels import triton_w4a16 as t
+
+    p = _PTR[dtype]
+    sig = {"x_ptr": p, "w_ptr": "*u8", "s_ptr": p, "z_ptr": p, "bias_ptr": p, "out_ptr": p, "ws_ptr": "*fp32",
+           "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+           "stride_om": "i32"}
+    const = dict(GROUP=group, FMT={"int4": 0, "int4_sym": 1, "nf4": 2}[fmt], HAS_BIAS=bias,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 SPLIT_K=cfg.split_k, SPLIT_MODE=cfg.split_mode, GROUP_M=cfg.group_m,
+                 USE_DOT=cfg.use_dot, UPCAST=False, FP32_DOT=dtype == "fp32", EVEN_K=even_k)
+    label = f"{cfg.short()} {dtype} {fmt} g{group}" + (" even" if even_k else "") + (" bias" if bias else "")
+    return LaunchSpec("w4a16", label, t._w4a16_kernel, sig, const, cfg.num_warps, cfg.num_stages)
 
 
 def w4a8_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
@@ -221,17 +239,17 @@ def w4a8_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
                 if (cfg, gclass) in seen:
                     continue
                 seen.add((cfg, gclass))
-                for dtype in (("fp16", "bf16", "fp32") if full else ("bf16", "fp32")):
-                    for fmt in ("int4", "int4_sym"):
+                for dtype in (("fp16", "bf16", "fp32") if full else ("bf16",)):
+                    for fmt in (("int4", "int4_sym") if full else ("int4",)):
                         p = _PTR[dtype]
                         sig = {"xq_ptr": "*fp8e4nv", "a_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*u8",
                                "s_ptr": p, "z_ptr": p, "bias_ptr": p, "out_ptr": "*fp32" if cfg.split_k > 1 else p,
                                "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32",
                                "stride_wn": "i32", "stride_om": "i32"}
-                        const = dict(GROUP=group, FMT=0 if fmt == "int4" else 1, HAS_BIAS=True,
+                        const = dict(GROUP=gclass, FMT=0 if fmt == "int4" else 1, HAS_BIAS=True,
                                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_G=16,
                                      SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, EVEN_K=False, ZPREC="tf32x3")
-                        specs.append(LaunchSpec("w4a8", f"{cfg.short()} {dtype} {fmt} g{group}", t._w4a8_kernel,
+                        specs.append(LaunchSpec("w4a8", f"{cfg.short()} {dtype} {fmt} g{gclass}", t._w4a8_kernel,
                                                 sig, const, cfg.num_warps, cfg.num_stages))
     for group in (64, 128):
         for dtype in ("bf16", "fp32"):

@@ -46,12 +46,33 @@ def _round_bf16(v):
     return b.to(tl.float32, bitcast=True)
 
 
+# The 16 NF4 values as fp32 constants (a gathered load from a table would be pipelined by Triton
+# as a full (BLOCK_K/2, BLOCK_N) fp32 tile per stage in shared memory: 128 KB at 16x64x128,
+# more than an A100 allows at 16x64x256; ahead-of-time compiles, DESIGN §7).
+for _i, _v in enumerate(F.NF4_CODE):
+    globals()[f"_NF4_{_i}"] = tl.constexpr(float(torch.tensor(_v, dtype=torch.float32)))
+
+
 @triton.jit
-def _dequant(codes, s, z, lut_ptr, FMT: tl.constexpr):
+def _nf4_value(codes):
+    # a 4-level select tree on the code's bits: exact, no memory access
+    b0 = (codes & 1) != 0
+    b1 = (codes & 2) != 0
+    b2 = (codes & 4) != 0
+    v0 = tl.where(b1, tl.where(b0, _NF4_3, _NF4_2), tl.where(b0, _NF4_1, _NF4_0))
+    v1 = tl.where(b1, tl.where(b0, _NF4_7, _NF4_6), tl.where(b0, _NF4_5, _NF4_4))
+    v2 = tl.where(b1, tl.where(b0, _NF4_11, _NF4_10), tl.where(b0, _NF4_9, _NF4_8))
+    v3 = tl.where(b1, tl.where(b0, _NF4_15, _NF4_14), tl.where(b0, _NF4_13, _NF4_12))
+    lo = tl.where(b2, v1, v0)
+    hi = tl.where(b2, v3, v2)
+    return tl.where((codes & 8) != 0, hi, lo)
+
+
+@triton.jit
+def _dequant(codes, s, z, FMT: tl.constexpr):
     # codes int32 in 0..15 -> fp32 weights; exact int->float through the 2^23 exponent trick
     if FMT == 2:
-        v = tl.load(lut_ptr + codes)
-        return v * s
+        return _nf4_value(codes) * s
     f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
     if FMT == 1:
         return (f - 8388616.0) * s  # (q - 8) * s
@@ -60,7 +81,7 @@ def _dequant(codes, s, z, lut_ptr, FMT: tl.constexpr):
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
     GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -136,8 +157,8 @@ def _w4a16_kernel(
                 z = tl.load(z_ptr + sp, mask=smask, other=0.0).to(tl.float32)
             else:
                 z = 0.0
-        wl = _dequant(wq & 0xF, s, z, lut_ptr, FMT)
-        wh = _dequant(wq >> 4, s, z, lut_ptr, FMT)
+        wl = _dequant(wq & 0xF, s, z, FMT)
+        wh = _dequant(wq >> 4, s, z, FMT)
         if EVEN_K:
             xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None], other=0.0)
             xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None], other=0.0)
@@ -242,17 +263,25 @@ def _with_split(cfg: Config, m: int, n: int, k: int, sms: int, max_split: int = 
 
 
 def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dtype: torch.dtype = torch.float16,
-                     *, arch: Optional[int] = None, sms: Optional[int] = None) -> Config:
-    """A reasonable configuration without tuning, for activations of `dtype` on `device` (or, for
-    ahead-of-time checks, a GPU of compute capability `arch` with `sms` SMs)."""
+                     *, sms: Optional[int] = None) -> Config:
+    """A reasonable configuration without tuning, for activations of `dtype` on `device` (`sms`:
+    the SM count, for ahead-of-time checks without a device).
+
+    Every configuration returned here compiles for sm_80 and sm_90 within the shared memory of
+    both and without register spills (tests/test_triton_aot.py compiles each ahead of time; the
+    numbers are in DESIGN §7): 8 warps keep the dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles in
+    registers (4 warps spilled at 16x64x128), BLOCK_K 256 spills at any warp count, and fp32
+    activations (an IEEE fp32 dot on CUDA cores) fit only a 16x64x64 tile."""
     sms = sms or _sms(device)
+    if dtype == torch.float32:
+        return _with_split(Config(16, 64, 64, num_warps=8, num_stages=3), m, n, k, sms)
     if m <= 16:
-        cfg = Config(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
-        return _with_split(cfg, m, n, k, sms)
+        return _with_split(Config(16, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
+    if m <= 32:
+        return _with_split(Config(32, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
     if m <= 128:
-        cfg = Config(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
-        return _with_split(cfg, m, n, k, sms)
-    return Config(128, 128, 64, num_warps=8, num_stages=3)
+        return _with_split(Config(64, 64, 64, num_warps=8, num_stages=4), m, n, k, sms)
+    return Config(128, 128, 32, num_warps=8, num_stages=4)
 
 
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
@@ -292,33 +321,12 @@ def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Conf
 
 # ---- launching ------------------------------------------------------------------------------------
 
-_LUT: dict[torch.device, torch.Tensor] = {}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _TUNED: dict[tuple, Config] = {}
 
 
-_captured_luts: list[torch.Tensor] = []  # NF4 tables (and host sources) recorded into CUDA graphs
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _lut(device: torch.device) -> torch.Tensor:
-    """The 16 NF4 values (fp32) on `device`. Cached from the first eager call; a first call inside
-    CUDA-graph capture (where a pageable host-to-device copy is illegal and a cached tensor would
-    only be filled at replay) records a copy from pinned memory into the graph instead, both
-    buffers kept alive for the graph's replays."""
-    lut = _LUT.get(device)
-    if lut is not None:
-        return lut
-    if _capturing(device):
-        host = F.nf4_code().pin_memory()
-        lut = host.to(device, non_blocking=True)
-        _captured_luts.extend((host, lut))
-        return lut
-    _LUT[device] = F.nf4_code(device)
-    return _LUT[device]
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -358,7 +366,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     dummy = scales
     _w4a16_kernel[(tiles, split)](
         x, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy,
-        _lut(dev), out, ws if ws is not None else out, cnt if cnt is not None else qweight,
+        out, ws if ws is not None else out, cnt if cnt is not None else qweight,
         m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
         GROUP=group_size, FMT=F.FMT_ID[fmt], HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -395,7 +403,7 @@ def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if cfg is not None:
         return cfg
     if not _autotune_enabled(x.device):
-        return heuristic_config(m, n, k, x.device)
+        return heuristic_config(m, n, k, x.device, x.dtype)
     best, best_t = None, float("inf")
     for c in candidate_configs(m, n, k, x.device):
         try:
@@ -405,7 +413,7 @@ def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             continue
         if t < best_t:
             best, best_t = c, t
-    cfg = best or heuristic_config(m, n, k, x.device)
+    cfg = best or heuristic_config(m, n, k, x.device, x.dtype)
     _TUNED[key] = cfg
     return cfg
 

@@ -1,0 +1,94 @@
+"""What a GPU launch would show, caught without a GPU (issue 15): every Triton configuration the
+launch heuristics can choose (W4A16, W4A8, the AdamW kernel) compiles ahead of time for sm_90
+and sm_80 (`triton.compile` with an explicit GPUTarget, Triton's own ptxas) within the device's
+shared memory (227 KB / 163 KB) and without register spills (no local-memory stack frame); the
+checker itself flags a configuration known not to fit; and the W4A8 FP8 dots promote to fp32
+every 32 products on sm_90 (max_num_imprecise_acc).
+
+The compiles run in a subprocess: in this process TRITON_INTERPRET=1 makes kernels interpreted
+functions. ~40 compiles, 1-2 minutes on 2 cores (Triton's cache makes reruns fast);
+`python -m hprune.kernels.triton_aot --full` compiles every variant (minutes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="triton's NVIDIA backend is not installed")
+
+SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    from dataclasses import asdict
+    from hprune.kernels import triton_aot as aot
+    from hprune.kernels.triton_w4a16 import Config as C16
+    from hprune.kernels.triton_w4a8 import Config as C8
+
+    out = {"heuristics": [asdict(r) for arch in (90, 80) for r in aot.check(aot.launch_specs(arch), arch)]}
+    # known not to fit (DESIGN §7): fp32 activations at 16x64x256 need ~300 KB
+    bad, _ = aot.compile_spec(aot.w4a16_spec(C16(16, 64, 256, num_warps=4, num_stages=4), "fp32", "int4", 64), 90)
+    out["known_bad"] = asdict(bad)
+    # W4A8 on sm_90 with BLOCK_M 64 (wgmma): what the FP8 dots accumulate in reduced precision
+    spec = [s for s in aot.w4a8_specs(90) if s.label.startswith("64x64x64 w4s4")][0]
+    spec.constexprs["FMT"] = 1  # int4_sym: only the FP8 dots (no tf32 zero-term dot)
+    _, compiled = aot.compile_spec(spec, 90)
+    ttgir = compiled.asm["ttgir"]
+    out["w4a8_imprecise_acc"] = sorted(set(int(v) for v in re.findall(r"maxNumImpreciseAcc = (\\d+)", ttgir)))
+    out["w4a8_wgmma"] = "warp_group_dot" in ttgir
+    print("AOT-JSON " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=1800)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("AOT-JSON ")][-1]
+    return json.loads(line[len("AOT-JSON "):])
+
+
+def _limit(arch: int) -> int:
+    from hprune.kernels.triton_aot import SHARED_LIMIT
+
+    return SHARED_LIMIT[arch]
+
+
+def test_every_heuristic_config_fits_sm90_and_sm80_without_spills(aot_results):
+    rows = aot_results["heuristics"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"w4a16", "w4a8", "w4a8_quant", "adamw"} <= kernels
+    assert {r["arch"] for r in rows} == {80, 90}
+    bad = [f"sm_{r['arch']} {r['kernel']} {r['label']}: shared {r['shared']} B (limit {_limit(r['arch'])}), "
+           f"{r['registers']} registers, stack {r['stack']} B {r['error']}"
+           for r in rows if r["error"] or r["shared"] > _limit(r["arch"]) or r["stack"] > 0]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_flags_a_config_that_cannot_launch(aot_results):
+    bad = aot_results["known_bad"]
+    assert not bad["error"] and bad["shared"] > _limit(90), bad
+
+
+def test_w4a8_fp8_dots_promote_every_32_products_on_sm90(aot_results):
+    assert aot_results["w4a8_wgmma"], "BLOCK_M 64 should use Hopper's wgmma (where the default is imprecise)"
+    assert aot_results["w4a8_imprecise_acc"] == [32]
