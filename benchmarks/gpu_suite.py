@@ -76,7 +76,6 @@ class Suite:
         self.env["HPRUNE_TRITON_AUTOTUNE"] = "0"  # fixed heuristic configs: no minutes of autotuning
         if self.dry:
             self.env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a GPU machine
-            self.env.setdefault("TRITON_INTERPRET", "1")
         self.steps: list[dict[str, Any]] = []
         self.skipped_from: Optional[str] = None
         self.tmp = Path(tempfile.mkdtemp(prefix="hprune-gpu-suite-"))
@@ -124,7 +123,8 @@ class Suite:
             info["wheels_install"] = "ok" if code == 0 else _tail(log, 1500)
             if code == 0:
                 self.env["PYTHONPATH"] = self.env["PYTHONPATH"] + os.pathsep + str(site)
-        probe = ("import json, torch, importlib\n"
+        probe = ("import json, torch\n"
+                 "from importlib import metadata\n"
                  "d = {'cuda_available': torch.cuda.is_available()}\n"
                  "if d['cuda_available']:\n"
                  "    p = torch.cuda.get_device_properties(0)\n"
@@ -132,19 +132,21 @@ class Suite:
                  "             memory_gib=round(p.total_memory / 2**30, 1))\n"
                  "for m in ('triton', 'diffusers', 'bitsandbytes', 'transformers', 'gemlite', 'torchao'):\n"
                  "    try:\n"
-                 "        d[m] = importlib.import_module(m).__version__\n"
-                 "    except Exception as e:\n"
+                 "        d[m] = metadata.version(m)\n"
+                 "    except metadata.PackageNotFoundError:\n"
                  "        d[m] = None\n"
-                 "print(json.dumps(d))\n")
+                 "print('PROBE ' + json.dumps(d))\n")
         code, log, _ = _run([sys.executable, "-c", probe], self.env, timeout)
-        if code == 0:
-            info.update(json.loads(log.strip().splitlines()[-1]))
+        found = [ln for ln in log.splitlines() if ln.startswith("PROBE ")]
+        if code == 0 and found:
+            info.update(json.loads(found[-1][len("PROBE "):]))
         else:
             info["probe_error"] = _tail(log, 1500)
+        probe_ok = "probe_error" not in info
         code, log, _ = _run(["nvcc", "--version"], self.env, timeout) if _which("nvcc") else (1, "no nvcc", 0)
         info["nvcc"] = log.strip().splitlines()[-1] if code == 0 else None
         self.info = info
-        ok = code == 0 or self.dry
+        ok = probe_ok
         if not self.dry and not info.get("cuda_available"):
             return {"status": "error", "result": info, "note": "no CUDA device visible: use --dry-run on a CPU"}
         return {"status": "ok" if ok else "error", "result": info}

@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent("""
     bad, _ = aot.compile_spec(aot.w4a16_spec(C16(16, 64, 256, num_warps=4, num_stages=4), "fp32", "int4", 64), 90)
     out["known_bad"] = asdict(bad)
     # W4A8 on sm_90 with BLOCK_M 64 (wgmma): what the FP8 dots accumulate in reduced precision
-    spec = [s for s in aot.w4a8_specs(90) if s.label.startswith("64x64x64 w4s4")][0]
+    spec = [s for s in aot.w4a8_specs(90) if s.kernel == "w4a8" and s.constexprs["BLOCK_M"] == 64
+            and s.constexprs["SPLIT_K"] == 1 and s.constexprs["BLOCK_K"] == 64][0]
     spec.constexprs["FMT"] = 1  # int4_sym: only the FP8 dots (no tf32 zero-term dot)
     _, compiled = aot.compile_spec(spec, 90)
     ttgir = compiled.asm["ttgir"]

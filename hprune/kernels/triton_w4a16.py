@@ -12,8 +12,13 @@ Configurations (`Config`), picked by M:
                     BLOCK_N and split-K so that enough programs stream the weight: it is
                     memory bound, ideally ~3.5x faster than bf16.
   medium M          BLOCK_M 32/64, split-K when the grid is still small.
-  large M (> 128)   128x128 / 128x256 tiles, 8 warps, grouped (L2-friendly) tile order: compute
-                    bound; the dequantisation cost is amortised over BLOCK_M rows.
+  large M (> 128)   BLOCK_M 128, grouped (L2-friendly) tile order: compute bound; the
+                    dequantisation cost is amortised over BLOCK_M rows.
+The heuristic choices are the ones that compile for sm_80 and sm_90 without spills (see
+`heuristic_config`, docs/gpu-readiness.md); the autotuner also times larger tiles, skipping any
+that fail to launch. Scales / zeros: one row per group in the K tile (a tile spans one group, or
+several whole groups selected per row; groups not aligned to tiles are gathered per row). NF4
+code values come from a select tree on the code bits (no table in memory).
 Split-K reduces either with fp32 atomics into a zeroed buffer (SPLIT_MODE 0, three launches) or
 "serially" (SPLIT_MODE 1: partials to a workspace, the last program of a tile, found with an
 acq_rel atomic counter, sums them and writes the output; one launch).
@@ -268,20 +273,21 @@ def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dty
     the SM count, for ahead-of-time checks without a device).
 
     Every configuration returned here compiles for sm_80 and sm_90 within the shared memory of
-    both and without register spills (tests/test_triton_aot.py compiles each ahead of time; the
-    numbers are in DESIGN §7): 8 warps keep the dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles in
-    registers (4 warps spilled at 16x64x128), BLOCK_K 256 spills at any warp count, and fp32
-    activations (an IEEE fp32 dot on CUDA cores) fit only a 16x64x64 tile."""
+    both and without register spills (tests/test_triton_aot.py compiles each ahead of time): the
+    dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers, so 8 warps and BLOCK_K <= 128
+    (4 warps spilled at 16x64x128, BLOCK_K 256 at any warp count; 32x64x128, 64x64x64 and
+    128x128x32 spilled on sm_80), and fp32 activations (an IEEE fp32 dot on CUDA cores) fit
+    only a 16x64x64 tile."""
     sms = sms or _sms(device)
     if dtype == torch.float32:
         return _with_split(Config(16, 64, 64, num_warps=8, num_stages=3), m, n, k, sms)
     if m <= 16:
         return _with_split(Config(16, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
     if m <= 32:
-        return _with_split(Config(32, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
+        return _with_split(Config(32, 64, 64, num_warps=8, num_stages=4), m, n, k, sms)
     if m <= 128:
-        return _with_split(Config(64, 64, 64, num_warps=8, num_stages=4), m, n, k, sms)
-    return Config(128, 128, 32, num_warps=8, num_stages=4)
+        return _with_split(Config(64, 64, 32, num_warps=8, num_stages=4), m, n, k, sms)
+    return Config(128, 64, 32, num_warps=8, num_stages=4)
 
 
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
