@@ -170,40 +170,26 @@ def _collapse_split(cfg):
 
 def w4a16_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
     """Every configuration `triton_w4a16.heuristic_config` returns (SD3.5 / FLUX and small shapes,
-    every M bucket, each activation dtype) on a GPU of `arch`, with the kernel variants that
-    weigh most on resources: int4 (scales and zeros) at group 32 (the most scale rows per tile)
-    and nf4 (the code values) at group 64, with a bias and a masked K tail. A configuration that
-    the heuristics choose both with and without split-K is compiled with it (the serial split-K
-    epilogue is the larger), and fp16 is left to bf16 (the same code). `full` compiles every
-    variant instead: each dtype, format and group 32 / 64 / 128, with and without split-K, bias
-    and the K tail (minutes)."""
+    every M bucket, each activation dtype, with and without split-K) on a GPU of `arch`, crossed
+    with the kernel variants: each format at group 32 and 64 (one scale row per tile, or one per
+    group inside it), with a bias and a masked K tail or neither. fp16 is left to bf16 (the same
+    code but for the conversions). `full` adds fp16 and group 128 (minutes)."""
     from hprune.kernels import triton_w4a16 as t
 
     configs: set[tuple] = set()
-    for dtype in ("fp16", "bf16", "fp32"):
+    for dtype in ("fp16", "bf16", "fp32") if full else ("bf16", "fp32"):
         for m in _MS:
             for n, k in _NKS:
                 cfg = _collapse_split(t.heuristic_config(m, n, k, None, _TORCH_DTYPE[dtype], sms=SMS[arch]))
                 configs.add((cfg, dtype))
-    if not full:
-        configs = {(c, d) for c, d in configs
-                   if d != "fp16" and not (c.split_k == 1 and (_with_split2(c), d) in configs)}
+    groups = (32, 64, 128) if full else (32, 64)
     specs = []
     for cfg, dtype in sorted(configs, key=lambda cd: (cd[1], cd[0].short())):
-        if full:
-            variants = [(fmt, g, even, bias) for fmt in ("int4", "int4_sym", "nf4") for g in (32, 64, 128)
-                        for even, bias in ((False, True), (True, False))]
-        else:
-            variants = [("int4", 32, False, True), ("nf4", 64, False, True)]
-        for fmt, group, even_k, bias in variants:
-            specs.append(w4a16_spec(cfg, dtype, fmt, group, even_k, bias))
+        for fmt in ("int4", "int4_sym", "nf4"):
+            for group in groups:
+                for even_k, bias in ((False, True), (True, False)):
+                    specs.append(w4a16_spec(cfg, dtype, fmt, group, even_k, bias))
     return specs
-
-
-def _with_split2(cfg):
-    from dataclasses import replace
-
-    return replace(cfg, split_k=2)
 
 
 def w4a16_spec(cfg, dtype: str, fmt: str, group: int, even_k: bool = False, bias: bool = True) -> LaunchSpec:

@@ -11,8 +11,8 @@ Configurations (`Config`), picked by M:
   small M (<= 16)   BLOCK_M = 16 (or 1-4 with USE_DOT=False: a GEMV on CUDA cores), small
                     BLOCK_N and split-K so that enough programs stream the weight: it is
                     memory bound, ideally ~3.5x faster than bf16.
-  medium M          BLOCK_M 32/64, split-K when the grid is still small.
-  large M (> 128)   BLOCK_M 128, grouped (L2-friendly) tile order: compute bound; the
+  medium M          BLOCK_M 32, split-K when the grid is still small.
+  large M (> 128)   64x128 tiles, grouped (L2-friendly) tile order: compute bound; the
                     dequantisation cost is amortised over BLOCK_M rows.
 The heuristic choices are the ones that compile for sm_80 and sm_90 without spills (see
 `heuristic_config`, docs/gpu-readiness.md); the autotuner also times larger tiles, skipping any
@@ -273,21 +273,20 @@ def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dty
     the SM count, for ahead-of-time checks without a device).
 
     Every configuration returned here compiles for sm_80 and sm_90 within the shared memory of
-    both and without register spills (tests/test_triton_aot.py compiles each ahead of time): the
-    dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers, so 8 warps and BLOCK_K <= 128
-    (4 warps spilled at 16x64x128, BLOCK_K 256 at any warp count; 32x64x128, 64x64x64 and
-    128x128x32 spilled on sm_80), and fp32 activations (an IEEE fp32 dot on CUDA cores) fit
-    only a 16x64x64 tile."""
+    both and without register spills, for every format, group size 32 / 64 / 128, with and
+    without split-K, bias and a K tail (tests/test_triton_aot.py; docs/gpu-readiness.md). The
+    dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers, hence 8 warps and small K
+    tiles: 4 warps spilled at 16x64x128, BLOCK_K 256 at any warp count, 32x64x64, 64x64x32 and
+    128x64x32 by a few bytes on sm_80 (where ptxas caps these kernels at 128 registers), and fp32
+    activations (an IEEE fp32 dot on CUDA cores) at 16x64x64."""
     sms = sms or _sms(device)
     if dtype == torch.float32:
-        return _with_split(Config(16, 64, 64, num_warps=8, num_stages=3), m, n, k, sms)
+        return _with_split(Config(16, 64, 32, num_warps=8, num_stages=3), m, n, k, sms)
     if m <= 16:
         return _with_split(Config(16, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
-    if m <= 32:
-        return _with_split(Config(32, 64, 64, num_warps=8, num_stages=4), m, n, k, sms)
     if m <= 128:
-        return _with_split(Config(64, 64, 32, num_warps=8, num_stages=4), m, n, k, sms)
-    return Config(128, 64, 32, num_warps=8, num_stages=4)
+        return _with_split(Config(32, 64, 32, num_warps=8, num_stages=4), m, n, k, sms)
+    return Config(64, 128, 32, num_warps=8, num_stages=4)
 
 
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
