@@ -53,9 +53,27 @@ def _round_bf16(v):
 
 # The 16 NF4 values as fp32 constants (a gathered load from a table would be pipelined by Triton
 # as a full (BLOCK_K/2, BLOCK_N) fp32 tile per stage in shared memory: 128 KB at 16x64x128,
-# more than an A100 allows at 16x64x256; ahead-of-time compiles, DESIGN §7).
-for _i, _v in enumerate(F.NF4_CODE):
-    globals()[f"_NF4_{_i}"] = tl.constexpr(float(torch.tensor(_v, dtype=torch.float32)))
+# more than an A100 allows at 16x64x256: docs/gpu-readiness.md).
+def _fp32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))  # the value the fp32 reference table holds
+
+
+_NF4_0 = tl.constexpr(_fp32(F.NF4_CODE[0]))
+_NF4_1 = tl.constexpr(_fp32(F.NF4_CODE[1]))
+_NF4_2 = tl.constexpr(_fp32(F.NF4_CODE[2]))
+_NF4_3 = tl.constexpr(_fp32(F.NF4_CODE[3]))
+_NF4_4 = tl.constexpr(_fp32(F.NF4_CODE[4]))
+_NF4_5 = tl.constexpr(_fp32(F.NF4_CODE[5]))
+_NF4_6 = tl.constexpr(_fp32(F.NF4_CODE[6]))
+_NF4_7 = tl.constexpr(_fp32(F.NF4_CODE[7]))
+_NF4_8 = tl.constexpr(_fp32(F.NF4_CODE[8]))
+_NF4_9 = tl.constexpr(_fp32(F.NF4_CODE[9]))
+_NF4_10 = tl.constexpr(_fp32(F.NF4_CODE[10]))
+_NF4_11 = tl.constexpr(_fp32(F.NF4_CODE[11]))
+_NF4_12 = tl.constexpr(_fp32(F.NF4_CODE[12]))
+_NF4_13 = tl.constexpr(_fp32(F.NF4_CODE[13]))
+_NF4_14 = tl.constexpr(_fp32(F.NF4_CODE[14]))
+_NF4_15 = tl.constexpr(_fp32(F.NF4_CODE[15]))
 
 
 @triton.jit
