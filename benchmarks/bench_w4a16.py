@@ -71,7 +71,7 @@ FP8_CEILING = "torch._scaled_mm FP8"
 
 def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: str, group: int,
                  copies_for: Callable[[int], int], backends: list[str],
-                 w4a8_backends: list[str] = ()) -> dict[str, dict[str, Any]]:
+                 w4a8_backends: list[str] = (), peers: bool = False) -> dict[str, dict[str, Any]]:
     """{method: {"make": x -> [callables over weight copies], "bytes": weight bytes, "note": str}}."""
     gen = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
@@ -127,6 +127,8 @@ def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: 
         methods[FP8_CEILING] = {"make": fp8_calls, "bytes": w8.numel(),
                                 "note": "e4m3 GEMM only, per-tensor scales (W4A8's ceiling)"}
 
+    if peers:
+        methods.update(peer_methods(w, group, copies_for))
     bnb, bf = _bnb()
     if bnb is not None:
         try:
@@ -143,6 +145,43 @@ def make_methods(k: int, n: int, device: torch.device, dtype: torch.dtype, fmt: 
     else:
         methods["bnb NF4 matmul_4bit"] = {"error": f"bitsandbytes unavailable: {bf}"}
     return methods
+
+
+def peer_methods(w: torch.Tensor, group: int, copies_for: Callable[[int], int]) -> dict[str, dict[str, Any]]:
+    """The 4-bit weight-only kernels users would pick instead, where their packages are installed
+    (carry their wheels: ../shared/tools/device-wheels.sh torchao gemlite): torchao's int4
+    weight-only (tinygemm) and gemlite's A16W4. A peer that is missing or fails is a row with the
+    reason, never a silent omission."""
+    n, k = w.shape
+    out: dict[str, dict[str, Any]] = {}
+
+    def linear() -> torch.nn.Linear:
+        lin = torch.nn.Linear(k, n, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        return lin
+
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        mods = []
+        for _ in range(copies_for(w.numel() // 2)):
+            lin = linear()
+            quantize_(lin, Int4WeightOnlyConfig(group_size=group))
+            mods.append(lin)
+        out["torchao int4 weight-only"] = {"make": lambda x: [lambda m_=m_: m_(x) for m_ in mods],
+                                           "bytes": w.numel() // 2, "note": f"tinygemm g{group}"}
+    except Exception as exc:  # noqa: BLE001 - not installed or not working on this torch
+        out["torchao int4 weight-only"] = {"error": f"torchao unavailable: {type(exc).__name__}: {str(exc)[:100]}"}
+    try:
+        from gemlite.helper import A16W4
+
+        mods = [A16W4(device=str(w.device)).from_linear(linear()) for _ in range(copies_for(w.numel() // 2))]
+        out["gemlite A16W4"] = {"make": lambda x: [lambda m_=m_: m_(x) for m_ in mods],
+                                "bytes": w.numel() // 2, "note": "gemlite helper A16W4"}
+    except Exception as exc:  # noqa: BLE001
+        out["gemlite A16W4"] = {"error": f"gemlite unavailable: {type(exc).__name__}: {str(exc)[:100]}"}
+    return out
 
 
 def time_graph(calls: list[Callable[[], Any]], per_graph: int, replays: int) -> float:
@@ -201,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                          "empty: no W4A8 rows")
     ap.add_argument("--timing", default="graph", choices=["graph", "eager"])
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--peers", action="store_true", help="also time torchao int4 and gemlite A16W4 (GPU, if installed)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -230,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for k, n in shapes:
-        methods = make_methods(k, n, device, dtype, args.fmt, args.group, copies_for, backends, w4a8_backends)
+        methods = make_methods(k, n, device, dtype, args.fmt, args.group, copies_for, backends, w4a8_backends,
+                               peers=args.peers and gpu)
         for m in ms:
             x = (torch.randn(m, k, device=device) ).to(dtype)
             times: dict[str, float] = {}

@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "obs", "eval", "demo", "generate"]
+COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "obs", "eval", "demo", "generate",
+            "selftest"]
 
 
 def build_parser() -> argparse.ArgumentParser:

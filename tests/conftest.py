@@ -1,5 +1,6 @@
 """Test setup: Triton runs in interpreter mode when there is no GPU, so every kernel is checked on
-the CPU too; tests that need CUDA are marked `gpu` and skipped without one."""
+the CPU too; tests that need CUDA are marked `gpu` and skipped without one (the CUDA variants of
+tests taking the `device` fixture too): `pytest -m gpu` selects everything that runs on a GPU."""
 import os
 
 import torch
@@ -25,11 +26,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _devices():
-    return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
-
-
-@pytest.fixture(params=_devices())
+# The CUDA variant carries the `gpu` mark, so `pytest -m gpu` (the GPU suite) selects it along
+# with the tests marked gpu, and a machine without CUDA skips it like those.
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    """Each test using it runs on the CPU, and on the GPU as well when one is present."""
+    """Each test using it runs on the CPU, and on the GPU as well (skipped where there is none)."""
     return torch.device(request.param)

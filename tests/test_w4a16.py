@@ -138,6 +138,50 @@ def test_triton_configs(device, cfg, bias):
         assert_matches(out, w4a16_mm_reference(x, qw, s, z, b, group, fmt), dtype)
 
 
+@pytest.mark.parametrize("group,block_k", [(32, 256), (64, 128), (128, 256), (96, 64), (96, 128)])
+def test_triton_scale_paths(device, group, block_k):
+    """The three ways a K tile meets the groups: one group per tile, whole groups per tile (one
+    row of scales / zeros per group, selected per row; 8 groups at 32 x 256) and groups not
+    aligned to tiles (96: gathered per row). K = 424 ends inside a group and inside a tile."""
+    need_triton(device)
+    from hprune.kernels.triton_w4a16 import Config, w4a16_matmul
+
+    k = 424
+    for fmt, dtype in (("int4", torch.float16), ("nf4", torch.float32)):
+        qw, s, z, b = make(40, k, group, fmt, dtype, device, seed=group + block_k)
+        x = rand_x(5, k, dtype, device, seed=group)
+        out = w4a16_matmul(x, qw, s, z, b, group, fmt, Config(16, 32, block_k))
+        assert_matches(out, w4a16_mm_reference(x, qw, s, z, b, group, fmt), dtype)
+
+
+@pytest.mark.gpu
+def test_triton_first_call_inside_cuda_graph_capture():
+    """The split-K arrival counters, created for the first time inside CUDA-graph capture (and NF4,
+    whose values are constants in the kernel: no table to copy): the graph replays correctly
+    (twice: the counters return to zero), and eager calls afterwards do not pick up buffers that
+    only the graph fills."""
+    from hprune.kernels import triton_w4a16 as t
+
+    dev = torch.device("cuda")
+    qw, s, z, b = make(200, 1024, 64, "nf4", torch.float16, dev)
+    x = rand_x(4, 1024, torch.float16, dev)
+    cfg = t.Config(16, 32, 128, split_k=4, split_mode=1)
+    ref = w4a16_mm_reference(x, qw, s, z, b, 64, "nf4")
+    t.w4a16_matmul(x, qw, s, z, b, 64, "nf4", cfg)  # compile outside capture
+    torch.cuda.synchronize()
+    t._COUNTERS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = t.w4a16_matmul(x, qw, s, z, b, 64, "nf4", cfg)
+    assert not t._COUNTERS  # nothing captured-only left in the eager caches
+    for _ in range(2):
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(y, ref, torch.float16)
+    assert_matches(t.w4a16_matmul(x, qw, s, z, b, 64, "nf4", cfg), ref, torch.float16)
+
+
 def test_triton_strided_rows(device):
     """x may be a row-strided view (unit stride on K)."""
     need_triton(device)

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     const float bc2_sqrt = hyper[n + t];
     const float decay = hyper[2 * n + t];
 
+    // per tensor: one misaligned tensor takes the scalar path alone, the others stay vectorised
     const bool aligned = reinterpret_cast<uintptr_t>(p) % Access<P>::kAlign == 0 &&
                          reinterpret_cast<uintptr_t>(g) % Access<P>::kAlign == 0 &&
                          reinterpret_cast<uintptr_t>(m) % 16 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0;
@@ -212,9 +213,12 @@ cudaError_t launch(const TensorMeta* meta, const float* hyper, int64_t n, int64_
   // persistent grid: exactly the blocks that fit at once, striding over the chunks
   int64_t grid = blocks;
   if (grid > total_chunks) grid = total_chunks;
-  scaled_adamw_kernel<P><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(meta, hyper, n,
-                                                                                  total_chunks, c);
-  return cudaGetLastError();
+  // cudaLaunchKernel returns THIS launch's error; cudaGetLastError after <<<>>> may instead
+  // report (and clear) an earlier, unrelated error of another library on this thread
+  Consts c_arg = c;
+  void* args[] = {&meta, &hyper, &n, &total_chunks, &c_arg};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(scaled_adamw_kernel<P>),
+                          dim3(static_cast<unsigned int>(grid)), dim3(kThreads), args, 0, stream);
 }
 
 }  // namespace

@@ -396,8 +396,13 @@ cudaError_t launch_tile(const W4A16Args& a, const W4A16Plan& plan, cudaStream_t 
   const int k_tiles = (a.K + C::BK - 1) / C::BK;
   const int per = (k_tiles + plan.split_k - 1) / plan.split_k;
   dim3 grid((a.N + C::BN - 1) / C::BN, (a.M + C::BM - 1) / C::BM, plan.split_k);
-  kernel<<<grid, C::THREADS, smem, stream>>>(a, per);
-  return cudaGetLastError();
+  // cudaLaunchKernel returns THIS launch's error; cudaGetLastError after <<<>>> may instead
+  // report (and clear) an earlier, unrelated error of another library on this thread
+  W4A16Args a_arg = a;
+  int per_arg = per;
+  void* args[] = {&a_arg, &per_arg};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(C::THREADS), args,
+                          static_cast<size_t>(smem), stream);
 }
 
 template <typename T, int FMT>

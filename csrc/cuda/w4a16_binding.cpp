@@ -32,8 +32,14 @@ int num_sms(int device) {
 }
 
 // Split-K arrival counters: zero between launches (each launch resets the ones it used), one
-// buffer per (device, stream) so launches on different streams never share them.
-at::Tensor counters(const at::Device& device, int64_t stream_id, int64_t needed) {
+// buffer per (device, stream) so launches on different streams never share them. Inside CUDA-graph
+// capture a fresh zeroed buffer per launch: the zeroing is recorded into the graph (a cached
+// buffer allocated there would never be zeroed for eager use, and replays of two graphs would
+// share it).
+at::Tensor counters(const at::Device& device, int64_t stream_id, int64_t needed, bool capturing) {
+  if (capturing) {
+    return at::zeros({needed}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
   static std::mutex mu;
   static std::map<std::pair<int, int64_t>, at::Tensor> cache;
   std::lock_guard<std::mutex> lock(mu);
@@ -91,7 +97,10 @@ at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor ws, cnt;
   if (plan.split_k > 1) {
     ws = at::empty({static_cast<int64_t>(plan.workspace_floats)}, x.options().dtype(at::kFloat));
-    cnt = counters(x.device(), stream.id(), plan.tiles);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TORCH_CHECK(cudaStreamIsCapturing(stream.stream(), &capture) == cudaSuccess,
+                "w4a16_mm_cuda: cudaStreamIsCapturing failed");
+    cnt = counters(x.device(), stream.id(), plan.tiles, capture != cudaStreamCaptureStatusNone);
   }
   hprune::W4A16Args args{};
   args.x = x.data_ptr();

@@ -29,32 +29,10 @@ def _update(p, g, m, v, step_size, bc2_sqrt, decay, w1, beta2, omb2, eps, LERP_S
 
 
 @triton.jit
-def scaled_adamw_kernel(ptrs, numels, chunks, hyper, n_tensors, w1, beta2, omb2, eps,
-                        P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                        ALIGNED: tl.constexpr, SOFT_BF16: tl.constexpr, LERP_SMALL: tl.constexpr):
-    """Program `pid` updates elements [c * BLOCK * ITERS, (c + 1) * BLOCK * ITERS) of tensor t.
-
-    ptrs:   int64 [4, n] addresses of param (P_DTYPE), grad (P_DTYPE), exp_avg, exp_avg_sq (fp32)
-    numels: int64 [n];   chunks: int32 [C, 2] rows (t, c);   hyper: fp32 [3, n] rows step_size,
-    bc2_sqrt, decay (see scaled_adamw.hyper_table).  w1 = 1 - beta1, omb2 = 1 - beta2."""
-    pid = tl.program_id(0)
-    t = tl.load(chunks + 2 * pid)
-    c = tl.load(chunks + 2 * pid + 1).to(tl.int64)
-    numel = tl.load(numels + t)
-    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # checked on the host; lets the compiler emit 16-byte loads and stores
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-    step_size = tl.load(hyper + t)
-    bc2_sqrt = tl.load(hyper + n_tensors + t)
-    decay = tl.load(hyper + 2 * n_tensors + t)
+def _chunk(p_ptr, g_ptr, m_ptr, v_ptr, start, numel, step_size, bc2_sqrt, decay, w1, beta2, omb2, eps,
+           P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, SOFT_BF16: tl.constexpr,
+           LERP_SMALL: tl.constexpr):
     lane = tl.arange(0, BLOCK)
-    start = c * (BLOCK * ITERS)
     for i in range(ITERS):
         base = start + i * BLOCK
         offs = base + lane
@@ -83,3 +61,36 @@ def scaled_adamw_kernel(ptrs, numels, chunks, hyper, n_tensors, w1, beta2, omb2,
                 tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def scaled_adamw_kernel(ptrs, numels, chunks, hyper, n_tensors, w1, beta2, omb2, eps,
+                        P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                        SOFT_BF16: tl.constexpr, LERP_SMALL: tl.constexpr):
+    """Program `pid` updates elements [c * BLOCK * ITERS, (c + 1) * BLOCK * ITERS) of tensor t.
+
+    ptrs:   int64 [5, n]: addresses of param (P_DTYPE), grad (P_DTYPE), exp_avg, exp_avg_sq (fp32),
+            then 1 where all four are 16-byte aligned (per tensor: one misaligned tensor does not
+            slow the others down)
+    numels: int64 [n];   chunks: int32 [C, 2] rows (t, c);   hyper: fp32 [3, n] rows step_size,
+    bc2_sqrt, decay (see scaled_adamw.hyper_table).  w1 = 1 - beta1, omb2 = 1 - beta2."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + 2 * pid)
+    c = tl.load(chunks + 2 * pid + 1).to(tl.int64)
+    numel = tl.load(numels + t)
+    p_ptr = tl.load(ptrs + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(ptrs + n_tensors + t).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(ptrs + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(ptrs + 3 * n_tensors + t).to(tl.pointer_type(tl.float32))
+    aligned = tl.load(ptrs + 4 * n_tensors + t)
+    step_size = tl.load(hyper + t)
+    bc2_sqrt = tl.load(hyper + n_tensors + t)
+    decay = tl.load(hyper + 2 * n_tensors + t)
+    start = c * (BLOCK * ITERS)
+    if aligned != 0:  # checked on the host; lets the compiler emit 16-byte loads and stores
+        _chunk(tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(m_ptr, 16),
+               tl.multiple_of(v_ptr, 16), start, numel, step_size, bc2_sqrt, decay, w1, beta2, omb2, eps,
+               P_DTYPE, BLOCK, ITERS, SOFT_BF16, LERP_SMALL)
+    else:
+        _chunk(p_ptr, g_ptr, m_ptr, v_ptr, start, numel, step_size, bc2_sqrt, decay, w1, beta2, omb2, eps,
+               P_DTYPE, BLOCK, ITERS, SOFT_BF16, LERP_SMALL)

@@ -18,14 +18,30 @@ A forced backend that cannot run raises `BackendUnavailableError` naming why; it
 back silently. (1) and the per-op variable in (3) are strict for ops that lack the backend too;
 (2) and `HPRUNE_BACKEND` apply only to ops that have a backend of that name, so one setting can
 force a family of ops without breaking the others.
+
+Self-test (issue 15): kernels that never ran on the user's GPU prove themselves there. An op
+registers one small random problem (`register_selftest`); the first time a backend is chosen in a
+process for a key (op, backend, device capability, dtype), `select(..., dtype=...)` runs that
+backend on the problem and compares it with the "reference" backend. A backend that fails is
+disabled for the key with ONE warning naming op, backend, GPU and error, and the next backend in
+`PREFERENCE` takes over (a forced backend that fails raises `BackendUnavailableError` instead:
+forcing never falls back silently). The check never runs inside CUDA-graph capture or
+torch.compile tracing (the choice is made unchecked there and the key checked on the next eager
+call). `HPRUNE_SELFTEST=0` turns the first-call checks off, `=1` runs them on every device;
+unset, they run on CUDA devices only (the CPU backends are tested in CI). The cost is one small
+problem per key, once per process; `hprune selftest` runs and prints them all. A new backend is
+covered by its registration alone: the problem and tolerance belong to the op.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -165,11 +181,16 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capabilities[index]
 
 
-def select(op: str, device: torch.device | str, backend: str | None = None, *, m: int | None = None,
+def select(op: str, device: torch.device | str, backend: str | None = None, *,
+           dtype: torch.dtype | None = None, exclude: Sequence[str] = (), m: int | None = None,
            capability: tuple[int, int] | None = None) -> Backend:
-    """Picks the backend that runs `op` on `device` (see module docstring for the rules). `m`: rows
-    of the activation, for ROUTES; `capability`: the GPU's (major, minor), read from `device` when
-    None (tests pass one to check the table without that GPU)."""
+    """Picks the backend that runs `op` on `device` (see module docstring for the rules).
+
+    dtype: the inputs' dtype; when given, the chosen backend is self-tested on the first call of
+        its key (see the module docstring) and skipped (automatic choice) if it failed.
+    exclude: backends the automatic choice must skip for these inputs (e.g. a shape they reject).
+    m: rows of the activation, for ROUTES; capability: the GPU's (major, minor), read from
+        `device` when None (tests pass one to check the table without that GPU)."""
     device = torch.device(device)
     regs = _REGISTRY.get(op)
     if not regs:
@@ -182,19 +203,211 @@ def select(op: str, device: torch.device | str, backend: str | None = None, *, m
             b = regs[name]
             if not b.supports(device):
                 raise BackendUnavailableError(b.why_not(device))
+            if dtype is not None:
+                failure = _checked(op, b, device, dtype)
+                if failure is not None:
+                    raise BackendUnavailableError(failure)
             return b
         if strict:
             raise BackendUnavailableError(
                 f"{op} has no {name!r} backend (it has: {', '.join(backends(op))})")
     routed = route(op, capability if capability is not None else device_capability(device), m)
-    if routed is not None and routed in regs and regs[routed].auto(device):
+    if (routed is not None and routed in regs and routed not in exclude and regs[routed].auto(device)
+            and (dtype is None or _checked(op, regs[routed], device, dtype) is None)):
         return regs[routed]
     only = _routed_only(op)
     for n in PREFERENCE:
         b = regs.get(n)
-        if b is not None and n not in only and b.auto(device):
-            return b
+        if b is None or n in exclude or n in only or not b.auto(device):
+            continue
+        if dtype is not None and _checked(op, b, device, dtype) is not None:
+            continue  # failed its self-test here: warned once, the next backend takes over
+        return b
     raise BackendUnavailableError(f"no backend of {op} runs on device {device}")
+
+
+# ---- self-test: each kernel checked against the reference on the user's device ----------------
+
+@dataclass(frozen=True)
+class SelfTest:
+    """How to check a backend of one op against its "reference" backend.
+
+    make(device, dtype, generator) -> a list of problems, each the positional args of `Backend.fn`:
+        small and random, with odd tails (fresh tensors on every call: in-place ops mutate them).
+    outputs(args, returned) -> the tensors to compare (the return value, or the mutated inputs).
+    tolerance(dtype) -> largest allowed max|got - ref| / max|ref| (relative to the output's scale).
+    dtypes: the dtypes `hprune selftest` checks."""
+
+    make: Callable[[torch.device, torch.dtype, torch.Generator], list[tuple]]
+    outputs: Callable[[tuple, Any], Sequence[torch.Tensor]]
+    tolerance: Callable[[torch.dtype], float]
+    dtypes: tuple[torch.dtype, ...]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    op: str
+    backend: str
+    device: str  # capability key: "sm_90", "cpu"
+    dtype: torch.dtype
+    status: str  # "ok", "FAIL" or "n/a" (the backend does not take this dtype / problem)
+    max_error: float  # max|got - ref| / max|ref| over the outputs (nan when it did not run)
+    tolerance: float
+    seconds: float  # wall time of the check (backend + reference, including any compile)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "FAIL"
+
+
+_SELFTESTS: dict[str, SelfTest] = {}
+_CHECKS: dict[tuple, CheckResult] = {}
+_checks_lock = threading.RLock()
+SELFTEST_SEED = 1234
+
+
+def register_selftest(op: str, test: SelfTest) -> None:
+    """Registers the self-test problem of `op` (one per op, shared by all its backends)."""
+    _SELFTESTS[op] = test
+
+
+def selftest_ops() -> list[str]:
+    return sorted(_SELFTESTS)
+
+
+def device_key(device: torch.device | str) -> str:
+    """What a self-test result holds for: the compute capability ("sm_90") on CUDA, else the type."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    return device.type
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device_key(device)})"
+    return device.type
+
+
+def _first_call_checks_on(device: torch.device) -> bool:
+    mode = os.environ.get("HPRUNE_SELFTEST", "")
+    if mode == "0":
+        return False
+    return mode == "1" or device.type == "cuda"
+
+
+def capturing_or_tracing(device: torch.device) -> bool:
+    """True inside torch.compile tracing or CUDA-graph capture, where no check may run."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    worst = 0.0
+    if len(got) != len(ref):
+        return math.inf
+    for g, r in zip(got, ref):
+        if g.shape != r.shape:
+            return math.inf
+        g32, r32 = g.detach().float(), r.detach().float()
+        if not bool(torch.isfinite(g32).all()):
+            return math.inf
+        scale = float(r32.abs().max()) if r32.numel() else 0.0
+        diff = float((g32 - r32).abs().max()) if r32.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def run_selftest(op: str, backend: str, device: torch.device | str, dtype: torch.dtype) -> CheckResult:
+    """Runs backend `backend` of `op` on the op's self-test problems and compares it with the
+    reference backend on the same inputs. Problems the backend declines (ShapeError: a shape or
+    format it does not serve) are skipped; one that declines them all is "n/a". Never raises for
+    a failing kernel: the result says."""
+    device = torch.device(device)
+    test = _SELFTESTS[op]
+    b = _REGISTRY[op][backend]
+    ref = _REGISTRY[op]["reference"]
+    tol = test.tolerance(dtype)
+    key = device_key(device)
+    start = time.perf_counter()
+
+    def problems() -> list[tuple]:
+        gen = torch.Generator().manual_seed(SELFTEST_SEED)  # own generator: the user's RNG is untouched
+        return test.make(device, dtype, gen)
+
+    from hprune.errors import ShapeError
+
+    got: list[torch.Tensor] = []
+    want: list[torch.Tensor] = []
+    taken: list[int] = []  # the problems this backend takes (a ShapeError: not its shape / dtype)
+    declined = ""
+    try:
+        with torch.no_grad():
+            for i, args in enumerate(problems()):
+                try:
+                    out = b.fn(*args)
+                except ShapeError as exc:
+                    declined = declined or str(exc)
+                    continue
+                got += [t.clone() for t in test.outputs(args, out)]
+                taken.append(i)
+            if not taken:  # takes none of them (e.g. this dtype): nothing to check, not a failure
+                return CheckResult(op, backend, key, dtype, "n/a", math.nan, tol, time.perf_counter() - start,
+                                   declined)
+            for i, args in enumerate(problems()):
+                if i in taken:
+                    want += list(test.outputs(args, ref.fn(*args)))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - a crashing kernel is exactly what the check is for
+        return CheckResult(op, backend, key, dtype, "FAIL", math.nan, tol, time.perf_counter() - start,
+                           f"{type(exc).__name__}: {exc}".strip()[:300])
+    err = _rel_error(got, want)
+    ok = err <= tol
+    return CheckResult(op, backend, key, dtype, "ok" if ok else "FAIL", err, tol, time.perf_counter() - start,
+                       "" if ok else f"max error {err:.3g} > tolerance {tol:.3g} (relative to max|reference|)")
+
+
+def _checked(op: str, b: Backend, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if backend `b` may run `op` on `device` with `dtype`, else why not (it failed its
+    self-test; warned once). Runs the check on the key's first call (not under capture/tracing)."""
+    if b.name == "reference" or op not in _SELFTESTS or not _first_call_checks_on(device):
+        return None
+    key = (op, b.name, device_key(device), dtype)
+    res = _CHECKS.get(key)
+    if res is None:
+        if capturing_or_tracing(device):
+            return None  # unchecked here; checked on the next eager call
+        with _checks_lock:
+            res = _CHECKS.get(key)
+            if res is None:
+                res = run_selftest(op, b.name, device, dtype)
+                _CHECKS[key] = res
+                if not res.ok:
+                    warnings.warn(
+                        f"hprune: the {b.name!r} kernel of {op} failed its self-test on {device_name(device)} "
+                        f"with {str(dtype).replace('torch.', '')} ({res.error}); it is disabled for this "
+                        f"process and the next backend runs instead. Please report this (hprune selftest "
+                        f"prints the details).", RuntimeWarning, stacklevel=4)
+    if res.ok:
+        return None
+    return (f"the {b.name!r} backend of {op} failed its self-test on {device_name(device)} with {dtype}: "
+            f"{res.error}")
+
+
+def check_results() -> list[CheckResult]:
+    """The first-call checks run so far in this process."""
+    return list(_CHECKS.values())
+
+
+def reset_checks() -> None:
+    """Forgets every first-call check (the next call of each key checks again)."""
+    with _checks_lock:
+        _CHECKS.clear()
 
 
 # ---- capability probes shared by the ops -------------------------------------------------------

@@ -158,7 +158,7 @@ def scaled_adamw_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     check_lists(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, beta1, beta2, eps, weight_decay)
     if not params:
         return
-    impl = dispatch.select(OP, params[0].device, backend)
+    impl = dispatch.select(OP, params[0].device, backend, dtype=params[0].dtype)
     if impl.name in ("cuda", "cpp"):
         # the C++ binding checks every tensor itself (TORCH_CHECK): validate in Python only to
         # turn a failure into a precise ShapeError, keeping the per-tensor loop off the fast path
@@ -208,6 +208,39 @@ def scaled_adamw_reference(params: Sequence[Tensor], grads: Sequence[Tensor], ex
         p32.addcdiv_(m, denom, value=-step_size)
         if p32 is not p:
             p.copy_(p32)  # round to nearest even, once
+
+
+# ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
+
+def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
+    """One step over tensors of odd sizes (a single element, a tail, several chunks plus a tail,
+    one view off 16-byte alignment) with their own learning rates and step counts."""
+    sizes = (1, 1000, 3 * 16384 + 5, 4099)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    exp_avgs = [0.1 * torch.randn(n, generator=gen) for n in sizes]
+    exp_avg_sqs = [0.01 * torch.rand(n, generator=gen) for n in sizes]
+    lrs = torch.rand(len(sizes), generator=gen, dtype=torch.float64) * 1e-2
+    steps = torch.tensor([1.0, 7.0, 150.0, 2.0])
+
+    def on_device(ts: list[Tensor], misalign_last: bool) -> list[Tensor]:
+        out = [t.to(device) for t in ts]
+        if misalign_last:  # the same values in a buffer not 16-byte aligned
+            t = out[-1]
+            buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=device)
+            out[-1] = buf[2:2 + t.numel()].copy_(t)
+        return out
+
+    return [(on_device(params, True), on_device(grads, True), on_device(exp_avgs, True),
+             on_device(exp_avg_sqs, False), lrs.to(device), steps.to(device), 0.9, 0.999, 1e-8, 0.01)]
+
+
+dispatch.register_selftest(OP, dispatch.SelfTest(
+    make=_selftest_problems, outputs=lambda args, _ret: [*args[0], *args[2], *args[3]],
+    # fp32: the reference's operations in its order (FMA contraction / last-bit differences);
+    # bf16 parameters: one bf16 ulp (2^-7 relative)
+    tolerance=lambda dtype: 1e-6 if dtype == torch.float32 else 2.0 ** -7,
+    dtypes=PARAM_DTYPES))
 
 
 # ---- compiled C++ / CUDA ------------------------------------------------------------------------
@@ -275,7 +308,7 @@ class _LRU:
 
 
 _layout_cache = _LRU()  # (device, chunk, numels) -> (numels int64 [n], chunks int32 [C, 2], C)
-_pointer_cache = _LRU()  # (device, addresses) -> (int64 [4, n] addresses, all 16-byte aligned)
+_pointer_cache = _LRU()  # (device, addresses) -> int64 [5, n]: addresses, then aligned per tensor
 
 
 _captured_host_tables: List[Tensor] = []  # host sources of copies recorded into CUDA graphs
@@ -309,13 +342,17 @@ def _layout_tables(numels: Tuple[int, ...], chunk: int, device: torch.device) ->
     return val
 
 
-def _pointer_table(tensors: Sequence[Sequence[Tensor]], device: torch.device) -> Tuple[Tensor, bool]:
+def _pointer_table(tensors: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+    """int64 [5, n]: the addresses of the n params, grads, exp_avgs, exp_avg_sqs, then 1 for each
+    tensor whose four addresses are all 16-byte aligned (the kernel vectorises those only)."""
     addrs = tuple(t.data_ptr() for lst in tensors for t in lst)
     key = (device, addrs)
     hit = _pointer_cache.get(key)
     if hit is not None:
         return hit
-    val = (_to_device(torch.tensor(addrs, dtype=torch.int64), device), all(a % 16 == 0 for a in addrs))
+    table = torch.tensor(addrs, dtype=torch.int64).view(len(tensors), -1)
+    aligned = (table % 16 == 0).all(dim=0).to(torch.int64)
+    val = _to_device(torch.cat([table, aligned[None]]).contiguous(), device)
     _pointer_cache.put(key, val)
     return val
 
@@ -335,14 +372,14 @@ def scaled_adamw_triton(params: Sequence[Tensor], grads: Sequence[Tensor], exp_a
     numels_t, chunks, n_chunks = _layout_tables(tuple(p.numel() for p in params), chunk, device)
     if n_chunks == 0:
         return
-    ptrs, aligned = _pointer_table((params, grads, exp_avgs, exp_avg_sqs), device)
+    ptrs = _pointer_table((params, grads, exp_avgs, exp_avg_sqs), device)
     hyper = hyper_table(lrs, steps, beta1, beta2, weight_decay, device)
     is_bf16 = params[0].dtype == torch.bfloat16
     w1 = 1.0 - beta1
     kernel[(n_chunks,)](
         ptrs, numels_t, chunks, hyper, len(params), w1, beta2, 1.0 - beta2, eps,
         P_DTYPE=tl.bfloat16 if is_bf16 else tl.float32, BLOCK=TRITON_BLOCK, ITERS=TRITON_ITERS,
-        ALIGNED=aligned, SOFT_BF16=is_bf16 and dispatch.triton_interpret(), LERP_SMALL=abs(w1) < 0.5,
+        SOFT_BF16=is_bf16 and dispatch.triton_interpret(), LERP_SMALL=abs(w1) < 0.5,
         num_warps=TRITON_NUM_WARPS)
 
 

@@ -11,9 +11,14 @@ Configurations (`Config`), picked by M:
   small M (<= 16)   BLOCK_M = 16 (or 1-4 with USE_DOT=False: a GEMV on CUDA cores), small
                     BLOCK_N and split-K so that enough programs stream the weight: it is
                     memory bound, ideally ~3.5x faster than bf16.
-  medium M          BLOCK_M 32/64, split-K when the grid is still small.
-  large M (> 128)   128x128 / 128x256 tiles, 8 warps, grouped (L2-friendly) tile order: compute
-                    bound; the dequantisation cost is amortised over BLOCK_M rows.
+  medium M          BLOCK_M 32, split-K when the grid is still small.
+  large M (> 128)   64x128 tiles, grouped (L2-friendly) tile order: compute bound; the
+                    dequantisation cost is amortised over BLOCK_M rows.
+The heuristic choices are the ones that compile for sm_80 and sm_90 without spills (see
+`heuristic_config`, docs/gpu-readiness.md); the autotuner also times larger tiles, skipping any
+that fail to launch. Scales / zeros: one row per group in the K tile (a tile spans one group, or
+several whole groups selected per row; groups not aligned to tiles are gathered per row). NF4
+code values come from a select tree on the code bits (no table in memory).
 Split-K reduces either with fp32 atomics into a zeroed buffer (SPLIT_MODE 0, three launches) or
 "serially" (SPLIT_MODE 1: partials to a workspace, the last program of a tile, found with an
 acq_rel atomic counter, sums them and writes the output; one launch).
@@ -46,12 +51,51 @@ def _round_bf16(v):
     return b.to(tl.float32, bitcast=True)
 
 
+# The 16 NF4 values as fp32 constants (a gathered load from a table would be pipelined by Triton
+# as a full (BLOCK_K/2, BLOCK_N) fp32 tile per stage in shared memory: 128 KB at 16x64x128,
+# more than an A100 allows at 16x64x256: docs/gpu-readiness.md).
+def _fp32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))  # the value the fp32 reference table holds
+
+
+_NF4_0 = tl.constexpr(_fp32(F.NF4_CODE[0]))
+_NF4_1 = tl.constexpr(_fp32(F.NF4_CODE[1]))
+_NF4_2 = tl.constexpr(_fp32(F.NF4_CODE[2]))
+_NF4_3 = tl.constexpr(_fp32(F.NF4_CODE[3]))
+_NF4_4 = tl.constexpr(_fp32(F.NF4_CODE[4]))
+_NF4_5 = tl.constexpr(_fp32(F.NF4_CODE[5]))
+_NF4_6 = tl.constexpr(_fp32(F.NF4_CODE[6]))
+_NF4_7 = tl.constexpr(_fp32(F.NF4_CODE[7]))
+_NF4_8 = tl.constexpr(_fp32(F.NF4_CODE[8]))
+_NF4_9 = tl.constexpr(_fp32(F.NF4_CODE[9]))
+_NF4_10 = tl.constexpr(_fp32(F.NF4_CODE[10]))
+_NF4_11 = tl.constexpr(_fp32(F.NF4_CODE[11]))
+_NF4_12 = tl.constexpr(_fp32(F.NF4_CODE[12]))
+_NF4_13 = tl.constexpr(_fp32(F.NF4_CODE[13]))
+_NF4_14 = tl.constexpr(_fp32(F.NF4_CODE[14]))
+_NF4_15 = tl.constexpr(_fp32(F.NF4_CODE[15]))
+
+
 @triton.jit
-def _dequant(codes, s, z, lut_ptr, FMT: tl.constexpr):
+def _nf4_value(codes):
+    # a 4-level select tree on the code's bits: exact, no memory access
+    b0 = (codes & 1) != 0
+    b1 = (codes & 2) != 0
+    b2 = (codes & 4) != 0
+    v0 = tl.where(b1, tl.where(b0, _NF4_3, _NF4_2), tl.where(b0, _NF4_1, _NF4_0))
+    v1 = tl.where(b1, tl.where(b0, _NF4_7, _NF4_6), tl.where(b0, _NF4_5, _NF4_4))
+    v2 = tl.where(b1, tl.where(b0, _NF4_11, _NF4_10), tl.where(b0, _NF4_9, _NF4_8))
+    v3 = tl.where(b1, tl.where(b0, _NF4_15, _NF4_14), tl.where(b0, _NF4_13, _NF4_12))
+    lo = tl.where(b2, v1, v0)
+    hi = tl.where(b2, v3, v2)
+    return tl.where((codes & 8) != 0, hi, lo)
+
+
+@triton.jit
+def _dequant(codes, s, z, FMT: tl.constexpr):
     # codes int32 in 0..15 -> fp32 weights; exact int->float through the 2^23 exponent trick
     if FMT == 2:
-        v = tl.load(lut_ptr + codes)
-        return v * s
+        return _nf4_value(codes) * s
     f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
     if FMT == 1:
         return (f - 8388616.0) * s  # (q - 8) * s
@@ -60,7 +104,7 @@ def _dequant(codes, s, z, lut_ptr, FMT: tl.constexpr):
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, lut_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
     GROUP: tl.constexpr, FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -107,7 +151,27 @@ def _w4a16_kernel(
                 z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             else:
                 z = 0.0
-        else:  # several groups per tile (a chunk never straddles two): per-row gather
+        elif BLOCK_K % GROUP == 0:
+            # BLOCK_K // GROUP whole groups per tile: one (BLOCK_N,) row of scales (and zeros) per
+            # group, selected per tile row. (A gathered (HALF, BLOCK_N) tile would be pipelined
+            # through shared memory as a full tile per stage: ~5x the weight's bytes.)
+            GPT: tl.constexpr = BLOCK_K // GROUP
+            row_group = jj // (GROUP // 2)  # tile byte jj lies in group k0 // GROUP + row_group
+            g0 = k0 // GROUP
+            s = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if FMT == 0:
+                z = tl.load(z_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                z = 0.0
+            last_g = (K - 1) // GROUP  # groups past K (the tile's masked tail) re-read the last one
+            for gg in tl.static_range(1, GPT):
+                gi = tl.minimum(g0 + gg, last_g)
+                sg = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                s = tl.where((row_group == gg)[:, None], sg[None, :], s)
+                if FMT == 0:
+                    zg = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    z = tl.where((row_group == gg)[:, None], zg[None, :], z)
+        else:  # groups not aligned to tiles (e.g. 96): per-row gather (a chunk never straddles two)
             gi = kl // GROUP
             sp = gi[:, None] * N + offs_n[None, :]
             smask = ml[:, None] & mask_n[None, :]
@@ -116,8 +180,8 @@ def _w4a16_kernel(
                 z = tl.load(z_ptr + sp, mask=smask, other=0.0).to(tl.float32)
             else:
                 z = 0.0
-        wl = _dequant(wq & 0xF, s, z, lut_ptr, FMT)
-        wh = _dequant(wq >> 4, s, z, lut_ptr, FMT)
+        wl = _dequant(wq & 0xF, s, z, FMT)
+        wh = _dequant(wq >> 4, s, z, FMT)
         if EVEN_K:
             xl = tl.load(x_rows + kl[None, :], mask=mask_m[:, None], other=0.0)
             xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None], other=0.0)
@@ -221,16 +285,26 @@ def _with_split(cfg: Config, m: int, n: int, k: int, sms: int, max_split: int = 
     return replace(cfg, split_k=split)
 
 
-def heuristic_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    """A reasonable configuration without tuning."""
-    sms = _sms(device)
+def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dtype: torch.dtype = torch.float16,
+                     *, sms: Optional[int] = None) -> Config:
+    """A reasonable configuration without tuning, for activations of `dtype` on `device` (`sms`:
+    the SM count, for ahead-of-time checks without a device).
+
+    Every configuration returned here compiles for sm_80 and sm_90 within the shared memory of
+    both and without register spills, for every format, group size 32 / 64 / 128, with and
+    without split-K, bias and a K tail (tests/test_triton_aot.py; docs/gpu-readiness.md). The
+    dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers, hence 8 warps and small K
+    tiles: 4 warps spilled at 16x64x128, BLOCK_K 256 at any warp count, 32x64x64, 64x64x32 and
+    128x64x32 by a few bytes on sm_80 (where ptxas caps these kernels at 128 registers), and fp32
+    activations (an IEEE fp32 dot on CUDA cores) at 16x64x64."""
+    sms = sms or _sms(device)
+    if dtype == torch.float32:
+        return _with_split(Config(16, 64, 32, num_warps=8, num_stages=3), m, n, k, sms)
     if m <= 16:
-        cfg = Config(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
-        return _with_split(cfg, m, n, k, sms)
+        return _with_split(Config(16, 64, 128, num_warps=8, num_stages=4), m, n, k, sms)
     if m <= 128:
-        cfg = Config(32 if m <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
-        return _with_split(cfg, m, n, k, sms)
-    return Config(128, 128, 64, num_warps=8, num_stages=3)
+        return _with_split(Config(32, 64, 32, num_warps=8, num_stages=4), m, n, k, sms)
+    return Config(64, 128, 32, num_warps=8, num_stages=4)
 
 
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
@@ -270,20 +344,21 @@ def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Conf
 
 # ---- launching ------------------------------------------------------------------------------------
 
-_LUT: dict[torch.device, torch.Tensor] = {}
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _TUNED: dict[tuple, Config] = {}
 
 
-def _lut(device: torch.device) -> torch.Tensor:
-    if device not in _LUT:
-        _LUT[device] = F.nf4_code(device)
-    return _LUT[device]
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     # Arrival counters of serial split-K; every launch leaves them at zero. One set per stream
-    # so concurrent launches on different streams do not share them.
+    # so concurrent launches on different streams do not share them. Inside CUDA-graph capture a
+    # fresh zeroed buffer per launch: its zeroing is recorded into the graph (a cached buffer
+    # created there would be zeroed only at replay, and two graphs' replays would share it).
+    if _capturing(device):
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
@@ -314,7 +389,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     dummy = scales
     _w4a16_kernel[(tiles, split)](
         x, qweight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy,
-        _lut(dev), out, ws if ws is not None else out, cnt if cnt is not None else qweight,
+        out, ws if ws is not None else out, cnt if cnt is not None else qweight,
         m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
         GROUP=group_size, FMT=F.FMT_ID[fmt], HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -351,7 +426,7 @@ def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if cfg is not None:
         return cfg
     if not _autotune_enabled(x.device):
-        return heuristic_config(m, n, k, x.device)
+        return heuristic_config(m, n, k, x.device, x.dtype)
     best, best_t = None, float("inf")
     for c in candidate_configs(m, n, k, x.device):
         try:
@@ -361,7 +436,7 @@ def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             continue
         if t < best_t:
             best, best_t = c, t
-    cfg = best or heuristic_config(m, n, k, x.device)
+    cfg = best or heuristic_config(m, n, k, x.device, x.dtype)
     _TUNED[key] = cfg
     return cfg
 

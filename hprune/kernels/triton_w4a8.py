@@ -11,9 +11,9 @@ Two launches per call (the math is defined in `hprune.kernels.w4a8`):
    (q for "int4", q - 8 for "int4_sym"; integers -8..15 are e4m3 values), two FP8 `tl.dot`s
    (low and high nibbles, as in the W4A16 kernel: see `triton_w4a16`) give the block's fp32
    partial sum, which is multiplied by the block's group scales s[g, n] and added to the fp32
-   accumulator. Promoting every K-block to fp32 also bounds the error of the tensor cores'
-   reduced-precision FP8 accumulation. For "int4" the zero term sum_g S[m, g] z[g, n] is one
-   small extra GEMM over the G groups after the main loop (tf32x3 on a GPU: ~fp32 accuracy, which
+   accumulator. On sm_90 Triton would let the FP8 tensor cores accumulate a whole dot in their
+   reduced precision (~14 bits); `max_num_imprecise_acc=32` adds each wgmma's 32 products to an
+   fp32 accumulator instead. For "int4" the zero term sum_g S[m, g] z[g, n] is one small extra GEMM over the G groups after the main loop (tf32x3 on a GPU: ~fp32 accuracy, which
    the term needs because it largely cancels against the scaled codes). The epilogue multiplies
    by a[m] and adds the bias.
 
@@ -41,6 +41,7 @@ import triton.language as tl
 from hprune.kernels import dispatch
 
 FP8_MAX = 448.0
+FP8_ACC_K = tl.constexpr(32)  # K of one FP8 wgmma: products summed in reduced precision at most
 
 
 @triton.jit
@@ -144,8 +145,11 @@ def _w4a8_kernel(
             xh = tl.load(x_rows + kh[None, :], mask=mask_m[:, None] & (kh < K)[None, :], other=0.0)
         wl = _codes_to_fp8(wq & 0xF, FMT == 1)
         wh = _codes_to_fp8(wq >> 4, FMT == 1)
-        part = tl.dot(xl, wl)
-        part = tl.dot(xh, wh, part)
+        # max_num_imprecise_acc=32: on sm_90 Triton lets FP8 wgmma accumulate in the tensor cores'
+        # reduced precision (~14 bits kept) over the whole dot by default; 32 adds every
+        # instruction's result (k = 32) to an fp32 register accumulator instead.
+        part = tl.dot(xl, wl, max_num_imprecise_acc=FP8_ACC_K)
+        part = tl.dot(xh, wh, part, max_num_imprecise_acc=FP8_ACC_K)
         s = tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += part * s[None, :]
 
@@ -213,15 +217,19 @@ def _with_split(cfg: Config, m: int, n: int, k: int, sms: int, max_split: int = 
     return replace(cfg, split_k=split)
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Config:
-    """A reasonable configuration without tuning."""
-    sms = _sms(device)
+def heuristic_config(m: int, n: int, k: int, group_size: int, device: Optional[torch.device], *,
+                     sms: Optional[int] = None) -> Config:
+    """A reasonable configuration without tuning (`sms`: the SM count, for ahead-of-time checks)."""
+    # Each compiles for sm_90 without register spills (tests/test_triton_aot.py): the per-K-block
+    # partial sum is a second fp32 tile next to the accumulator, so 64x64x128 needs 8 warps and
+    # 128x128x64 spilled even with 8 (128x64x64 does not).
+    sms = sms or _sms(device)
     bk = _block_k(group_size)
     if m <= 16:
         return _with_split(Config(16, 64, bk, num_warps=4, num_stages=4), m, n, k, sms)
     if m <= 128:
-        return _with_split(Config(64, 64, bk, num_warps=4, num_stages=4), m, n, k, sms)
-    return Config(128, 128, _block_k(group_size, 64), num_warps=8, num_stages=3)
+        return _with_split(Config(64, 64, bk, num_warps=8, num_stages=4), m, n, k, sms)
+    return Config(128, 64, _block_k(group_size, 64), num_warps=8, num_stages=3)
 
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:

@@ -178,6 +178,39 @@ def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     return torch.ops.hprune.w4a16_mm_cutlass(x, p.codes, p.scales, p.zeros, bias, group_size, F.FMT_ID[fmt])
 
 
+# ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
+
+# Max |out - ref| / max|ref| a backend may differ from the reference: both use the same weights
+# (rounded once to T) and accumulate in fp32, so only the order and the final rounding differ
+# (the bounds of tests/test_w4a16.py).
+SELFTEST_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (M, N, K, group, fmt, bias): odd M, N and K tails, a partial last group, both the small-M
+# (split-K) and the large-M (big tile) launch paths, the zeros and the NF4 paths. The last two are
+# shapes the cutlass backend takes (N % 128, K % 64, group % 64, int4 / int4_sym) with an M tail
+# past one 128-row tile: every backend is checked on problems it really serves.
+SELFTEST_PROBLEMS = ((5, 200, 328, 64, "int4", True), (133, 72, 328, 128, "nf4", False),
+                     (131, 256, 192, 64, "int4", True), (133, 128, 256, 128, "int4_sym", False))
+
+
+def selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator,
+                      problems=SELFTEST_PROBLEMS) -> list[tuple]:
+    """Random problems in the argument order of the backends: (x, qweight, scales, zeros, bias,
+    group_size, fmt), scales / zeros / bias already in x's dtype (as the op passes them)."""
+    out = []
+    for m, n, k, group, fmt, with_bias in problems:
+        q = F.quantize(torch.randn(n, k, generator=gen) * 0.05, group, fmt, scale_dtype=dtype, refine=False)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if with_bias else None
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        out.append((mv(x), mv(q.qweight), mv(q.scales), mv(q.zeros), mv(b), group, fmt))
+    return out
+
+
+dispatch.register_selftest(OP, dispatch.SelfTest(
+    make=selftest_problems, outputs=lambda _args, out: [out], tolerance=SELFTEST_TOL.__getitem__,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+
+
 # ---- the op ---------------------------------------------------------------------------------------
 
 def _unsupported(name: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
@@ -193,21 +226,19 @@ def _unsupported(name: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: O
 def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
             group_size: int, fmt: str, backend: Optional[str]) -> dispatch.Backend:
     """The backend for these inputs (as the kernel will receive them): an automatic choice of
-    cutlass or cuda that cannot take them falls to the next backend that can instead of raising."""
-    b = dispatch.select(OP, x.device, backend, m=x.numel() // x.shape[-1])
-    why = _unsupported(b.name, x, qweight, scales, zeros, bias, group_size, fmt)
-    if why is None:
-        return b
-    forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
-    if forced == b.name:
-        raise ShapeError(why)
-    regs = dispatch._REGISTRY[OP]  # noqa: SLF001
-    for name in dispatch.PREFERENCE[dispatch.PREFERENCE.index(b.name) + 1:]:
-        cand = regs.get(name)
-        if cand is not None and cand.auto(x.device) and _unsupported(name, x, qweight, scales, zeros, bias,
-                                                                     group_size, fmt) is None:
-            return cand
-    return regs["reference"]
+    cutlass or cuda that cannot take them falls to the next backend that can instead of raising
+    (each candidate self-tested on its first call, see hprune.kernels.dispatch)."""
+    m = x.numel() // x.shape[-1]
+    skipped: list[str] = []
+    while True:
+        b = dispatch.select(OP, x.device, backend, dtype=x.dtype, m=m, exclude=skipped)
+        why = _unsupported(b.name, x, qweight, scales, zeros, bias, group_size, fmt)
+        if why is None:
+            return b
+        forced, _strict = dispatch._forced(OP, backend)  # noqa: SLF001 - same package
+        if forced == b.name:
+            raise ShapeError(why)
+        skipped.append(b.name)  # reference takes every validated input, so this ends
 
 
 def chosen_backend(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,

@@ -216,6 +216,26 @@ def w4a8_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[T
     return w4a8_matmul(x, qweight, scales, zeros, bias, group_size, fmt)
 
 
+# ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
+
+# the bounds of tests/test_w4a8.py: equal to the reference up to fp32 accumulation order and the
+# final rounding to T (the FP8 rounding of the activations is the same on both sides)
+SELFTEST_TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
+# (M, N, K, group, fmt, bias): odd tails, a partial last group, small- and large-M launch paths
+SELFTEST_PROBLEMS = ((5, 200, 328, 64, "int4", True), (133, 72, 328, 128, "int4_sym", False))
+
+
+def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
+    from hprune.kernels.w4a16 import selftest_problems
+
+    return selftest_problems(device, dtype, gen, SELFTEST_PROBLEMS)
+
+
+dispatch.register_selftest(OP, dispatch.SelfTest(
+    make=_selftest_problems, outputs=lambda _args, out: [out], tolerance=SELFTEST_TOL.__getitem__,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+
+
 # ---- the op -------------------------------------------------------------------------------------
 
 _warned: set[str] = set()
@@ -234,7 +254,7 @@ def _w4a8_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
-    b = dispatch.select(OP, x.device, backend)
+    b = dispatch.select(OP, x.device, backend, dtype=x.dtype)
     if b.name == "reference" and x.device.type == "cuda":
         _warn_once(f"emulated:{x.device}",
                    f"w4a8_mm runs the PyTorch emulation on {x.device} (slow): "

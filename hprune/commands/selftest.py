@@ -1,0 +1,56 @@
+"""Check every kernel that runs on this machine against the plain PyTorch reference: each op
+(w4a16_mm, w4a8_mm, scaled_adamw_), each backend that runs on the device (CUDA, Triton, C++) and
+each dtype, on a small random problem with odd shapes. Prints a table (result, max error relative
+to the output's scale, the bound, time including any compile) and exits non-zero if a kernel fails.
+
+The same check runs automatically the first time a kernel is used in a process on a GPU, and a
+kernel that fails it is disabled with one warning (HPRUNE_SELFTEST=0 turns that off). On a machine
+without a GPU the C++ CPU kernels are checked, and the Triton kernels too (in Triton's slow
+interpreter) when TRITON_INTERPRET=1 is set."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "check every kernel that runs here against the reference (table; non-zero exit on failure)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="device to check (default: cuda if present, else cpu)")
+    p.add_argument("--op", action="append", help="check only this op (repeatable; default: all)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hprune.errors import BackendUnavailableError
+    from hprune.kernels import dispatch, selftest
+    from hprune.report import format_table
+
+    try:
+        device = torch.device(args.device) if args.device else selftest.default_device()
+    except RuntimeError as exc:
+        raise BackendUnavailableError(f"--device {args.device!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"--device {args.device} needs a CUDA GPU; this torch sees none")
+    known = selftest.known_ops()
+    for op in args.op or []:
+        if op not in known:
+            raise BackendUnavailableError(f"--op {op!r}: no such op with a self-test (known: {', '.join(known)})")
+    results = selftest.run_all(device, ops=args.op)
+    rows = selftest.as_rows(results)
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({"device": dispatch.device_name(device), "results": rows}, indent=2))
+    else:
+        cols = ["op", "backend", "dtype", "result", "max error", "tolerance", "ms"]
+        print(format_table(rows, cols, title=f"hprune selftest on {dispatch.device_name(device)}"))
+        for r in rows:
+            if r["error"]:
+                print(f"  {r['op']} {r['backend']} {r['dtype']}: {r['result']}: {r['error']}")
+        if not results:
+            print("no kernel besides the reference runs on this device")
+        print(f"{len(results) - len(failed)} of {len(results)} checks passed" if not failed
+              else f"{len(failed)} of {len(results)} checks FAILED")
+    return 1 if failed else 0
