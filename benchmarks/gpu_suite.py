@@ -1,6 +1,6 @@
 """The GPU suite: everything a lent GPU should run, in one command, within a time budget.
 
-    ../shared/tools/device-wheels.sh                      # once, here: wheels the GPU machine lacks -> .whl/
+    ../shared/tools/device-wheels.sh nvidia-cutlass==4.2.0.0   # once, here: wheels the GPU machine lacks -> .whl/
     python -m benchmarks.gpu_suite --budget-min 9 --out gpu-results     # on the GPU machine
     python -m benchmarks.gpu_suite --dry-run --out /tmp/gpu-dry          # the same steps on the CPU, tiny
 
@@ -135,7 +135,7 @@ class Suite:
                  "    p = torch.cuda.get_device_properties(0)\n"
                  "    d.update(gpu=p.name, capability=f'{p.major}.{p.minor}', sms=p.multi_processor_count,\n"
                  "             memory_gib=round(p.total_memory / 2**30, 1))\n"
-                 "for m in ('triton', 'diffusers', 'bitsandbytes', 'transformers', 'gemlite', 'torchao'):\n"
+                 "for m in ('triton', 'diffusers', 'bitsandbytes', 'transformers', 'nvidia-cutlass', 'gemlite', 'torchao'):\n"
                  "    try:\n"
                  "        d[m] = metadata.version(m)\n"
                  "    except metadata.PackageNotFoundError:\n"
