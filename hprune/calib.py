@@ -106,8 +106,10 @@ class CalibrationSet:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         from safetensors.torch import save_file
 
-        from hprune.io import atomic_file
+        from hprune.io import atomic_file, check_output
 
+        if overwrite and os.path.exists(path):
+            check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
         tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
         tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
                         "trajectory": self.trajectory.long().cpu()})

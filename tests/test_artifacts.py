@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hprune.artifacts import load_compressed, read_recipe, save_compressed
-from hprune.errors import CheckpointError, HpruneError, OutputExistsError
+from hprune.errors import CheckpointError, HpruneError, OutputError, OutputExistsError
 from hprune.loading import load_model
 from hprune.models import PrunePlan, apply_plan, get_adapter, param_count, weight_bytes
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
@@ -25,7 +25,7 @@ def _pruned(name):
 def test_round_trip_is_bit_identical(name, tmp_path):
     m = _pruned(name)
     path = save_compressed(m, tmp_path / "art", extra={"note": "test"})
-    assert sorted(os.listdir(path)) == ["hprune.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == [".hprune-output", "hprune.json", "model.safetensors"]
     back = load_compressed(path)
     assert type(back) is type(m)
     for seed in (0, 1):
@@ -51,17 +51,30 @@ def test_loaded_transformer_runs_in_a_diffusers_pipeline(name, tmp_path):
     assert torch.equal(imgs, generate(build_pipeline(m), **prompts, steps=3, seed=5))
 
 
-def test_save_refuses_existing_path_and_overwrite_replaces(tmp_path):
+def test_save_refuses_existing_path_and_overwrite_replaces_only_its_own(tmp_path):
     m = _pruned("tiny-sd3")
     target = tmp_path / "art"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="exists"):
         save_compressed(m, target)
+    with pytest.raises(OutputError, match="holds 'keep.txt', which hprune did not write"):
+        save_compressed(m, target, overwrite=True)  # a user's folder is never deleted
     assert os.listdir(target) == ["keep.txt"]
-    save_compressed(m, target, overwrite=True)
-    assert sorted(os.listdir(target)) == ["hprune.json", "model.safetensors"]
+    (target / "keep.txt").unlink()
+    save_compressed(m, target, overwrite=True)  # an empty folder loses nothing
+    save_compressed(m, target, overwrite=True)  # its own output: replaced
+    assert sorted(os.listdir(target)) == [".hprune-output", "hprune.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["art"]  # no temporary siblings left
+    (target / "notes.txt").write_text("added by the user")
+    with pytest.raises(OutputError, match="notes.txt"):
+        save_compressed(m, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "added by the user"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(OutputError, match="is a file, not a folder hprune wrote"):
+        save_compressed(m, afile, overwrite=True)
+    assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile", "art"]
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     code, out, _ = run(capsys, "demo", "--out", str(out_dir), "--steps", "30")
     assert code == 0
-    assert sorted(os.listdir(out_dir)) == ["artifact", "distill_loss.png", "images.png", "plan.json", "report.json",
+    assert sorted(os.listdir(out_dir)) == [".hprune-output", "artifact", "distill_loss.png", "images.png", "plan.json", "report.json",
                                            "report.md", "sensitivity.json", "sensitivity.png"]
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["reload_bit_identical"] is True

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.io import check_output
     from hprune.models import resolve
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, kind="file")
     if args.steps < 1 or args.n < 1:
         raise HpruneError("--steps and --num-prompts must be at least 1")
     device, dtype = device_and_dtype(args)

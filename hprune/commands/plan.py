@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.probe import SensitivityTable
     from hprune.report import format_table
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, kind="file")
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     if args.method == "manual":
         if not args.blocks:
