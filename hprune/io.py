@@ -75,6 +75,16 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses NaN or inf in any floating-point tensor (weights, scales, zeros): a model built from
+    them would give non-finite outputs everywhere."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the "
+                                  f"file is corrupted (or was saved from a diverged model)")
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():

@@ -148,3 +148,71 @@ def test_recipe_that_does_not_match_the_weights(saved):
 def test_missing_artifact(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_compressed(tmp_path / "nope")
+
+
+def _rewrite_weights(folder, change):
+    """Edits the stored tensors with `change(state)` and re-signs the recipe's checksum, as a
+    hand-made or tampered artifact would be."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    w = folder / "model.safetensors"
+    state = load_file(str(w))
+    change(state)
+    save_file(state, str(w))
+    doc = json.loads((folder / "hprune.json").read_text())
+    doc["weights"]["sha256"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    (folder / "hprune.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def saved_int4(tmp_path):
+    from hprune.quant import quantize_model
+
+    m = fresh("tiny-sd3")
+    quantize_model(m)
+    return save_compressed(m, tmp_path / "int4")
+
+
+@pytest.mark.parametrize("name", ["weights", "scales"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_refused_at_load(saved_int4, name, value):
+    key = {"weights": "proj_out.weight", "scales": "transformer_blocks.0.attn.to_q.scales"}[name]
+
+    def poison(state):
+        state[key].view(-1)[3] = value
+
+    _rewrite_weights(saved_int4, poison)
+    with pytest.raises(CheckpointError, match=f"tensor {key} holds 1 NaN/inf value"):
+        load_compressed(saved_int4)
+
+
+@pytest.mark.parametrize("key, dtype, match", [
+    ("transformer_blocks.0.attn.to_q.qweight", torch.int8, "is stored as int8, the model needs uint8"),
+    ("transformer_blocks.0.attn.to_q.qweight", torch.float32, "is stored as float32, the model needs uint8"),
+    ("proj_out.weight", torch.float16, "mixed dtypes"),
+    ("proj_out.weight", torch.int32, "is stored as int32, the model needs float32"),
+])
+def test_tensors_in_another_dtype_are_refused_at_load(saved_int4, key, dtype, match):
+    def convert(state):
+        state[key] = state[key].to(dtype)
+
+    _rewrite_weights(saved_int4, convert)
+    with pytest.raises(CheckpointError, match=match):
+        load_compressed(saved_int4)
+
+
+@pytest.mark.parametrize("file", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors",
+                                  "link.safetensors"])
+def test_weights_file_outside_the_artifact_is_refused(saved, file):
+    outside = saved.parent / "outside.safetensors"
+    outside.write_bytes((saved / "model.safetensors").read_bytes())
+    (saved / "link.safetensors").symlink_to(outside)
+    doc = json.loads((saved / "hprune.json").read_text())
+    doc["weights"]["file"] = file
+    (saved / "hprune.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="leaves the artifact folder"):
+        load_compressed(saved)
+    with pytest.raises(CheckpointError, match="leaves the artifact folder"):
+        read_recipe(saved)
