@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,6 +40,7 @@ from hprune.models.registry import fingerprint, model_config
 from hprune.models.stats import param_count
 
 TABLE_FORMAT = "hprune.sensitivity/1"
+NEGATIVE_TOLERANCE = 1e-9  # a float64 metric of identical outputs can come out a few ulp below 0
 
 
 @dataclass
@@ -51,6 +53,30 @@ class SensitivityTable:
     baseline: float  # ΔP of removing nothing through the reuse path (0 when reuse is exact)
     calib: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuses a ΔP that is not a finite number >= 0 (NaN, inf, negative beyond rounding), naming
+        the block and component: the planners rank by ΔP and SGDistill divides by it, so one bad
+        value would silently change or poison the plan."""
+        if not isinstance(self.blocks, list):
+            raise HpruneError("corrupted sensitivity table (blocks is not a list)")
+        for i, b in enumerate(self.blocks):
+            if not isinstance(b, dict) or not isinstance(b.get("delta"), dict):
+                raise HpruneError(f"corrupted sensitivity table (block entry {i} has no delta table)")
+            for piece, d in b["delta"].items():
+                bad = None
+                if isinstance(d, bool) or not isinstance(d, (int, float)):
+                    bad = f"is {d!r}, not a number"
+                elif not math.isfinite(d):
+                    bad = f"is {d}"
+                elif d < -NEGATIVE_TOLERANCE:
+                    bad = f"is negative ({d:.3g}): removing a piece cannot improve fidelity to the unpruned model"
+                if bad:
+                    raise HpruneError(f"sensitivity table: ΔP of block {b.get('index', i)}, component {piece!r} "
+                                      f"{bad}; probe again (`hprune probe`) or fix the table")
 
     def delta(self, index: int, piece: str) -> float:
         return self.blocks[index]["delta"][piece]
