@@ -118,7 +118,7 @@ def test_plan_from_another_models_table_is_refused():
 
 
 @pytest.mark.parametrize("value, match", [(float("nan"), "is nan"), (float("inf"), "is inf"),
-                                          (-0.01, "is negative"), ("0.1", "not a number")])
+                                          (-0.01, "is negative"), ("0.1", "is '0.1', not a number")])
 def test_bad_delta_in_a_table_is_refused_naming_the_piece(tmp_path, value, match):
     from hprune.cli import main
     from hprune.probe import SensitivityTable
