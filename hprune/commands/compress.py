@@ -40,7 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration set) or rtn (round to nearest with a scale search, the paper's); auto "
                         "(default): gptq for int4 / int4-fp8")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
-    p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="resume distillation from the latest checkpoint in OUT-checkpoints, reusing the ΔP table "
+                        "and plan recorded there (no probe)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT-checkpoints after a successful run (default: removed)")
     p.add_argument("--seed", type=int, default=0)
     add_device_arguments(p)
     p.add_argument("--overwrite", action="store_true")
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                            protect=args.protect, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
                            sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,
-                           checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed)
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           keep_checkpoints=args.keep_checkpoints, seed=args.seed)
     opts.validate()
     check_output(args.out, args.overwrite)
     device, dtype = device_and_dtype(args)
