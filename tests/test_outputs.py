@@ -25,7 +25,7 @@ def one_line_error(code, err, match):
 @pytest.fixture
 def plan(tmp_path, capsys):
     path = tmp_path / "plan.json"
-    assert run(capsys, "plan", "--method", "manual", "--blocks", "5", "--out", str(path))[0] == 0
+    assert run(capsys, "plan", "--method", "manual", "--blocks", "5", "--model", "tiny-sd3", "--out", str(path))[0] == 0
     return path
 
 
@@ -58,21 +58,21 @@ def test_unwritable_outputs_are_one_line(capsys, tmp_path, plan, where, match):
     afile.write_text("x")
     out = where.format(file=afile)
     for argv in (["prune", "tiny-sd3", "--plan", str(plan), "--out", out],
-                 ["plan", "--method", "manual", "--blocks", "3", "--out", out],
+                 ["plan", "--method", "manual", "--blocks", "3", "--model", "tiny-sd3", "--out", out],
                  ["calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2", "--out", out]):
         code, _, err = run(capsys, *argv)
         one_line_error(code, err, match)
 
 
 def test_file_outputs_replace_only_hprune_files(capsys, tmp_path, plan):
-    code, _, err = run(capsys, "plan", "--method", "manual", "--blocks", "6", "--out", str(plan), "--overwrite")
+    code, _, err = run(capsys, "plan", "--method", "manual", "--blocks", "6", "--model", "tiny-sd3", "--out", str(plan), "--overwrite")
     assert code == 0, err  # a plan hprune wrote
     folder = tmp_path / "folder"
     folder.mkdir()
     readme = tmp_path / "README.md"
     readme.write_text("the user's")
     for out, match in ((folder, "is a folder; this output is a file"), (readme, "not a file hprune wrote")):
-        for argv in (["plan", "--method", "manual", "--blocks", "3"],
+        for argv in (["plan", "--method", "manual", "--blocks", "3", "--model", "tiny-sd3"],
                      ["calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2"]):
             code, _, err = run(capsys, *argv, "--out", str(out), "--overwrite")
             one_line_error(code, err, match)

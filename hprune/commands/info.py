@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from hprune.models.registry import BUILTINS
     from hprune.report import format_table, human_bytes, human_count
 
+    from hprune import formats as F
+
+    F.check_group_size(args.group_size)  # the same rule as quantize / compress, before loading
     meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
     model = load_model(args.model, meta=meta, config=args.config)
     rep = model_report(model, int4_group=args.group_size)
