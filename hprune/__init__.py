@@ -1,6 +1,8 @@
 """hprune: compression toolkit for large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1).
 
-Library entry points (imported lazily so `import hprune` stays cheap):
+Importing hprune registers its ops under `torch.ops.hprune` (w4a16_mm, w4a8_mm, scaled_adamw_),
+so any project can call them after `import hprune`; the library entry points below are imported
+lazily, so `import hprune` costs little more than `import torch`:
     load_model, save_compressed, load_compressed, PrunePlan, apply_plan, model_report,
     SensitivityAdamW
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from hprune._version import __version__
 
 _LAZY = {
     "load_model": "hprune.loading",
@@ -31,3 +33,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = list(_LAZY) + ["__version__"]
+
+
+def _register_ops() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # installed without torch (e.g. only to read its metadata): no ops to register
+        return
+    import hprune.kernels.ops  # noqa: F401
+
+
+_register_ops()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 
@@ -14,7 +15,7 @@ def load_extension():
         return None
     try:
         import torch  # noqa: F401  - libtorch must be loaded before the extension
-        from hprune import _C
+        _C = importlib.import_module("hprune._C")
     except ImportError as exc:  # not built, or built against another torch
         load_extension.error = str(exc)
         return None

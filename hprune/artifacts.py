@@ -41,9 +41,9 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
 def _versions() -> dict[str, str]:
     import diffusers
 
-    import hprune
+    from hprune._version import __version__
 
-    return {"hprune": hprune.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return {"hprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,

@@ -10,7 +10,7 @@ COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hprune import __version__
+    from hprune._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="hprune",

@@ -64,6 +64,7 @@ def test_baseline_and_manual_plans(tmp_path, capsys):
     (["info", "tiny-sd3", "--group-size", "0"], "group_size must be a positive multiple of 32"),
     (["info", "tiny-sd3", "--group-size", "33"], "group_size must be a positive multiple of 32"),
     (["eval", "--prompts", "{binary}", "--out", "{tmp}/e6"], "not a UTF-8 text file"),
+    (["eval", "tiny-sd3", "--out", "{tmp}/e7"], "not a ShapesBench model"),  # before the teacher samples
     (["calib", "tiny-sd3", "--size", "7", "--out", "{tmp}/c7.safetensors"], "image height 7 px: it must be a positive"),
     (["quantize", "{quantized}", "--out", "{tmp}/q6"], "already quantised"),
     (["prune", "tiny-flux", "--plan", "{plan}", "--out", "{tmp}/x"], "plan is for a sd3 model"),
