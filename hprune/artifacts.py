@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from hprune import rebuild, recipe
 from hprune.errors import CheckpointError, HpruneError
-from hprune.io import atomic_dir, check_finite, check_safetensors, load_safetensors, read_json, write_json
+from hprune.io import (atomic_dir, check_finite, check_safetensors, load_safetensors, read_json, save_safetensors,
+                       write_json)
 
 ARTIFACT_FORMAT = "hprune.artifact/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,8 +58,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         extra: JSON-able data stored under "extra" in hprune.json (reports, provenance).
     Returns the folder path.
     """
-    from safetensors.torch import save_file
-
     from hprune.models.adapters import model_class_name
     from hprune.models.registry import model_config
     from hprune.models.stats import param_count, weight_bytes
@@ -81,7 +80,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         wfile = tmp / WEIGHTS_FILE
-        save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "hprune"})
+        save_safetensors(tensors, wfile, metadata={"format": "pt", "producer": "hprune"})  # same tensors, same bytes
         doc = {
             "format": ARTIFACT_FORMAT,
             "versions": _versions(),

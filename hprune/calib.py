@@ -104,9 +104,7 @@ class CalibrationSet:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
-
-        from hprune.io import atomic_file, check_output
+        from hprune.io import atomic_file, check_output, safetensors_bytes
 
         if overwrite and os.path.exists(path):
             check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
@@ -119,8 +117,7 @@ class CalibrationSet:
                 "meta": json.dumps(self.meta)}
         path = Path(path)
         with atomic_file(path, overwrite=overwrite, mode="wb") as f:
-            tmp = Path(f.name)
-            save_file(tensors, str(tmp), metadata=meta)
+            f.write(safetensors_bytes(tensors, meta))  # the same set gives the same bytes
         return path
 
     @classmethod

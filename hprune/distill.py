@@ -277,9 +277,7 @@ def _latest_checkpoint(root: Path) -> Path | None:
 
 def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim.Optimizer,
                      history: list[dict[str, float]], cfg: DistillConfig, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from hprune.io import write_json
+    from hprune.io import save_safetensors, write_json
 
     r, w = dist.rank(), dist.world_size()
     final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
@@ -296,7 +294,7 @@ def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim
                 tensors[f"optim/{name}/{k}"] = dist.local(st[k]).detach().cpu().contiguous()
     for name, b in student.named_buffers():
         tensors[f"buffer/{name}"] = dist.local(b).detach().cpu().contiguous()
-    save_file(tensors, str(tmp / f"rank{r}-of-{w}.safetensors"))
+    save_safetensors(tensors, tmp / f"rank{r}-of-{w}.safetensors")
     dist.barrier()
     if r == 0:
         write_json(tmp / "state.json", {"step": step, "world_size": w, "student": student_signature(student),

@@ -64,6 +64,29 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The .safetensors encoding of `tensors`, byte for byte the same for the same tensors and
+    metadata: safetensors writes its header's metadata in hash-map order, which differs between
+    processes, so the header is re-encoded with sorted keys (the tensor data is untouched)."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    doc = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items()))
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` to `path` deterministically (safetensors_bytes)."""
+    with open(path, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata))
+
+
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Reads all tensors of a validated .safetensors file."""
     check_safetensors(path)

@@ -79,20 +79,47 @@ def test_save_refuses_existing_path_and_overwrite_replaces_only_its_own(tmp_path
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     """Interrupt the save after the weights are half written: no folder appears at the path."""
-    import safetensors.torch
-
-    real = safetensors.torch.save_file
+    import hprune.artifacts
+    from hprune.io import save_safetensors
 
     def broken(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
+        save_safetensors(tensors, filename, metadata=metadata)
         with open(filename, "r+b") as f:
             f.truncate(100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(hprune.artifacts, "save_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save_compressed(_pruned("tiny-sd3"), tmp_path / "art")
     assert os.listdir(tmp_path) == []
+
+
+def test_same_tensors_give_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata in hash-map order, which changes from process to process:
+    artifacts and calibration sets are re-encoded so that their bytes (and the recipe's sha256)
+    depend on the tensors alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, torch; sys.path[:0] = [sys.argv[2], sys.argv[2] + '/tests']\n"
+            "from util import fresh\n"
+            "from hprune.artifacts import save_compressed\n"
+            "from hprune.calib import synthetic\n"
+            "m = fresh('tiny-sd3')\n"
+            "save_compressed(m, sys.argv[1] + '/art')\n"
+            "synthetic(m, n_prompts=1, num_steps=2).save(sys.argv[1] + '/calib.safetensors')\n")
+    outs = []
+    for i in range(3):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        proc = subprocess.run([sys.executable, "-c", code, str(d), str(root)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(i)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(((d / "art" / "model.safetensors").read_bytes(), (d / "calib.safetensors").read_bytes(),
+                     json.loads((d / "art" / "hprune.json").read_text())["weights"]["sha256"]))
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_meta_model_cannot_be_saved(tmp_path):
