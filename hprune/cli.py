@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "obs", "eval", "demo"]
+COMMANDS = ["info", "calib", "probe", "plan", "prune", "distill", "quantize", "compress", "obs", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,3 +158,34 @@ def test_info_and_prune_on_a_quantised_artifact(tmp_path_factory, capsys):
                                              "method": "manual", "entries": [{"block": 5, "component": "ff"}]}))
     code, _, err = run(capsys, "prune", d["quantized"], "--plan", tmp / "ff.json", "--out", tmp / "b")
     assert code == 1 and "prune before quantising" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_distill_stage_alone_resumes_bit_exactly(tmp_path_factory, capsys):
+    """`hprune distill` = compress's stage 3 on its own: from a pruned artifact (or a plan), with the
+    probe's table for SGDistill; a run continued with --resume ends bit-identical to one run
+    straight through; another student or stale checkpoints are refused before any work."""
+    from safetensors.torch import load_file
+
+    d = _prepared(tmp_path_factory, capsys)
+    tmp = tmp_path_factory.mktemp("distill")
+    assert run(capsys, "prune", "tiny-sd3", "--plan", d["plan"], "--out", tmp / "pruned")[0] == 0
+    common = ["distill", "tiny-sd3", "--calib", d["calib"], "--sensitivity", d["probe"], "--batch-size", 2,
+              "--eval-samples", 2, "--sgd", "on"]
+    code, text, err = run(capsys, *common, "--student", tmp / "pruned", "--steps", 4, "--out", tmp / "straight")
+    assert code == 0, err
+    assert "SGDistill" in text and "rel_mse vs the teacher" in text
+    code, _, err = run(capsys, *common, "--plan", d["plan"], "--steps", 2, "--checkpoint-every", 2,
+                       "--keep-checkpoints", "--out", tmp / "part")
+    assert code == 0 and (tmp / "part-checkpoints" / "step-0000002").is_dir(), err
+    for argv, match in [(["--plan", d["plan"], "--steps", 4], "holds checkpoints of an earlier run"),
+                        (["--plan", d["plan"], "--steps", 4, "--resume", "--lr", 1e-3], "lr 0.0003 -> 0.001"),
+                        (["--student", d["quantized"], "--steps", 4, "--resume"], "not a pruned copy")]:
+        code, _, err = run(capsys, *common, *argv, "--out", tmp / "part", "--overwrite")
+        assert code == 1 and match in err and len(err.strip().splitlines()) == 1, err
+    code, text, err = run(capsys, *common, "--student", tmp / "pruned", "--steps", 4, "--resume", "--out", tmp / "part",
+                          "--overwrite")
+    assert code == 0, err
+    assert not (tmp / "part-checkpoints").exists()  # a finished run cleans up after itself
+    a, b = (load_file(str(tmp / n / "model.safetensors")) for n in ("straight", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp / "part" / "hprune.json").read_text())["extra"]["distill"]["resumed_from"] == 2
