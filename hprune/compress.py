@@ -30,6 +30,7 @@ from hprune.calib import CalibrationSet
 from hprune.errors import HpruneError
 from hprune.metrics import fidelity, predict
 from hprune.models.stats import bytes_at, param_count, weight_bytes
+from hprune.probe import DEFAULT_MAX_SAMPLES
 
 QUANT_CHOICES = ("int4", "int4-fp8", "bnb-nf4", "none")
 HPRUNE_INT4 = ("int4", "int4-fp8")  # the choices quantised by hprune (GPTQ applies to these)
@@ -55,7 +56,7 @@ class CompressOptions:
     sgd_scale: str = "inverse"  # hprune.distill: "inverse" (the paper's 1/ΔP) or "log"
     sgd_budget: str = "mean"  # "mean": SGDistill redistributes lr; "fixed": it only lowers it
     lambda_feat: float = 0.1
-    max_probe_samples: int | None = 32
+    max_probe_samples: int | None = DEFAULT_MAX_SAMPLES  # None: every calibration sample
     holdout: float = 0.2  # fraction of calibration trajectories kept for evaluation
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None

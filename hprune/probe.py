@@ -40,6 +40,7 @@ from hprune.models.registry import fingerprint, model_config
 from hprune.models.stats import param_count
 
 TABLE_FORMAT = "hprune.sensitivity/1"
+DEFAULT_MAX_SAMPLES = 32  # calibration samples probed by default (hprune probe and hprune compress alike)
 NEGATIVE_TOLERANCE = 1e-9  # a float64 metric of identical outputs can come out a few ulp below 0
 
 

@@ -1,4 +1,5 @@
 """The hprune CLI: commands, and one-line errors with a non-zero exit for bad input."""
+import argparse
 import json
 import os
 import subprocess
@@ -82,3 +83,48 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert code == 1 and "output path exists" in err
     assert (out_dir / "report.json").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["demo"]
+
+
+def _subparsers():
+    from hprune.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_help_shows_every_default():
+    for name, p in _subparsers().items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS):
+                assert a.help and "default" in fmt._get_help_string(a), (name, a.dest)
+        assert "default" in p.format_help(), name
+
+
+def test_demo_compress_and_probe_share_their_defaults():
+    """The demo runs as `hprune compress` does: same ratio, steps, batch, lr, quantisation and
+    probe sample cap; standalone `hprune probe` caps the samples the same way."""
+    from dataclasses import fields
+
+    from hprune.compress import CompressOptions
+    from hprune.probe import DEFAULT_MAX_SAMPLES
+
+    subs = _subparsers()
+    comp = vars(subs["compress"].parse_args(["m", "--out", "x"]))
+    demo = vars(subs["demo"].parse_args([]))
+    probe = vars(subs["probe"].parse_args(["m", "--out", "x"]))
+    opts = CompressOptions()
+    shared = [f.name for f in fields(CompressOptions) if f.name in comp]
+    assert {"ratio", "steps", "batch_size", "lr", "quant", "group_size", "max_probe_samples"} <= set(shared)
+    for k in shared:
+        assert comp[k] == getattr(opts, k), k
+    for k in ("ratio", "steps", "quant"):
+        assert demo[k] == getattr(opts, k), k
+    import inspect
+
+    from hprune.demo import run_demo
+
+    sig = inspect.signature(run_demo).parameters
+    assert (sig["ratio"].default, sig["steps"].default, sig["quant"].default) == (opts.ratio, opts.steps, opts.quant)
+    assert probe["max_samples"] == DEFAULT_MAX_SAMPLES == opts.max_probe_samples
