@@ -25,6 +25,18 @@ def load_extension():
 load_extension.error = None  # type: ignore[attr-defined]
 
 
+def describe_build() -> str:
+    """One line for `hprune info` / `hprune selftest`: whether hprune._C was built, with CUDA or
+    not, and what runs without it."""
+    info = build_info()
+    if not info["available"]:
+        return (f"compiled extension hprune._C: NOT built ({info.get('reason')}); the Triton / PyTorch paths "
+                f"run instead (reinstall with torch present: pip install --no-build-isolation .)")
+    kinds = "CPU C++" + (" + CUDA" if info.get("cuda") else "") + " kernels"
+    extra = "" if info.get("cuda") else " (no CUDA kernels: built without a CUDA torch or nvcc)"
+    return f"compiled extension hprune._C: built, {kinds}, against torch {info.get('torch_version')}{extra}"
+
+
 def build_info() -> dict:
     """What the compiled extension contains: {'available', 'cuda', 'openmp', ...}."""
     ext = load_extension()

@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
     model = load_model(args.model, meta=meta, config=args.config)
     rep = model_report(model, int4_group=args.group_size)
+    from hprune._ext import build_info, describe_build
+
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps({**rep, "extension": build_info()}, indent=2))
         return 0
     comps = sorted({c for b in rep["blocks"] for c in b["components"] if c != "block"})
     rows = []
@@ -59,4 +61,6 @@ def run(args: argparse.Namespace) -> int:
         {"format": "bf16", "bytes": human_bytes(rep["bytes_bf16"])},
         {"format": f"INT4 g{args.group_size} (block Linears) + bf16 rest", "bytes": human_bytes(rep["bytes_int4"])},
     ], ["format", "bytes"]))
+    print()
+    print(describe_build())
     return 0
