@@ -35,6 +35,17 @@ def __getattr__(name: str) -> Any:
 __all__ = list(_LAZY) + ["__version__"]
 
 
+def _drop_known_noise() -> None:
+    """bitsandbytes logs a warning on every import on CPUs with AVX-512 BF16 when the optional
+    `kernels` package is absent ("Failed to load CPU gemm_4bit_forward from kernels-community");
+    hprune does not use that kernel, so that one message is dropped (every other bitsandbytes
+    message still shows)."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in str(record.msg))
+
+
 def _register_ops() -> None:
     try:
         import torch  # noqa: F401
@@ -43,4 +54,5 @@ def _register_ops() -> None:
     import hprune.kernels.ops  # noqa: F401
 
 
+_drop_known_noise()
 _register_ops()

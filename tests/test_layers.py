@@ -95,3 +95,16 @@ def test_import_hprune_registers_the_torch_ops_cheaply():
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bitsandbytes_kernels_community_notice_is_dropped():
+    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning (on
+    AVX-512 BF16 CPUs without the optional `kernels` package) is not printed once hprune is
+    imported; its other messages are left alone."""
+    code = ("import logging, hprune, bitsandbytes\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')\n")
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kernels-community" not in proc.stderr and "another notice" in proc.stderr
