@@ -178,7 +178,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     Under torchrun the prompts are dealt out (prompt i to rank i mod N) and the trajectories
     gathered: every rank returns the whole set, the same as one process captures. Collective:
     every rank must call it."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     from hprune import dist as hdist
     from hprune.models import get_adapter

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hprune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("hprune: interrupted", file=sys.stderr)
+        # on a terminal a progress bar may hold the current line: start a fresh one
+        print(("\n" if sys.stderr.isatty() else "") + "hprune: interrupted", file=sys.stderr)
         return 130
 
 

@@ -490,7 +490,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
     hs_t, hs_s = _BlockOutputs(teacher, matched), _BlockOutputs(student, matched)
     autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
     per_rank = cfg.batch_size // world
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not progress or rank != 0, unit="step")
     t0, seen = time.perf_counter(), 0

@@ -161,7 +161,7 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         max_samples: use an evenly spaced subset of the calibration samples.
     Returns a SensitivityTable; deterministic for the same inputs. Collective under torchrun:
     every rank must call it (see the module docstring)."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     if granularity not in ("block", "component", "both"):
         raise HpruneError(f"granularity must be block, component or both, not {granularity!r}")

@@ -128,3 +128,14 @@ def test_demo_compress_and_probe_share_their_defaults():
     sig = inspect.signature(run_demo).parameters
     assert (sig["ratio"].default, sig["steps"].default, sig["quant"].default) == (opts.ratio, opts.steps, opts.quant)
     assert probe["max_samples"] == DEFAULT_MAX_SAMPLES == opts.max_probe_samples
+
+
+def test_progress_bars_stay_out_of_redirected_logs(tmp_path):
+    """A log redirected to a file gets the command's lines, not progress-bar redraws."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("HPRUNE_PROGRESS", None)
+    r = subprocess.run([sys.executable, "-m", "hprune", "calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2",
+                        "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr and "it/s" not in r.stderr and "%|" not in r.stderr, r.stderr
+    assert "wrote" in r.stdout
