@@ -135,7 +135,9 @@ class SensitivityTable:
         rows = [[b["delta"].get(c) for c in cols] for b in self.blocks]
         labels = [f"{b['index']} {b['kind'].split('_')[-1]}" for b in self.blocks]
         return heatmap(rows, labels, cols, path, title=title or f"ΔP ({self.metric}) per block and component",
-                       cbar_label=f"ΔP ({self.metric}, log scale)")
+                       cbar_label=f"ΔP ({self.metric}, log scale)",
+                       blank_note="blank cell: the block has no such component (e.g. the last SD3 block has no "
+                                  "context FF), or it was removed before probing")
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:

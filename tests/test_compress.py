@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,7 +201,13 @@ def test_capture_under_two_processes_deals_out_the_prompts(tmp_path):
             assert torch.equal(r["inputs"][k], v), k
 
 
-def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(tmp_path, capsys):
+def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(tmp_path, capsys, monkeypatch):
+    import hprune.plots
+
+    ylabels = []
+    real = hprune.plots._save
+    monkeypatch.setattr(hprune.plots, "_save",
+                        lambda fig, path: (ylabels.append((Path(path).name, fig.axes[0].get_ylabel())), real(fig, path))[1])
     out = tmp_path / "out"
     ckpt = tmp_path / "out-checkpoints"
     calib = tmp_path / "calib.safetensors"
@@ -227,3 +234,4 @@ def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(
     assert len(rep["distill_history"]) == 4
     assert not ckpt.exists() and "removed the distillation checkpoints" in text  # finished: cleaned up
     assert sorted(os.listdir(tmp_path)) == ["calib.safetensors", "out"]
+    assert ("distill_loss.png", "loss (MSE to the teacher, log scale)") in ylabels  # the y axis says what it shows

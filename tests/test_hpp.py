@@ -137,3 +137,22 @@ def test_bad_delta_in_a_table_is_refused_naming_the_piece(tmp_path, value, match
     path.write_text(json.dumps(d))
     assert main(["plan", "--sensitivity", str(path), "--ratio", "0.2", "--out", str(tmp_path / "p.json")]) == 1
     assert not os.path.exists(tmp_path / "p.json")
+
+
+def test_heatmap_explains_its_blank_cells(tmp_path, monkeypatch):
+    import hprune.plots
+
+    seen = []
+    real = hprune.plots._save
+
+    def keep(fig, path):
+        seen.append(([t.get_text() for t in fig.texts], [a.get_ylabel() for a in fig.axes]))
+        return real(fig, path)
+
+    monkeypatch.setattr(hprune.plots, "_save", keep)
+    t = table("tiny-sd3")
+    assert any(c not in t.blocks[-1]["delta"] for b in t.blocks for c in b["delta"])  # the last block has fewer
+    t.heatmap(tmp_path / "s.png")
+    (texts, ylabels), = seen
+    assert any("blank cell: the block has no such component" in x for x in texts)
+    assert "ΔP (rel_mse, log scale)" in ylabels
