@@ -229,6 +229,7 @@ def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(
     code, text, err = run(capsys, *base, "--ratio", 0.3, "--steps", 4, "--resume", "--overwrite")
     assert code == 0, err
     assert "probing" not in text and "resuming: the ΔP table and plan recorded" in text
+    assert f"the compressed model is {out / 'artifact'}" in text and "//" not in text
     assert json.loads((out / "plan.json").read_text())["entries"] == plan["entries"]
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["distill_history"]) == 4

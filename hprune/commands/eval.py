@@ -14,6 +14,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "score a model on ShapesBench (generated shapes, analytic GenEval-style scores)"
 
@@ -86,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{t} {v:.3f}" for t, v in res["templates"].items()))
     if "psnr" in res:
         print(f"  fidelity to the teacher: PSNR {res['psnr']:.2f} dB")
-    print(f"outputs in {args.out}/")
+    print(f"outputs in {Path(args.out)}")
     return 0
 
 
