@@ -10,6 +10,10 @@
 - HPRUNE_NO_EXT=1 skips the extension entirely (pure-Python install; the library then uses its
   Triton / PyTorch paths). A failed compile also degrades to pure Python with a warning, unless
   HPRUNE_REQUIRE_EXT=1 asks for a hard failure.
+- Without torch at build time (e.g. `pip install .` with build isolation, or before torch is
+  installed) the build stops with a message saying how to get the extension, rather than quietly
+  producing a pure-Python wheel (pip shows a build's output only when it fails); HPRUNE_NO_EXT=1
+  asks for the pure-Python package explicitly.
 """
 import glob
 import importlib.util
@@ -35,6 +39,17 @@ def _cutlass_headers():
     return mod
 
 
+NO_TORCH_MESSAGE = """
+hprune: torch is not importable at build time, so the compiled extension hprune._C (the CPU C++
+and CUDA kernels) cannot be built. Either
+  - install torch first, then build against it without isolation:
+        pip install torch ninja && pip install --no-build-isolation .
+  - or ask for the pure-Python package (Triton / PyTorch paths only, slower optimizer on the CPU):
+        HPRUNE_NO_EXT=1 pip install .
+`hprune info` says which build you have.
+"""
+
+
 def _extensions():
     if _flag("HPRUNE_NO_EXT"):
         print("hprune: HPRUNE_NO_EXT set, building pure-Python package", file=sys.stderr)
@@ -43,9 +58,7 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("hprune: torch not importable at build time, building pure-Python package "
-              "(install torch first and use --no-build-isolation for the extension)", file=sys.stderr)
-        return [], {}
+        sys.exit(NO_TORCH_MESSAGE)
 
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")

@@ -1,6 +1,8 @@
 """hprune: compression toolkit for large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1).
 
-Library entry points (imported lazily so `import hprune` stays cheap):
+Importing hprune registers its ops under `torch.ops.hprune` (w4a16_mm, w4a8_mm, scaled_adamw_),
+so any project can call them after `import hprune`; the library entry points below are imported
+lazily, so `import hprune` costs little more than `import torch`:
     load_model, save_compressed, load_compressed, load_pipeline, apply_lora, set_lora_scale,
     remove_lora, enable_diffusers_lora, PrunePlan, apply_plan, model_report,
     SensitivityAdamW
@@ -10,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from hprune._version import __version__
 
 _LAZY = {
     "load_model": "hprune.loading",
@@ -37,3 +39,26 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = list(_LAZY) + ["__version__"]
+
+
+def _drop_known_noise() -> None:
+    """bitsandbytes logs a warning on every import on CPUs with AVX-512 BF16 when the optional
+    `kernels` package is absent ("Failed to load CPU gemm_4bit_forward from kernels-community");
+    hprune does not use that kernel, so that one message is dropped (every other bitsandbytes
+    message still shows)."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in str(record.msg))
+
+
+def _register_ops() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # installed without torch (e.g. only to read its metadata): no ops to register
+        return
+    import hprune.kernels.ops  # noqa: F401
+
+
+_drop_known_noise()
+_register_ops()

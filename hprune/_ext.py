@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 
@@ -14,7 +15,7 @@ def load_extension():
         return None
     try:
         import torch  # noqa: F401  - libtorch must be loaded before the extension
-        from hprune import _C
+        _C = importlib.import_module("hprune._C")
     except ImportError as exc:  # not built, or built against another torch
         load_extension.error = str(exc)
         return None
@@ -31,7 +32,7 @@ def load_cutlass_extension():
     if load_extension() is None:
         return None
     try:
-        from hprune import _C_cutlass
+        _C_cutlass = importlib.import_module("hprune._C_cutlass")
     except ImportError as exc:
         load_cutlass_extension.error = str(exc)
         return None
@@ -39,6 +40,21 @@ def load_cutlass_extension():
 
 
 load_cutlass_extension.error = None  # type: ignore[attr-defined]
+
+
+def describe_build() -> str:
+    """One line for `hprune info` / `hprune selftest`: whether hprune._C was built, with CUDA or
+    not, and what runs without it."""
+    info = build_info()
+    if not info["available"]:
+        return (f"compiled extension hprune._C: NOT built ({info.get('reason')}); the Triton / PyTorch paths "
+                f"run instead (reinstall with torch present: pip install --no-build-isolation .)")
+    kinds = "CPU C++" + (" + CUDA" if info.get("cuda") else "") + " kernels"
+    extra = "" if info.get("cuda") else " (no CUDA kernels: built without a CUDA torch or nvcc)"
+    if info.get("cuda"):
+        extra += ("; CUTLASS module hprune._C_cutlass (sm_90a): "
+                  + ("built" if load_cutlass_extension() is not None else "not built"))
+    return f"compiled extension hprune._C: built, {kinds}, against torch {info.get('torch_version')}{extra}"
 
 
 def build_info() -> dict:

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from hprune import rebuild, recipe
 from hprune.errors import CheckpointError, HpruneError
-from hprune.io import atomic_dir, check_safetensors, load_safetensors, read_json, write_json
+from hprune.io import (atomic_dir, check_finite, check_safetensors, load_safetensors, read_json, save_safetensors,
+                       write_json)
 
 ARTIFACT_FORMAT = "hprune.artifact/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,9 +42,9 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
 def _versions() -> dict[str, str]:
     import diffusers
 
-    import hprune
+    from hprune._version import __version__
 
-    return {"hprune": hprune.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    return {"hprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
@@ -61,8 +62,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     Returns the folder path. A LoRA applied with hprune.apply_lora is not saved (it is not part of
     the state dict): apply it again after loading.
     """
-    from safetensors.torch import save_file
-
     from hprune.models.adapters import model_class_name
     from hprune.models.registry import model_config
     from hprune.models.stats import param_count, weight_bytes
@@ -88,7 +87,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         tmp = out if as_pipeline is None else _write_pipeline_components(as_pipeline, out, class_name,
                                                                           model_config(model))
         wfile = tmp / WEIGHTS_FILE
-        save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "hprune"})
+        save_safetensors(tensors, wfile, metadata={"format": "pt", "producer": "hprune"})  # same tensors, same bytes
         doc = {
             "format": ARTIFACT_FORMAT,
             "versions": _versions(),
@@ -131,7 +130,37 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("class_name", "base_config", "recipe", "weights"):
         if key not in doc:
             raise CheckpointError(f"{path / RECIPE_FILE}: corrupted recipe (missing {key!r})")
+    weights_path(path, doc)
     return doc
+
+
+def weights_path(folder: Path, doc: dict[str, Any]) -> Path:
+    """The weights file a recipe names, which must lie inside the artifact folder: an absolute path
+    or one climbing out with `..` (or a link leading out) is refused."""
+    weights = doc.get("weights")
+    name = weights.get("file", WEIGHTS_FILE) if isinstance(weights, dict) else None
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{folder / RECIPE_FILE}: corrupted recipe (weights.file is {name!r})")
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if os.path.isabs(name) or root not in target.parents:
+        raise CheckpointError(f"{folder / RECIPE_FILE}: weights.file {name!r} leaves the artifact folder; an "
+                              f"artifact's weights must be a file inside it")
+    return folder / name
+
+
+def check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses floating-point weights of mixed dtypes (one layer in float64 or float16 among float32
+    ones would only fail inside the forward). Packed 4-bit scales and zeros are exempt: the kernels
+    read them in the activation dtype. Integer tensors are checked against the model (load_state_into)."""
+    dtypes: dict[torch.dtype, str] = {}
+    for name, t in state.items():
+        if t.is_floating_point() and not name.endswith((".scales", ".zeros")):
+            dtypes.setdefault(t.dtype, name)
+    if len(dtypes) > 1:
+        (a, na), (b, nb) = list(dtypes.items())[:2]
+        raise CheckpointError(f"{source}: weights in mixed dtypes ({na} is {str(a).replace('torch.', '')}, {nb} "
+                              f"is {str(b).replace('torch.', '')}); an artifact stores one floating-point dtype")
 
 
 def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -150,13 +179,15 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
 
     path = find_artifact(path)
     doc = read_recipe(path)
-    wfile = path / doc["weights"].get("file", WEIGHTS_FILE)
+    wfile = weights_path(path, doc)
     check_safetensors(wfile)
     if verify and doc["weights"].get("sha256") and _sha256(wfile) != doc["weights"]["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch (the weights file is corrupted or was replaced)")
     model = build_from_config(doc["class_name"], doc["base_config"], meta=True)
     model = rebuild.replay(model, doc["recipe"])
     state = load_safetensors(wfile, device=device)
+    check_finite(state, str(wfile))
+    check_dtypes(state, str(wfile))
     load_state_into(model, state, str(path))
     if dtype is not None:
         model = model.to(dtype)

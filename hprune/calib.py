@@ -104,10 +104,10 @@ class CalibrationSet:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
+        from hprune.io import atomic_file, check_output, safetensors_bytes
 
-        from hprune.io import atomic_file
-
+        if overwrite and os.path.exists(path):
+            check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
         tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
         tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
                         "trajectory": self.trajectory.long().cpu()})
@@ -117,8 +117,7 @@ class CalibrationSet:
                 "meta": json.dumps(self.meta)}
         path = Path(path)
         with atomic_file(path, overwrite=overwrite, mode="wb") as f:
-            tmp = Path(f.name)
-            save_file(tensors, str(tmp), metadata=meta)
+            f.write(safetensors_bytes(tensors, meta))  # the same set gives the same bytes
         return path
 
     @classmethod
@@ -155,6 +154,16 @@ def _to(v: torch.Tensor, device: Any, dtype: torch.dtype | None) -> torch.Tensor
 
 
 @torch.no_grad()
+def check_image_size(pipe: Any, height: int | None, width: int | None) -> None:
+    """Refuses an image size the pipeline cannot denoise: it must be a positive multiple of the
+    VAE's downscale times the transformer's patch size (one latent patch per token)."""
+    step = int(getattr(pipe, "vae_scale_factor", 1)) * int(getattr(pipe.transformer.config, "patch_size", 1) or 1)
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (v < 1 or v % step):
+            raise HpruneError(f"image {name} {v} px: it must be a positive multiple of {step} for this model "
+                              f"(VAE scale x patch size), e.g. {max(step, v // step * step)}")
+
+
 def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: torch.Tensor | None = None,
             pooled_prompt_embeds: torch.Tensor | None = None, num_steps: int = 8, seed: int = 0,
             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
@@ -169,7 +178,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     Under torchrun the prompts are dealt out (prompt i to rank i mod N) and the trajectories
     gathered: every rank returns the whole set, the same as one process captures. Collective:
     every rank must call it."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     from hprune import dist as hdist
     from hprune.models import get_adapter
@@ -179,6 +188,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     if prompts is None and prompt_embeds is None:
         raise HpruneError("capture needs prompts or prompt embeddings")
     n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    check_image_size(pipe, height, width)
     records: list[dict[str, torch.Tensor]] = []
 
     def hook(_mod, _args, kwargs):
@@ -238,15 +248,15 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
 
 
 def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0, text_len: int = 16,
-              latent_size: int | None = None, progress: bool = False) -> CalibrationSet:
+              latent_size: int | None = None, progress: bool = False, size: int | None = None) -> CalibrationSet:
     """A seeded calibration set for a model without text encoders (the built-in tiny models):
     stand-in prompt embeddings denoised by the model itself through a diffusers pipeline with a
-    tiny VAE (latents only; nothing is decoded)."""
+    tiny VAE (latents only; nothing is decoded). `size` is the image size in pixels, `latent_size`
+    the latent one (give at most one; default: the pipeline's)."""
     from hprune.pipelines import build_pipeline, stand_in_prompts
 
     pipe = build_pipeline(model)
     emb = stand_in_prompts(model, n_prompts, text_len=text_len, seed=seed)
-    size = None
     if latent_size is not None:
         size = latent_size * pipe.vae_scale_factor
     return capture(pipe, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],

@@ -6,12 +6,24 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "calib", "probe", "plan", "prune", "quantize", "compress", "obs", "eval", "demo", "generate",
-            "selftest"]
+COMMANDS = ["info", "calib", "probe", "plan", "prune", "distill", "quantize", "compress", "obs", "eval", "demo",
+            "generate", "selftest"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the commands' descriptions as written and shows every option's default in --help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+                and "default" not in text):
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hprune import __version__
+    from hprune._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="hprune",
@@ -22,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         mod = importlib.import_module(f"hprune.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
+        for action in p._actions:  # noqa: SLF001 - an option without help text still shows its default
+            if action.help is None and action.option_strings and action.default not in (None, False):
+                action.help = "(default: %(default)s)"
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -53,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hprune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("hprune: interrupted", file=sys.stderr)
+        # on a terminal a progress bar may hold the current line: start a fresh one
+        print(("\n" if sys.stderr.isatty() else "") + "hprune: interrupted", file=sys.stderr)
         return 130
 
 

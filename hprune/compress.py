@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +30,12 @@ from hprune.calib import CalibrationSet
 from hprune.errors import HpruneError
 from hprune.metrics import fidelity, predict
 from hprune.models.stats import bytes_at, param_count, weight_bytes
+from hprune.probe import DEFAULT_MAX_SAMPLES
 
 QUANT_CHOICES = ("int4", "int4-fp8", "bnb-nf4", "none")
 HPRUNE_INT4 = ("int4", "int4-fp8")  # the choices quantised by hprune (GPTQ applies to these)
 METHODS = ("hpp", "koala", "bksdm")
+BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass
@@ -53,11 +56,12 @@ class CompressOptions:
     sgd_scale: str = "inverse"  # hprune.distill: "inverse" (the paper's 1/ΔP) or "log"
     sgd_budget: str = "mean"  # "mean": SGDistill redistributes lr; "fixed": it only lowers it
     lambda_feat: float = 0.1
-    max_probe_samples: int | None = 32
+    max_probe_samples: int | None = DEFAULT_MAX_SAMPLES  # None: every calibration sample
     holdout: float = 0.2  # fraction of calibration trajectories kept for evaluation
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
+    keep_checkpoints: bool = False  # keep OUT-checkpoints after a successful run (a given checkpoint_dir is kept)
     seed: int = 0
 
     @property
@@ -72,6 +76,16 @@ class CompressOptions:
             raise HpruneError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.quant not in QUANT_CHOICES:
             raise HpruneError(f"quant must be one of {QUANT_CHOICES}, not {self.quant!r}")
+        from hprune import formats as F
+
+        F.check_group_size(self.group_size)  # a positive multiple of 32
+        if self.quant == "bnb-nf4" and self.group_size not in BNB_BLOCKSIZES:
+            raise HpruneError(f"--quant bnb-nf4 takes a bitsandbytes blocksize {BNB_BLOCKSIZES} as the group size, "
+                              f"not {self.group_size}")
+        if self.max_probe_samples is not None and self.max_probe_samples < 1:
+            raise HpruneError(f"max_probe_samples must be >= 1 (or None: all), got {self.max_probe_samples}")
+        if self.protect is not None and self.protect < 0:
+            raise HpruneError(f"protect must be >= 0, got {self.protect}")
         if self.quant == "int4-fp8" and self.group_size % 64:
             raise HpruneError(f"--quant int4-fp8 (W4A8) needs a group size that is a multiple of 64, "
                               f"not {self.group_size}")
@@ -90,7 +104,40 @@ class CompressOptions:
 
         # the distillation settings fail here, before the probe, not after it
         DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, pwp=self.pwp, sgd=self.sgd,
-                      sgd_scale=self.sgd_scale, sgd_budget=self.sgd_budget).validate()
+                      sgd_scale=self.sgd_scale, sgd_budget=self.sgd_budget, lambda_feat=self.lambda_feat,
+                      checkpoint_every=self.checkpoint_every, checkpoint_dir=self.checkpoint_dir or "checkpoints",
+                      resume=self.resume, seed=self.seed).validate()
+
+
+RUN_FORMAT = "hprune.run/1"
+RUN_FILE = "run.json"
+# What the probe, the plan and hence the student depend on: a resume must not change them.
+_RUN_MUST_MATCH = ("ratio", "method", "protect", "max_probe_samples", "holdout", "seed")
+
+
+def _run_key(opts: CompressOptions, teacher_fp: str, calib: CalibrationSet) -> dict[str, Any]:
+    return {**{k: getattr(opts, k) for k in _RUN_MUST_MATCH}, "teacher": teacher_fp, "calib_samples": len(calib)}
+
+
+def read_run_record(root: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The ΔP table and plan a checkpointed run recorded in `root/run.json`, checked against this
+    run's key (options the student depends on, the teacher, the calibration set); None when there
+    is no record. HpruneError naming every mismatch."""
+    from hprune.io import read_json
+
+    path = root / RUN_FILE
+    if not path.is_file():
+        return None
+    doc = read_json(path, "run record")
+    if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT or not {"key", "table", "plan"} <= set(doc):
+        raise HpruneError(f"{path}: corrupted run record")
+    was = doc["key"]
+    bad = [k for k in key if was.get(k) != key[k]]
+    if bad:
+        raise HpruneError(f"{root}: cannot resume with a different run: "
+                          + ", ".join(f"{k} {was.get(k)} -> {key[k]}" for k in bad)
+                          + " (resume with the run's options, or start afresh without --resume)")
+    return doc
 
 
 def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSet, CalibrationSet]:
@@ -119,8 +166,11 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     from hprune.distill import DistillConfig, distill, schedule_table
     from hprune.hpp import plan_bksdm, plan_hpp, plan_koala
     from hprune.io import atomic_dir, check_output, write_json
-    from hprune.models import apply_plan
+    from hprune.distill import check_checkpoint, latest_checkpoint
+    from hprune.models import PrunePlan, apply_plan
+    from hprune.models.registry import fingerprint
     from hprune.plots import line_plot
+    from hprune.probe import SensitivityTable
     from hprune.probe import probe_sensitivity
     from hprune.report import format_table, human_bytes, human_count
 
@@ -139,6 +189,21 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         raise HpruneError("the calibration set has no final latents (captured by an older hprune?), which "
                           "distillation trains on: capture it again with `hprune calib`, or pass steps=0")
     train_cal, eval_cal = split_holdout(calib, opts.holdout)
+    ckpt = opts.checkpoint_dir or (str(Path(out)) + "-checkpoints" if opts.checkpoint_every or opts.resume else None)
+    cfg = DistillConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, pwp=opts.pwp, sgd=opts.sgd,
+                        sgd_scale=opts.sgd_scale, sgd_budget=opts.sgd_budget,
+                        lambda_feat=opts.lambda_feat, checkpoint_every=opts.checkpoint_every,
+                        checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed)
+    run_key = _run_key(opts, fingerprint(teacher), train_cal)
+    record = None
+    last = latest_checkpoint(ckpt) if ckpt and opts.steps > 0 else None
+    if last is not None and not opts.resume:
+        raise HpruneError(f"{Path(ckpt)} holds checkpoints of an earlier run ({last.name}): pass --resume to "
+                          f"continue it, or remove the folder to start afresh")
+    if last is not None:
+        # every mismatch is refused here, before the probe: settings, processes, steps, the run itself
+        check_checkpoint(last, cfg)
+        record = read_run_record(Path(ckpt), run_key)
     p0 = next(teacher.parameters())
     eval_batches = list(eval_cal.batches(4, device=p0.device, dtype=p0.dtype if p0.is_floating_point() else None,
                                          indices=_spread(len(eval_cal), 8)))
@@ -154,17 +219,28 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     rows.append({"stage": "original", "params": param_count(teacher), "bytes": bytes_at(teacher, torch.bfloat16),
                  "rel_mse": 0.0, "cosine_dist": 0.0, "seconds": 0.0})
 
-    say(f"[1/5] probing ΔP of every block and component on {len(train_cal)} calibration samples")
     t = time.perf_counter()
-    table = probe_sensitivity(teacher, train_cal, max_samples=opts.max_probe_samples, progress=progress and main)
+    if record is not None:
+        say(f"[1/5] resuming: the ΔP table and plan recorded in {Path(ckpt) / RUN_FILE} (no probe)")
+        table = SensitivityTable.from_dict(record["table"])
+    else:
+        n_probe = min(len(train_cal), opts.max_probe_samples or len(train_cal))
+        say(f"[1/5] probing ΔP of every block and component on {n_probe} calibration samples"
+            + (f" (of {len(train_cal)})" if n_probe < len(train_cal) else ""))
+        table = probe_sensitivity(teacher, train_cal, max_samples=opts.max_probe_samples, progress=progress and main)
     probe_s = time.perf_counter() - t
 
     say(f"[2/5] {opts.method} plan removing {opts.ratio:.0%} of the parameters; pruning")
     t = time.perf_counter()
-    if opts.method == "hpp":
+    if record is not None:
+        plan = PrunePlan.from_dict(record["plan"])
+    elif opts.method == "hpp":
         plan = plan_hpp(table, opts.ratio, protect=opts.protect)
     else:
         plan = (plan_koala if opts.method == "koala" else plan_bksdm)(table, opts.ratio, protect=opts.protect or 0)
+    if ckpt and opts.steps > 0 and main and record is None:  # what a resume reuses instead of probing again
+        write_json(Path(ckpt) / RUN_FILE, {"format": RUN_FORMAT, "key": run_key, "table": table.to_dict(),
+                                           "plan": plan.to_dict()})
     student = copy.deepcopy(teacher)
     apply_plan(student, plan)
     stage("pruned", student, probe_s + time.perf_counter() - t)
@@ -174,11 +250,6 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     if opts.steps > 0:
         say(f"[3/5] distilling {opts.steps} steps (batch {opts.batch_size})")
         t = time.perf_counter()
-        ckpt = opts.checkpoint_dir or (str(Path(out)) + "-checkpoints" if opts.checkpoint_every or opts.resume else None)
-        cfg = DistillConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, pwp=opts.pwp, sgd=opts.sgd,
-                            sgd_scale=opts.sgd_scale, sgd_budget=opts.sgd_budget,
-                            lambda_feat=opts.lambda_feat, checkpoint_every=opts.checkpoint_every,
-                            checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed)
         student, res = distill(teacher, student, train_cal, cfg, table=table, progress=progress and main)
         history, schedule = res.history, res.schedule
         say(schedule_table(schedule))
@@ -234,7 +305,8 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             plan.save(tmp / "plan.json")
             if history:
                 line_plot({k: [h[k] for h in history] for k in ("loss", "out", "feat")}, tmp / "distill_loss.png",
-                          title=f"{name}: distillation losses", xlabel="step", logy=True)
+                          title=f"{name}: distillation losses", xlabel="step",
+                          ylabel="loss (MSE to the teacher, log scale)", logy=True)
             summary = format_table([{**r, "params": human_count(r["params"]), "bytes": human_bytes(r["bytes"])}
                                     for r in rows], ["stage", "params", "bytes", "rel_mse", "cosine_dist", "seconds"])
             report["summary"] = summary
@@ -243,7 +315,13 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             write_json(tmp / "report.json", report)
             (tmp / "report.md").write_text(_markdown(name, opts, report, summary, schedule))
         say(summary)
-        say(f"outputs in {out}/")
+        say(f"outputs in {Path(out)}; the compressed model is {Path(out) / 'artifact'} (hprune.load_compressed)")
+        if ckpt and Path(ckpt).is_dir():
+            if opts.checkpoint_dir or opts.keep_checkpoints:
+                say(f"distillation checkpoints kept in {Path(ckpt)}")
+            else:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                say(f"removed the distillation checkpoints ({Path(ckpt)}); keep them with --keep-checkpoints")
     return student, report
 
 

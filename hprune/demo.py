@@ -20,9 +20,12 @@ from hprune.pipelines import build_pipeline, generate, stand_in_prompts
 from hprune.plots import image_grid
 
 
-def run_demo(out: str | Path, model_name: str = "tiny-sd3", ratio: float = 0.3, steps: int = 150,
-             quant: str = "int4", n_images: int = 4, overwrite: bool = False, log=print) -> dict[str, Any]:
-    """Runs the demo and writes its outputs to folder `out` (atomically). Returns the report."""
+def run_demo(out: str | Path, model_name: str = "tiny-sd3", ratio: float = CompressOptions.ratio,
+             steps: int = CompressOptions.steps, quant: str = CompressOptions.quant, n_images: int = 4,
+             overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Runs the demo and writes its outputs to folder `out` (atomically). Returns the report.
+    Every setting not given here is `hprune compress`'s default (CompressOptions): the demo is that
+    command on a built-in model, with the calibration set compress makes for one (10 prompts x 8 steps)."""
     log(f"loading {model_name} and capturing a calibration set")
     teacher = load_model(model_name)
     calib = synthetic(teacher, n_prompts=10, num_steps=8, seed=0)
@@ -35,7 +38,7 @@ def run_demo(out: str | Path, model_name: str = "tiny-sd3", ratio: float = 0.3, 
         image_grid(imgs, folder / "images.png", title=f"{model_name}: original vs compressed (same noise)")
         report["image_rmse_vs_original"] = float(((imgs["original"] - imgs["compressed"]) ** 2).mean().sqrt())
 
-    opts = CompressOptions(ratio=ratio, quant=quant, steps=steps, batch_size=8, lr=3e-4)
+    opts = CompressOptions(ratio=ratio, quant=quant, steps=steps)
     _, report = compress(teacher, calib, opts, out, overwrite=overwrite, name=model_name, log=log,
                          extras=add_images)
     return report

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,8 +104,17 @@ class DistillConfig:
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise HpruneError("steps must be >= 0 and batch_size >= 1")
-        if self.lr <= 0:
-            raise HpruneError(f"lr must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise HpruneError(f"lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "eps", "lambda_out", "lambda_feat", "lambda_task", "logit_std", "r_thres",
+                     "sgd_floor"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise HpruneError(f"{name} must be a finite number >= 0, got {v}")
+        if self.checkpoint_every < 0:
+            raise HpruneError(f"checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise HpruneError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.sgd not in (True, False, "auto"):
             raise HpruneError(f"sgd must be True, False or 'auto', not {self.sgd!r}")
         _check_sgd_choices(self.sgd_scale, self.sgd_budget)
@@ -267,9 +277,7 @@ def _latest_checkpoint(root: Path) -> Path | None:
 
 def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim.Optimizer,
                      history: list[dict[str, float]], cfg: DistillConfig, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from hprune.io import write_json
+    from hprune.io import save_safetensors, write_json
 
     r, w = dist.rank(), dist.world_size()
     final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
@@ -286,10 +294,11 @@ def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim
                 tensors[f"optim/{name}/{k}"] = dist.local(st[k]).detach().cpu().contiguous()
     for name, b in student.named_buffers():
         tensors[f"buffer/{name}"] = dist.local(b).detach().cpu().contiguous()
-    save_file(tensors, str(tmp / f"rank{r}-of-{w}.safetensors"))
+    save_safetensors(tensors, tmp / f"rank{r}-of-{w}.safetensors")
     dist.barrier()
     if r == 0:
-        write_json(tmp / "state.json", {"step": step, "world_size": w, "history": history, "config": _cfg_json(cfg)})
+        write_json(tmp / "state.json", {"step": step, "world_size": w, "student": student_signature(student),
+                                        "history": history, "config": _cfg_json(cfg)})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -311,12 +320,39 @@ _RESUME_MUST_MATCH = ("batch_size", "lr", "weight_decay", "betas", "eps", "lambd
 _SETTING_BEFORE_IT_EXISTED = {"sgd_scale": "inverse", "sgd_budget": "fixed"}
 
 
-def _load_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer,
-                     cfg: DistillConfig) -> tuple[int, list[dict[str, float]]]:
-    from hprune.io import load_safetensors, read_json
+def student_signature(student: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's tensors fit: the student's parameter and buffer names and shapes (a
+    digest), so a resume with another plan or ratio is refused before any tensor is read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = 0
+    for name, t in list(student.named_parameters()) + list(student.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        n += t.numel()
+    return {"digest": h.hexdigest()[:16], "numel": n}
+
+
+def check_checkpoint(path: Path, cfg: DistillConfig, student: nn.Module | None = None) -> dict[str, Any]:
+    """Reads checkpoint `path`'s state.json and checks that `cfg` (and `student`, when given) can
+    resume from it: same number of processes, same settings, a step in [1, cfg.steps], the same
+    student structure. Returns the state; HpruneError naming the first mismatch. Cheap: callers run
+    it before any work (hprune compress does, before probing)."""
+    from hprune.io import read_json
 
     state = read_json(path / "state.json", "checkpoint state")
-    r, w = dist.rank(), dist.world_size()
+    if not isinstance(state, dict):
+        raise HpruneError(f"{path}/state.json: corrupted checkpoint state (not a JSON object)")
+    for key in ("step", "world_size", "history", "config"):
+        if key not in state:
+            raise HpruneError(f"{path}/state.json: corrupted checkpoint state (missing {key!r})")
+    step, w = state["step"], dist.world_size()
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise HpruneError(f"{path}/state.json: corrupted checkpoint state (step {step!r}; a checkpoint is written "
+                          f"after step 1 or later)")
+    if step > cfg.steps:
+        raise HpruneError(f"{path}: the checkpoint is at step {step}, past the run's {cfg.steps} steps; resume "
+                          f"with steps >= {step}, or start afresh without resume")
     if state["world_size"] != w:
         raise HpruneError(f"{path}: checkpoint was written by {state['world_size']} processes; resume with the same number (now {w})")
     saved, now = state["config"], _cfg_json(cfg)
@@ -325,6 +361,25 @@ def _load_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer,
     if bad:
         raise HpruneError(f"{path}: cannot resume with different settings: "
                           f"{', '.join(f'{k} {was[k]} -> {now.get(k)}' for k in bad)}")
+    if student is not None and "student" in state and state["student"] != student_signature(student):
+        raise HpruneError(f"{path}: the checkpoint was trained on another student ({state['student']['numel']} "
+                          f"parameter values, this one has {student_signature(student)['numel']}): the plan or ratio "
+                          f"differs; resume with the run's plan and ratio, or start afresh")
+    return state
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    root = Path(root)
+    return _latest_checkpoint(root) if root.is_dir() else None
+
+
+def _load_checkpoint(path: Path, student: nn.Module, opt: torch.optim.Optimizer,
+                     cfg: DistillConfig) -> tuple[int, list[dict[str, float]]]:
+    from hprune.io import load_safetensors
+
+    state = check_checkpoint(path, cfg, student)
+    r, w = dist.rank(), dist.world_size()
     t = load_safetensors(path / f"rank{r}-of-{w}.safetensors")
     with torch.no_grad():
         for name, p in student.named_parameters():
@@ -390,6 +445,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
     Returns (student, result). Under torchrun the returned student is unsharded (full weights)."""
     cfg = config or DistillConfig()
     cfg.validate()
+    if cfg.resume and (last := latest_checkpoint(cfg.checkpoint_dir)) is not None:
+        check_checkpoint(last, cfg, student)  # a mismatch stops here, before any work
     device = next(p for p in student.parameters()).device
     dist.setup(device)
     rank, world = dist.rank(), dist.world_size()
@@ -433,7 +490,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
     hs_t, hs_s = _BlockOutputs(teacher, matched), _BlockOutputs(student, matched)
     autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
     per_rank = cfg.batch_size // world
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not progress or rank != 0, unit="step")
     t0, seen = time.perf_counter(), 0

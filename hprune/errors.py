@@ -18,8 +18,13 @@ class PlanError(HpruneError):
     """A prune plan that does not fit the model (unknown block index or component)."""
 
 
-class OutputExistsError(HpruneError):
-    """An output path that already exists (pass overwrite to replace it)."""
+class OutputError(HpruneError):
+    """An output path that cannot be written (under a file, a read-only or virtual file system, the
+    current folder), or that holds something hprune did not write and will not replace."""
+
+
+class OutputExistsError(OutputError):
+    """An output path that already exists (pass --overwrite / overwrite=True to replace it)."""
 
 
 class BackendUnavailableError(HpruneError):

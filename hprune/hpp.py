@@ -194,4 +194,9 @@ def plan_manual(blocks: Sequence[int] | str, *, model: nn.Module | None = None,
     elif table is not None:
         plan.family, plan.num_blocks = table.model["family"], table.num_blocks
         plan.meta["model_fingerprint"] = table.model["fingerprint"]
+    if plan.num_blocks is not None:  # checked now, not when the plan is applied
+        bad = sorted({e.block for e in entries if not 0 <= e.block < plan.num_blocks})
+        if bad:
+            raise PlanError(f"unknown block index {bad[0]}: the {plan.family} model has {plan.num_blocks} blocks "
+                            f"(0-{plan.num_blocks - 1})")
     return plan

@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from hprune.errors import CheckpointError, OutputExistsError
+from hprune.errors import CheckpointError, OutputError, OutputExistsError
 
 _ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -63,6 +64,29 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The .safetensors encoding of `tensors`, byte for byte the same for the same tensors and
+    metadata: safetensors writes its header's metadata in hash-map order, which differs between
+    processes, so the header is re-encoded with sorted keys (the tensor data is untouched)."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    doc = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items()))
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` to `path` deterministically (safetensors_bytes)."""
+    with open(path, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata))
+
+
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Reads all tensors of a validated .safetensors file."""
     check_safetensors(path)
@@ -72,6 +96,16 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         return load_file(str(path), device=str(device))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses NaN or inf in any floating-point tensor (weights, scales, zeros): a model built from
+    them would give non-finite outputs everywhere."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the "
+                                  f"file is corrupted (or was saved from a diverged model)")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -88,44 +122,150 @@ def _tmp_sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raises OutputExistsError if `path` exists and overwrite is off; returns it as a Path."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output path exists: {path} (choose another or pass overwrite)")
+# Every folder hprune writes carries this file, listing what it wrote; `overwrite` replaces only
+# such folders, and only while they hold nothing else (a user's own files are never deleted).
+OUTPUT_MARKER = ".hprune-output"
+# Folders written before the marker existed: recognised when they hold only these names and an
+# hprune JSON document (an artifact recipe, at the top or under artifact/).
+_LEGACY_NAMES = {"artifact", "hprune.json", "model.safetensors", "report.json", "report.md", "sensitivity.json",
+                 "sensitivity.png", "plan.json", "distill_loss.png", "images.png", "eval.json", "samples.png"}
+
+
+def _hprune_format(path: Path) -> str | None:
+    """The "format" an hprune JSON document or safetensors file declares ("hprune.<kind>/<n>"), else None."""
+    try:
+        if path.suffix == ".safetensors":
+            meta = check_safetensors(path).get("__metadata__") or {}
+            fmt = meta.get("format") if meta.get("producer", "hprune") == "hprune" else None
+        else:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read(1 << 26).decode("utf-8"))
+            fmt = doc.get("format") if isinstance(doc, dict) else None
+    except (OSError, ValueError, CheckpointError):
+        return None
+    return fmt if isinstance(fmt, str) and fmt.startswith("hprune.") else None
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """None if `folder` is an hprune output holding only what hprune wrote (or is empty); else the
+    name of the first entry hprune did not write (or a reason)."""
+    names = sorted(p.name for p in folder.iterdir())
+    marker = folder / OUTPUT_MARKER
+    if marker.is_file():
+        try:
+            wrote = set(json.loads(marker.read_text()).get("files", []))
+        except (OSError, ValueError, AttributeError):
+            return f"{OUTPUT_MARKER} (unreadable)"
+        wrote.add(OUTPUT_MARKER)
+    else:
+        legacy = (folder / "hprune.json", folder / "artifact" / "hprune.json")
+        if names and not any(p.is_file() and _hprune_format(p) for p in legacy):
+            return names[0]
+        wrote = _LEGACY_NAMES
+    return next((n for n in names if n not in wrote), None)
+
+
+def _check_writable(path: Path) -> None:
+    """Raises OutputError unless `path` could be created: its nearest existing ancestor is a folder
+    hprune can create files in."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hprune-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {parent} does not take new files ({exc.strerror or exc})") from None
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, kind: str = "folder") -> Path:
+    """Checks, before any work, that `path` can take an output of `kind` ("folder" or "file");
+    returns it as an absolute Path. Raises:
+      OutputExistsError if it exists and overwrite is off;
+      OutputError if it exists but is not an output hprune wrote (a folder holding anything hprune
+      did not write, a file that is not an hprune JSON / safetensors document, a file where a folder
+      goes or the reverse), if it is the current folder or one above it, or if nothing can be
+      created there (under a file, on a read-only or virtual file system)."""
+    shown = Path(path)
+    path = Path(os.path.abspath(os.path.expanduser(path)))
+    cwd = Path.cwd()
+    if path == cwd or path in cwd.parents or path == path.parent:
+        raise OutputError(f"output path {shown} is the current folder or contains it; name a new folder")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output path exists: {shown} (choose another, or pass --overwrite to replace "
+                                    f"an output hprune wrote)")
+        if kind == "folder":
+            if not path.is_dir() or path.is_symlink():
+                raise OutputError(f"--overwrite: {shown} is a file, not a folder hprune wrote; remove it or choose "
+                                  f"another output")
+            foreign = _foreign_entry(path)
+            if foreign is not None:
+                raise OutputError(f"--overwrite: {shown} holds {foreign!r}, which hprune did not write; hprune "
+                                  f"replaces only its own outputs (remove it or choose another folder)")
+        else:
+            if not path.is_file():
+                raise OutputError(f"--overwrite: {shown} is a folder; this output is a file")
+            if _hprune_format(path) is None:
+                raise OutputError(f"--overwrite: {shown} is not a file hprune wrote; hprune replaces only its own "
+                                  f"outputs (remove it or choose another name)")
+    _check_writable(path)
     return path
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling folder; on success it is renamed to `path` in one step, on any
-    failure it is deleted, so `path` is either absent, the old content, or complete."""
+    failure it is deleted, so `path` is either absent, the old content, or complete. An existing
+    `path` is replaced only with `overwrite` and only if it is an output hprune wrote (check_output);
+    the folder gets a marker listing what was written."""
     path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path, "tmp")
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(path, "tmp")
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = _tmp_sibling(path, "old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"producer": "hprune", "files": files}) + "\n")
+        if path.exists():
+            check_output(path, overwrite)  # still ours: nothing was added while we worked
+            old = _tmp_sibling(path, "old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, overwrite: bool = True, mode: str = "w") -> Iterator[Any]:
     """Opens a temporary sibling file for writing; renamed over `path` only when the block succeeds."""
-    path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; this output is a file")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output path exists: {path} (choose another, or pass --overwrite to replace it)")
     tmp = _tmp_sibling(path, "tmp")
     try:
-        with open(tmp, mode) as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, mode)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from hprune.artifacts import load_compressed
 from hprune.errors import ModelNotFoundError
-from hprune.io import load_safetensors
+from hprune.io import check_finite, load_safetensors
 from hprune.models.registry import (BuiltinModel, load_diffusers_folder, read_config, build_from_config, hook,
                                     load_state_into, randomize_, resolve)
 
@@ -57,6 +57,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str | tor
                                  f"or pass --config)")
     cfg = read_config(cfg_path)
     state = load_safetensors(what, device=device)
+    check_finite(state, str(what))
     model = build_from_config(cfg["_class_name"], cfg, meta=True)
     load_state_into(model, state, str(what))
     return (model.to(dtype) if dtype is not None else model).eval()

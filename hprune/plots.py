@@ -52,8 +52,10 @@ def image_grid(rows: dict[str, torch.Tensor], path: str | os.PathLike, title: st
 
 
 def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str], col_labels: Sequence[str],
-            path: str | os.PathLike, title: str = "", cbar_label: str = "", log: bool = True) -> Path:
-    """A rows x cols heatmap; None cells are blank (e.g. a component a block does not have)."""
+            path: str | os.PathLike, title: str = "", cbar_label: str = "", log: bool = True,
+            blank_note: str = "blank: no value") -> Path:
+    """A rows x cols heatmap; None cells are blank (e.g. a component a block does not have) and
+    `blank_note`, printed under the plot when there are any, says why."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -71,6 +73,9 @@ def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str],
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
+    if any(v is None for row in values for v in row):
+        fig.text(0.01, 0.005, blank_note, fontsize=7, ha="left", va="bottom", style="italic")
+        fig.subplots_adjust(bottom=0.12)
     return _save(fig, path)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,6 +40,8 @@ from hprune.models.registry import fingerprint, model_config
 from hprune.models.stats import param_count
 
 TABLE_FORMAT = "hprune.sensitivity/1"
+DEFAULT_MAX_SAMPLES = 32  # calibration samples probed by default (hprune probe and hprune compress alike)
+NEGATIVE_TOLERANCE = 1e-9  # a float64 metric of identical outputs can come out a few ulp below 0
 
 
 @dataclass
@@ -51,6 +54,30 @@ class SensitivityTable:
     baseline: float  # ΔP of removing nothing through the reuse path (0 when reuse is exact)
     calib: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuses a ΔP that is not a finite number >= 0 (NaN, inf, negative beyond rounding), naming
+        the block and component: the planners rank by ΔP and SGDistill divides by it, so one bad
+        value would silently change or poison the plan."""
+        if not isinstance(self.blocks, list):
+            raise HpruneError("corrupted sensitivity table (blocks is not a list)")
+        for i, b in enumerate(self.blocks):
+            if not isinstance(b, dict) or not isinstance(b.get("delta"), dict):
+                raise HpruneError(f"corrupted sensitivity table (block entry {i} has no delta table)")
+            for piece, d in b["delta"].items():
+                bad = None
+                if isinstance(d, bool) or not isinstance(d, (int, float)):
+                    bad = f"is {d!r}, not a number"
+                elif not math.isfinite(d):
+                    bad = f"is {d}"
+                elif d < -NEGATIVE_TOLERANCE:
+                    bad = f"is negative ({d:.3g}): removing a piece cannot improve fidelity to the unpruned model"
+                if bad:
+                    raise HpruneError(f"sensitivity table: ΔP of block {b.get('index', i)}, component {piece!r} "
+                                      f"{bad}; probe again (`hprune probe`) or fix the table")
 
     def delta(self, index: int, piece: str) -> float:
         return self.blocks[index]["delta"][piece]
@@ -108,7 +135,9 @@ class SensitivityTable:
         rows = [[b["delta"].get(c) for c in cols] for b in self.blocks]
         labels = [f"{b['index']} {b['kind'].split('_')[-1]}" for b in self.blocks]
         return heatmap(rows, labels, cols, path, title=title or f"ΔP ({self.metric}) per block and component",
-                       cbar_label=f"ΔP ({self.metric}, log scale)")
+                       cbar_label=f"ΔP ({self.metric}, log scale)",
+                       blank_note="blank cell: the block has no such component (e.g. the last SD3 block has no "
+                                  "context FF), or it was removed before probing")
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
@@ -134,7 +163,7 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         max_samples: use an evenly spaced subset of the calibration samples.
     Returns a SensitivityTable; deterministic for the same inputs. Collective under torchrun:
     every rank must call it (see the module docstring)."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     if granularity not in ("block", "component", "both"):
         raise HpruneError(f"granularity must be block, component or both, not {granularity!r}")

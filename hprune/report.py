@@ -1,7 +1,20 @@
 """Small formatting helpers shared by the CLI, the stages' reports and the benchmarks."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
+
+
+def tqdm(*args: Any, **kwargs: Any) -> Any:
+    """tqdm.auto.tqdm, shown only on a terminal: a log redirected to a file gets no progress-bar
+    redraws (set HPRUNE_PROGRESS=1 to force them)."""
+    import os
+
+    from tqdm.auto import tqdm as _tqdm
+
+    if not (sys.stderr.isatty() or os.environ.get("HPRUNE_PROGRESS") == "1"):
+        kwargs["disable"] = True
+    return _tqdm(*args, **kwargs)
 
 
 def human_bytes(n: float) -> str:

@@ -1,4 +1,5 @@
 """The hprune CLI: commands, and one-line errors with a non-zero exit for bad input."""
+import argparse
 import json
 import os
 import subprocess
@@ -65,7 +66,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     code, out, _ = run(capsys, "demo", "--out", str(out_dir), "--steps", "30")
     assert code == 0
-    assert sorted(os.listdir(out_dir)) == ["artifact", "distill_loss.png", "images.png", "plan.json", "report.json",
+    assert sorted(os.listdir(out_dir)) == [".hprune-output", "artifact", "distill_loss.png", "images.png", "plan.json", "report.json",
                                            "report.md", "sensitivity.json", "sensitivity.png"]
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["reload_bit_identical"] is True
@@ -82,3 +83,59 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert code == 1 and "output path exists" in err
     assert (out_dir / "report.json").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["demo"]
+
+
+def _subparsers():
+    from hprune.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_help_shows_every_default():
+    for name, p in _subparsers().items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS):
+                assert a.help and "default" in fmt._get_help_string(a), (name, a.dest)
+    assert "(default: 200)" in _subparsers()["compress"].format_help()
+
+
+def test_demo_compress_and_probe_share_their_defaults():
+    """The demo runs as `hprune compress` does: same ratio, steps, batch, lr, quantisation and
+    probe sample cap; standalone `hprune probe` caps the samples the same way."""
+    from dataclasses import fields
+
+    from hprune.compress import CompressOptions
+    from hprune.probe import DEFAULT_MAX_SAMPLES
+
+    subs = _subparsers()
+    comp = vars(subs["compress"].parse_args(["m", "--out", "x"]))
+    demo = vars(subs["demo"].parse_args([]))
+    probe = vars(subs["probe"].parse_args(["m", "--out", "x"]))
+    opts = CompressOptions()
+    shared = [f.name for f in fields(CompressOptions) if f.name in comp]
+    assert {"ratio", "steps", "batch_size", "lr", "quant", "group_size", "max_probe_samples"} <= set(shared)
+    for k in shared:
+        assert comp[k] == getattr(opts, k), k
+    for k in ("ratio", "steps", "quant"):
+        assert demo[k] == getattr(opts, k), k
+    import inspect
+
+    from hprune.demo import run_demo
+
+    sig = inspect.signature(run_demo).parameters
+    assert (sig["ratio"].default, sig["steps"].default, sig["quant"].default) == (opts.ratio, opts.steps, opts.quant)
+    assert probe["max_samples"] == DEFAULT_MAX_SAMPLES == opts.max_probe_samples
+
+
+def test_progress_bars_stay_out_of_redirected_logs(tmp_path):
+    """A log redirected to a file gets the command's lines, not progress-bar redraws."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("HPRUNE_PROGRESS", None)
+    r = subprocess.run([sys.executable, "-m", "hprune", "calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2",
+                        "--out", str(tmp_path / "c.safetensors")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr and "it/s" not in r.stderr and "%|" not in r.stderr, r.stderr
+    assert "wrote" in r.stdout

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,40 @@ def test_capture_under_two_processes_deals_out_the_prompts(tmp_path):
         assert r["inputs"].keys() == one["inputs"].keys()
         for k, v in one["inputs"].items():
             assert torch.equal(r["inputs"][k], v), k
+
+
+def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(tmp_path, capsys, monkeypatch):
+    import hprune.plots
+
+    ylabels = []
+    real = hprune.plots._save
+    monkeypatch.setattr(hprune.plots, "_save",
+                        lambda fig, path: (ylabels.append((Path(path).name, fig.axes[0].get_ylabel())), real(fig, path))[1])
+    out = tmp_path / "out"
+    ckpt = tmp_path / "out-checkpoints"
+    calib = tmp_path / "calib.safetensors"
+    assert run(capsys, "calib", "tiny-sd3", "--num-prompts", 3, "--steps", 2, "--out", calib)[0] == 0
+    base = ["compress", "tiny-sd3", "--quant", "none", "--batch-size", 2, "--checkpoint-every", 2, "--calib", calib,
+            "--out", out]
+    code, text, err = run(capsys, *base, "--ratio", 0.3, "--steps", 2, "--keep-checkpoints")
+    assert code == 0, err
+    assert "probing ΔP" in text and (ckpt / "run.json").is_file() and (ckpt / "step-0000002").is_dir()
+    plan = json.loads((out / "plan.json").read_text())
+    # another ratio, or no --resume, is refused at once: one line, no probe, nothing written
+    for argv, match in [(["--ratio", 0.2, "--steps", 4, "--resume"], "cannot resume with a different run: ratio 0.3 -> 0.2"),
+                        (["--ratio", 0.3, "--steps", 4], "holds checkpoints of an earlier run"),
+                        (["--ratio", 0.3, "--steps", 1, "--resume"], "past the run's 1 steps"),
+                        (["--ratio", 0.3, "--steps", 4, "--resume", "--lr", 1e-3], "lr 0.0003 -> 0.001")]:
+        code, text, err = run(capsys, *base, *argv, "--overwrite")
+        assert code == 1 and match in err and len(err.strip().splitlines()) == 1, err
+        assert "probing" not in text
+    code, text, err = run(capsys, *base, "--ratio", 0.3, "--steps", 4, "--resume", "--overwrite")
+    assert code == 0, err
+    assert "probing" not in text and "resuming: the ΔP table and plan recorded" in text
+    assert f"the compressed model is {out / 'artifact'}" in text and "//" not in text
+    assert json.loads((out / "plan.json").read_text())["entries"] == plan["entries"]
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["distill_history"]) == 4
+    assert not ckpt.exists() and "removed the distillation checkpoints" in text  # finished: cleaned up
+    assert sorted(os.listdir(tmp_path)) == ["calib.safetensors", "out"]
+    assert ("distill_loss.png", "loss (MSE to the teacher, log scale)") in ylabels  # the y axis says what it shows

@@ -251,3 +251,47 @@ def test_two_processes_follow_the_one_process_run(tmp_path):
     # near-zero gradient can move differently by a fraction of one step (lr = 1e-3): allow 1% of it.
     for n, p in one["params"].items():
         torch.testing.assert_close(two["params"][n], p, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_refuses_another_student_or_a_bad_state_before_any_work(tmp_path):
+    """The checkpoint records what it fits: a student of another plan / ratio, a state without
+    world_size, a negative step or one past `steps` are refused with one line, before training."""
+    import json
+
+    teacher, _, cal, table = setup()
+    cfg = dict(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(RuntimeError):
+        distill(teacher, student_copy(), cal, DistillConfig(**cfg), table=table, progress=False,
+                on_step=lambda step, _r: (_ for _ in ()).throw(RuntimeError("stop")) if step == 2 else None)
+    other = copy.deepcopy(teacher)
+    apply_plan(other, plan_hpp(table, 0.15))
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(HpruneError, match="trained on another student"):
+        distill(teacher, other, cal, DistillConfig(**cfg, resume=True), table=table, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # untouched
+    with pytest.raises(HpruneError, match="past the run's 1 steps"):
+        distill(teacher, student_copy(), cal, DistillConfig(**{**cfg, "steps": 1}, resume=True), table=table,
+                progress=False)
+    state = tmp_path / "step-0000002" / "state.json"
+    good = json.loads(state.read_text())
+    for change, match in [(lambda d: d.pop("world_size"), "missing 'world_size'"),
+                          (lambda d: d.update(step=-3), "step -3"),
+                          (lambda d: d.update(step="2"), "step '2'")]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        state.write_text(json.dumps(bad))
+        with pytest.raises(HpruneError, match=match):
+            distill(teacher, student_copy(), cal, DistillConfig(**cfg, resume=True), table=table, progress=False)
+    state.write_text(json.dumps(good))
+    _, res = distill(teacher, student_copy(), cal, DistillConfig(**cfg, resume=True), table=table, progress=False)
+    assert res.resumed_from == 2 and len(res.history) == 4
+
+
+def test_config_refuses_non_finite_and_negative_settings():
+    for kw, match in [(dict(lr=float("nan")), "lr must be a positive number"),
+                      (dict(lr=float("inf")), "lr must be a positive number"),
+                      (dict(checkpoint_every=-1, checkpoint_dir="x"), "checkpoint_every must be >= 0"),
+                      (dict(lambda_feat=float("nan")), "lambda_feat must be a finite number"),
+                      (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1")]:
+        with pytest.raises(HpruneError, match=match):
+            DistillConfig(**kw).validate()

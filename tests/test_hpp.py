@@ -2,6 +2,8 @@
 import copy
 import functools
 import math
+import os
+import re
 
 import pytest
 
@@ -113,3 +115,44 @@ def test_plan_from_another_models_table_is_refused():
     with pytest.raises(HpruneError, match="from another model"):
         table("tiny-sd35").check_model(fresh("tiny-sd3"))
     table("tiny-sd3").check_model(fresh("tiny-sd3"))
+
+
+@pytest.mark.parametrize("value, match", [(float("nan"), "is nan"), (float("inf"), "is inf"),
+                                          (-0.01, "is negative"), ("0.1", "is '0.1', not a number")])
+def test_bad_delta_in_a_table_is_refused_naming_the_piece(tmp_path, value, match):
+    from hprune.cli import main
+    from hprune.probe import SensitivityTable
+
+    d = table("tiny-sd3").to_dict()
+    d = copy.deepcopy(d)
+    d["blocks"][5]["delta"]["ff"] = value
+    with pytest.raises(HpruneError, match=re.escape(f"block 5, component 'ff' {match}")):
+        SensitivityTable.from_dict(d)
+    if isinstance(value, float) and math.isnan(value):  # an all-NaN table used to remove blocks scored nan
+        for b in d["blocks"]:
+            b["delta"] = {k: float("nan") for k in b["delta"]}
+    path = tmp_path / "s.json"
+    import json
+
+    path.write_text(json.dumps(d))
+    assert main(["plan", "--sensitivity", str(path), "--ratio", "0.2", "--out", str(tmp_path / "p.json")]) == 1
+    assert not os.path.exists(tmp_path / "p.json")
+
+
+def test_heatmap_explains_its_blank_cells(tmp_path, monkeypatch):
+    import hprune.plots
+
+    seen = []
+    real = hprune.plots._save
+
+    def keep(fig, path):
+        seen.append(([t.get_text() for t in fig.texts], [a.get_ylabel() for a in fig.axes]))
+        return real(fig, path)
+
+    monkeypatch.setattr(hprune.plots, "_save", keep)
+    t = table("tiny-sd3")
+    assert any(c not in t.blocks[-1]["delta"] for b in t.blocks for c in b["delta"])  # the last block has fewer
+    t.heatmap(tmp_path / "s.png")
+    (texts, ylabels), = seen
+    assert any("blank cell: the block has no such component" in x for x in texts)
+    assert "ΔP (rel_mse, log scale)" in ylabels

@@ -76,3 +76,35 @@ def test_layers_contract():
                            "lint_imports_command()"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "1 kept, 0 broken" in proc.stdout
+
+
+def test_import_hprune_registers_the_torch_ops_cheaply():
+    """`import hprune` alone makes torch.ops.hprune.* callable (a fresh interpreter: nothing else
+    imported first), without importing diffusers, triton or any stage of the pipeline."""
+    code = ("import sys, torch, hprune\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'triton', 'transformers')\n"
+            "               or m.startswith(('hprune.models', 'hprune.quant', 'hprune.distill', 'hprune.compress')))\n"
+            "assert not heavy, heavy\n"
+            "x = torch.randn(3, 64)\n"
+            "from hprune.formats import quantize\n"
+            "q = quantize(torch.randn(8, 64), 32, 'int4')\n"
+            "y = torch.ops.hprune.w4a16_mm(x, q.qweight, q.scales, q.zeros, None, 32, 'int4', None)\n"
+            "assert y.shape == (3, 8)\n"
+            "assert torch.ops.hprune.w4a8_mm.default and torch.ops.hprune.scaled_adamw_.default\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSTARTUP"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bitsandbytes_kernels_community_notice_is_dropped():
+    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning (on
+    AVX-512 BF16 CPUs without the optional `kernels` package) is not printed once hprune is
+    imported; its other messages are left alone."""
+    code = ("import logging, hprune, bitsandbytes\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')\n")
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kernels-community" not in proc.stderr and "another notice" in proc.stderr

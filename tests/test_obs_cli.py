@@ -39,7 +39,7 @@ def test_cli_writes_an_artifact_that_loads_back(capsys, tmp_path, calib_files, n
     assert code == 0, err
     rep = json.loads(text)
     assert rep["fidelity"]["samples"] > 0 and 0 <= rep["fidelity"]["rel_mse"] < 0.05
-    assert sorted(os.listdir(dest)) == ["hprune.json", "model.safetensors"]
+    assert sorted(os.listdir(dest)) == [".hprune-output", "hprune.json", "model.safetensors"]
     doc = json.loads((dest / "hprune.json").read_text())
     assert doc["extra"]["obs"]["method"] == "obs"
     m = load_model(str(dest))

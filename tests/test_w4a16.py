@@ -310,6 +310,26 @@ def test_opcheck(device):
                           (x.reshape(5, 1, 96).requires_grad_(), qw, s, None, None, 32, "nf4", None))
 
 
+@pytest.mark.parametrize("act", [None, "fp8"])
+def test_short_input_with_the_same_packed_width_is_refused(act):
+    # K = 63 and K = 64 pack to the same 32 bytes per row and one group: only in_features tells them
+    # apart. nn.Linear raises here; so must the 4-bit layers and the ops when given in_features.
+    from hprune.kernels.w4a8 import w4a8_mm
+
+    torch.manual_seed(0)
+    q = quantize_linear(nn.Linear(64, 16), act=act)
+    x = torch.randn(4, 63)
+    with pytest.raises(ShapeError, match="63 input features.*in_features = 64"):
+        q(x)
+    mm = w4a8_mm if act else w4a16_mm
+    with pytest.raises(ShapeError, match="in_features = 64"):
+        mm(x, q.qweight, q.scales, q.zeros, 64, "int4", in_features=64)
+    assert mm(x, q.qweight, q.scales, q.zeros, 64, "int4").shape == (4, 16)  # K from x when not given
+    assert q(torch.randn(2, 3, 64)).shape == (2, 3, 16)
+    torch.library.opcheck(getattr(torch.ops.hprune, "w4a8_mm" if act else "w4a16_mm").default,
+                          (torch.randn(3, 64), q.qweight, q.scales, q.zeros, q.bias, 64, "int4", None, 64))
+
+
 def test_torch_compile_fullgraph_cpu():
     lin = quantize_linear(nn.Linear(96, 40), group_size=32)
     model = nn.Sequential(nn.Linear(16, 96), nn.GELU(), lin)

@@ -64,7 +64,15 @@ def read_prompts(path: str, what: str = "prompts") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise HpruneError(f"{what} file not found: {p}")
-    lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise HpruneError(f"{p}: not a UTF-8 text file ({what}, one per line; byte {exc.start} does not decode)") from None
+    except OSError as exc:
+        raise HpruneError(f"{p}: cannot read the {what} file ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise HpruneError(f"{p}: a binary file, not {what} (one per line)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise HpruneError(f"{p}: no {what} in the file")
     return lines

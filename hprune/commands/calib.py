@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.io import check_output
     from hprune.models import resolve
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, kind="file")
     if args.steps < 1 or args.n < 1:
         raise HpruneError("--steps and --num-prompts must be at least 1")
     device, dtype = device_and_dtype(args)
@@ -64,9 +64,13 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts:
             raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
                               f"(use --num-prompts for stand-in prompts)")
+        from hprune.models.registry import BUILTINS
+
+        if args.size is not None and args.model in BUILTINS and BUILTINS[args.model].calibration:
+            raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
         model = load_weighted_model(args.model, device, dtype)
         cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
-                                  progress=True, latent_size=None if args.size is None else args.size // 2)
+                                  progress=True, size=args.size)
     if not main:
         return 0
     cal.save(args.out, overwrite=args.overwrite)

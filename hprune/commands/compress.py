@@ -15,7 +15,7 @@ HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of transformer parameters to remove")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of transformer parameters to remove")
     p.add_argument("--quant", default="int4", choices=["int4", "int4-fp8", "bnb-nf4", "none"],
                    help="int4: hprune W4A16; int4-fp8: the same weights with FP8 activations (W4A8); "
                         "bnb-nf4: bitsandbytes NF4; none")
@@ -40,10 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calibration set) or rtn (round to nearest with a scale search, the paper's); auto "
                         "(default): gptq for int4 / int4-fp8")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
-    p.add_argument("--resume", action="store_true", help="resume distillation from the latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="resume distillation from the latest checkpoint in OUT-checkpoints, reusing the ΔP table "
+                        "and plan recorded there (no probe)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT-checkpoints after a successful run (default: removed)")
     p.add_argument("--seed", type=int, default=0)
     add_device_arguments(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-probe-samples", type=int, default=32,
+                   help="calibration samples the ΔP probe runs on, evenly spaced (0: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder hprune wrote")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
                            protect=args.protect, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
                            sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,
-                           checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed)
+                           checkpoint_every=args.checkpoint_every, resume=args.resume,
+                           max_probe_samples=args.max_probe_samples or None,
+                           keep_checkpoints=args.keep_checkpoints, seed=args.seed)
     opts.validate()
     check_output(args.out, args.overwrite)
     device, dtype = device_and_dtype(args)

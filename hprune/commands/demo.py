@@ -11,11 +11,12 @@ HELP = "run the whole pipeline on a built-in tiny model (CPU, minutes)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-sd3", choices=["tiny-sd3", "tiny-sd35", "tiny-flux"])
-    p.add_argument("--out", default="hprune-demo", help="output folder (default: hprune-demo)")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of transformer parameters to remove (default 0.3)")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
-    p.add_argument("--quant", default="int4", choices=["int4", "bnb-nf4", "none"])
-    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--out", default="hprune-demo", help="output folder")
+    # the defaults are `hprune compress`'s (tests/test_cli.py checks)
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of transformer parameters to remove")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps")
+    p.add_argument("--quant", default="int4", choices=["int4", "int4-fp8", "bnb-nf4", "none"])
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder hprune wrote")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "score a model on ShapesBench (generated shapes, analytic GenEval-style scores)"
 
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from hprune.commands import load_weighted_model, read_prompts
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir, check_output, write_json
-    from hprune.shapes.evaluate import evaluate, generate, heldout_captions, save_grid
+    from hprune.shapes.evaluate import check_shapes_model, evaluate, generate, heldout_captions, save_grid
     from hprune.shapes.checkpoint import NAME, default_guidance, load_text_encoder, load_transformer
 
     if args.captions < 1:
@@ -59,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
             parse_caption(c)  # a caption outside the grammar cannot be scored: say so before sampling
     model = load_weighted_model(args.model, hint="evaluate shapes-teacher or an artifact compressed from it")
     text = load_text_encoder()
+    check_shapes_model(model, text)  # before the teacher's reference images, not after them
     guidance = args.guidance if args.guidance is not None else default_guidance()
     kw = dict(steps=args.steps, guidance=guidance, seed=args.seed)
     ref = None
@@ -85,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{t} {v:.3f}" for t, v in res["templates"].items()))
     if "psnr" in res:
         print(f"  fidelity to the teacher: PSNR {res['psnr']:.2f} dB")
-    print(f"outputs in {args.out}/")
+    print(f"outputs in {Path(args.out)}")
     return 0
 
 

@@ -28,11 +28,16 @@ def run(args: argparse.Namespace) -> int:
     from hprune.models.registry import BUILTINS
     from hprune.report import format_table, human_bytes, human_count
 
+    from hprune import formats as F
+
+    F.check_group_size(args.group_size)  # the same rule as quantize / compress, before loading
     meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
     model = load_model(args.model, meta=meta, config=args.config)
     rep = model_report(model, int4_group=args.group_size)
+    from hprune._ext import build_info, describe_build
+
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps({**rep, "extension": build_info()}, indent=2))
         return 0
     comps = sorted({c for b in rep["blocks"] for c in b["components"] if c != "block"})
     rows = []
@@ -56,4 +61,6 @@ def run(args: argparse.Namespace) -> int:
         {"format": "bf16", "bytes": human_bytes(rep["bytes_bf16"])},
         {"format": f"INT4 g{args.group_size} (block Linears) + bf16 rest", "bytes": human_bytes(rep["bytes_int4"])},
     ], ["format", "bytes"]))
+    print()
+    print(describe_build())
     return 0

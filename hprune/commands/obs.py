@@ -76,7 +76,8 @@ def parse_blocks(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hprune.errors import HpruneError, OutputExistsError
+    from hprune.errors import HpruneError
+    from hprune.io import check_output
     from hprune.obs.hessian import step_weights
     from hprune.obs.patterns import parse_pattern, resolve_sparsity
 
@@ -89,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_samples < 0:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     blocks = parse_blocks(args.blocks)
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"output path exists: {args.out} (pass --overwrite to replace it)")
+    check_output(args.out, args.overwrite)
     if args.calib and not Path(args.calib).is_file():
         raise HpruneError(f"calibration set not found: {args.calib}")
 

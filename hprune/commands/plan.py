@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-positional", action="store_true", help="hpp without the positional weight")
     p.add_argument("--rank", default="per_param", choices=["per_param", "delta"], help="hpp ranking")
     p.add_argument("--blocks", help="manual: block list like 25-29,31-35, or a preset (sd3.5-large-released)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="manual: the model the plan is for (its blocks are checked now); or give --sensitivity")
     p.add_argument("--out", required=True, help="output plan.json")
     p.add_argument("--overwrite", action="store_true")
 
@@ -29,12 +31,23 @@ def run(args: argparse.Namespace) -> int:
     from hprune.probe import SensitivityTable
     from hprune.report import format_table
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, kind="file")
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     if args.method == "manual":
         if not args.blocks:
             raise HpruneError("--method manual needs --blocks (e.g. 25-29,31-35 or sd3.5-large-released)")
-        plan = plan_manual(args.blocks, table=table)
+        from hprune.hpp import PRESETS
+        from hprune.loading import load_model
+        from hprune.models.registry import BUILTINS
+
+        model = None
+        if args.model:
+            meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
+            model = load_model(args.model, meta=meta)
+        elif table is None and args.blocks not in PRESETS:
+            raise HpruneError("--method manual needs --model MODEL (or --sensitivity FILE) to check the block "
+                              "indices against, so that a wrong plan fails now rather than at `hprune prune`")
+        plan = plan_manual(args.blocks, model=model, table=table)
     else:
         if table is None:
             raise HpruneError(f"--method {args.method} needs --sensitivity FILE (from `hprune probe`)")

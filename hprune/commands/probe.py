@@ -7,9 +7,11 @@ Runs on N processes with torchrun (the calibration batches are dealt out; rank 0
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
 
+DEFAULT_MAX_SAMPLES = 32  # hprune.probe.DEFAULT_MAX_SAMPLES, the cap compress uses (tests/test_cli.py checks)
 HELP = "measure each block's and component's sensitivity (ΔP); writes a table and a heatmap"
 
 
@@ -20,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="rel_mse", choices=["rel_mse", "cosine"])
     p.add_argument("--granularity", default="both", choices=["block", "component", "both"])
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-samples", type=int, help="use an evenly spaced subset of the calibration samples")
+    p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                   help="probe an evenly spaced subset of this many calibration samples, as `hprune compress` "
+                        "does (0: all)")
     p.add_argument("--overwrite", action="store_true")
     add_device_arguments(p)
 
@@ -34,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from hprune.probe import probe_sensitivity
     from hprune.report import format_table
 
+    if args.max_samples < 0:
+        raise HpruneError(f"--max-samples must be >= 0 (0: all), got {args.max_samples}")
     check_output(args.out, args.overwrite)  # before the probe, not after it
     device, dtype = device_and_dtype(args)
     model = load_weighted_model(args.model, device, dtype)
@@ -44,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
     main = dist.setup(device)[0] == 0
+    cap = args.max_samples or None
+    n = min(len(cal), cap or len(cal))
+    if main:
+        print(f"probing ΔP on {n} calibration samples" + (f" (of {len(cal)})" if n < len(cal) else ""))
     table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,
-                              batch_size=args.batch_size, max_samples=args.max_samples, progress=main)
+                              batch_size=args.batch_size, max_samples=cap, progress=main)
     if not main:
         return 0
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -55,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"#": b["index"], "kind": b["kind"], **{c: b["delta"].get(c) for c in cols},
              "similarity": round(b["similarity"], 5)} for b in table.blocks]
     print(format_table(rows, ["#", "kind"] + cols + ["similarity"], title=f"ΔP ({args.metric}), {table.seconds:.1f} s"))
-    print(f"wrote {args.out}/sensitivity.json and sensitivity.png")
+    print(f"wrote {Path(args.out) / 'sensitivity.json'} and sensitivity.png")
     return 0

@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
     model = load_weighted_model(args.model, device, dtype)
+    from hprune.quant.model import linears_to_quantize
+
+    linears_to_quantize(model, skip=args.skip)  # an already quantised model is refused before any work
     if args.method == "gptq" or args.calib:
         calib = calibration_for(args.model, model, args.calib, what="--method gptq")
     elif args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny:

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from hprune._ext import build_info, describe_build
     from hprune.errors import BackendUnavailableError
     from hprune.kernels import dispatch, selftest
     from hprune.report import format_table
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     rows = selftest.as_rows(results)
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({"device": dispatch.device_name(device), "results": rows}, indent=2))
+        print(json.dumps({"device": dispatch.device_name(device), "extension": build_info(), "results": rows},
+                         indent=2, default=str))
     else:
+        print(describe_build())
         cols = ["op", "backend", "dtype", "result", "max error", "tolerance", "ms"]
         print(format_table(rows, cols, title=f"hprune selftest on {dispatch.device_name(device)}"))
         for r in rows:

@@ -38,8 +38,11 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---- validation ---------------------------------------------------------------------------------
 
 def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-             group_size: int, fmt: str) -> tuple[int, int, int]:
-    """Checks every argument; returns (M, N, K). Raises ShapeError naming the first problem."""
+             group_size: int, fmt: str, in_features: Optional[int] = None) -> tuple[int, int, int]:
+    """Checks every argument; returns (M, N, K). Raises ShapeError naming the first problem.
+
+    `in_features` is the weight's K when the caller knows it (a layer does): the packed layout
+    alone cannot tell K = 63 from K = 64, so without it a short x would silently use W[:, :K]."""
     F.check_format(fmt)
     F.check_group_size(group_size)
     if x.dim() < 1:
@@ -49,6 +52,9 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     k = x.shape[-1]
     if k == 0:
         raise ShapeError("x has K = 0 input features")
+    if in_features is not None and k != in_features:
+        raise ShapeError(f"x has {k} input features (last dimension, shape {tuple(x.shape)}) but the weight "
+                         f"has in_features = {in_features}")
     if x.dim() > 1 and x.stride(-1) != 1 and x.numel() > 0:
         raise ShapeError(f"x must be contiguous along K (stride {x.stride(-1)} on the last dimension); "
                          f"call .contiguous() first")
@@ -254,8 +260,8 @@ def chosen_backend(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[T
 
 @torch.library.custom_op("hprune::w4a16_mm", mutates_args=())
 def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-                 group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
-    m, n, k = validate(x, qweight, scales, zeros, bias, group_size, fmt)
+                 group_size: int, fmt: str, backend: Optional[str], in_features: Optional[int] = None) -> Tensor:
+    m, n, k = validate(x, qweight, scales, zeros, bias, group_size, fmt, in_features)
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
@@ -267,13 +273,13 @@ def _w4a16_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
 
 @_w4a16_mm_op.register_fake
 def _w4a16_mm_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-                   group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
-    validate(x, qweight, scales, zeros, bias, group_size, fmt)
+                   group_size: int, fmt: str, backend: Optional[str], in_features: Optional[int] = None) -> Tensor:
+    validate(x, qweight, scales, zeros, bias, group_size, fmt, in_features)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, qweight, scales, zeros, bias, group_size, fmt, _backend = inputs
+    x, qweight, scales, zeros, bias, group_size, fmt = inputs[:7]
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.meta = (x.shape[-1], group_size, fmt, x.dtype, bias is not None)
 
@@ -287,7 +293,7 @@ def _backward(ctx, grad: Tensor):
         w = F.dequantize(qweight, scales, zeros, k, group_size, fmt, dtype=dtype)
         gx = (grad.float() @ w.float()).to(dtype)
     gb = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias and ctx.needs_input_grad[4] else None
-    return gx, None, None, None, gb, None, None, None
+    return gx, None, None, None, gb, None, None, None, None
 
 
 _w4a16_mm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -295,7 +301,7 @@ _w4a16_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
              group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
-             backend: Optional[str] = None) -> Tensor:
+             backend: Optional[str] = None, in_features: Optional[int] = None) -> Tensor:
     """y = x @ W^T + bias with W packed in 4 bits (layout: hprune.formats).
 
     Args:
@@ -307,13 +313,15 @@ def w4a16_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
         fmt: "int4" (needs zeros), "int4_sym" or "nf4"; default: "int4" if zeros is given else "int4_sym".
         bias: (N,) or None.
         backend: force "cutlass", "cuda", "triton" or "reference" (default: automatic, see module docstring).
+        in_features: the weight's K, checked against x's last dimension (the packed width alone
+            cannot tell K from K - 1; layers always pass it).
     Returns (..., N) in x's dtype.
     Raises ShapeError for bad arguments, BackendUnavailableError for a forced backend that cannot run."""
     if fmt is None:
         fmt = "int4" if zeros is not None else "int4_sym"
     if backend is not None and backend not in dispatch.PREFERENCE and backend != "auto":
         raise BackendUnavailableError(f"unknown backend {backend!r} for {OP}; choose from {dispatch.PREFERENCE}")
-    return torch.ops.hprune.w4a16_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend)
+    return torch.ops.hprune.w4a16_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend, in_features)
 
 
 __all__ = ["w4a16_mm", "w4a16_mm_reference", "w4a16_mm_cutlass", "chosen_backend", "validate", "cuda_unsupported",

@@ -113,7 +113,7 @@ def fp8_unsupported_reason(device: torch.device | str) -> str:
 # ---- validation ---------------------------------------------------------------------------------
 
 def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-             group_size: int, fmt: str) -> tuple[int, int, int]:
+             group_size: int, fmt: str, in_features: Optional[int] = None) -> tuple[int, int, int]:
     """Checks every argument (the W4A16 rules plus W4A8's format and group limits); returns
     (M, N, K). Raises ShapeError naming the first problem."""
     if fmt not in FORMATS:
@@ -125,7 +125,7 @@ def validate(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]
     if group_size % GROUP_MULTIPLE:
         raise ShapeError(f"w4a8_mm needs group_size a multiple of {GROUP_MULTIPLE} (got {group_size}): each "
                          f"K-block of the FP8 GEMM must lie in one scale group")
-    return _validate_w4a16(x, qweight, scales, zeros, bias, group_size, fmt)
+    return _validate_w4a16(x, qweight, scales, zeros, bias, group_size, fmt, in_features)
 
 
 # ---- reference ----------------------------------------------------------------------------------
@@ -249,8 +249,8 @@ def _warn_once(key: str, msg: str) -> None:
 
 @torch.library.custom_op("hprune::w4a8_mm", mutates_args=())
 def _w4a8_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-                group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
-    m, n, k = validate(x, qweight, scales, zeros, bias, group_size, fmt)
+                group_size: int, fmt: str, backend: Optional[str], in_features: Optional[int] = None) -> Tensor:
+    m, n, k = validate(x, qweight, scales, zeros, bias, group_size, fmt, in_features)
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
@@ -268,8 +268,8 @@ def _w4a8_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
 
 @_w4a8_mm_op.register_fake
 def _w4a8_mm_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-                  group_size: int, fmt: str, backend: Optional[str]) -> Tensor:
-    validate(x, qweight, scales, zeros, bias, group_size, fmt)
+                  group_size: int, fmt: str, backend: Optional[str], in_features: Optional[int] = None) -> Tensor:
+    validate(x, qweight, scales, zeros, bias, group_size, fmt, in_features)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -284,7 +284,7 @@ def _backward(ctx, grad: Tensor):
         gx = (grad.float() @ w).to(dtype)
     if has_bias and ctx.needs_input_grad[4]:
         gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return gx, None, None, None, gb, None, None, None
+    return gx, None, None, None, gb, None, None, None, None
 
 
 _w4a8_mm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -292,7 +292,7 @@ _w4a8_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def w4a8_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
             group_size: int = F.DEFAULT_GROUP_SIZE, fmt: Optional[str] = None, bias: Optional[Tensor] = None,
-            backend: Optional[str] = None) -> Tensor:
+            backend: Optional[str] = None, in_features: Optional[int] = None) -> Tensor:
     """y = x @ W^T + bias with W in packed 4 bits and x quantised per token to FP8 e4m3.
 
     Args:
@@ -304,6 +304,7 @@ def w4a8_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] 
         fmt: "int4" (needs zeros) or "int4_sym"; default: "int4" if zeros is given else "int4_sym".
         bias: (N,) or None.
         backend: force "triton" or "reference" (default: automatic, see the module docstring).
+        in_features: the weight's K, checked against x's last dimension (as for w4a16_mm).
     Returns (..., N) in x's dtype: the math in the module docstring.
     Raises ShapeError for bad arguments, BackendUnavailableError for a forced backend that cannot run
     (e.g. "triton" on a GPU without FP8 tensor cores)."""
@@ -311,7 +312,7 @@ def w4a8_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] 
         fmt = "int4" if zeros is not None else "int4_sym"
     if backend is not None and backend not in dispatch.PREFERENCE and backend != "auto":
         raise BackendUnavailableError(f"unknown backend {backend!r} for {OP}; choose from {dispatch.PREFERENCE}")
-    return torch.ops.hprune.w4a8_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend)
+    return torch.ops.hprune.w4a8_mm(x, qweight, scales, zeros, bias, group_size, fmt, backend, in_features)
 
 
 __all__ = ["w4a8_mm", "w4a8_mm_reference", "quantize_activations_reference", "fp8_weights", "emulated_weight",

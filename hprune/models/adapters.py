@@ -47,6 +47,19 @@ def meta_clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def dense_meta_clone(module: nn.Module) -> nn.Module:
+    """meta_clone with every quantised Linear (a module with `logical_numel`, e.g. W4A16Linear)
+    replaced by a meta nn.Linear of its shape: what the structure would be unquantised, so that
+    component surgery and parameter counts work on quantised models too."""
+    twin = meta_clone(module)
+    for name, m in list(twin.named_modules()):
+        if name and hasattr(m, "logical_numel") and hasattr(m, "in_features"):
+            dense = nn.Linear(m.in_features, m.out_features, bias=getattr(m, "bias", None) is not None, device="meta")
+            parent, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, attr, dense)
+    return twin
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -138,7 +151,7 @@ class Adapter:
         """Parameters freed by removing each component of block `index` alone ("block" included);
         computed by doing the surgery on a meta copy, so it is exact by construction."""
         info = self.block_info(model, index)
-        block = self.get_block(model, index)
+        block = dense_meta_clone(self.get_block(model, index))  # quantised layers count as their dense shape
         total = sum(p.numel() for p in block.parameters())
         out = {"block": total}
         if "block" in info.removed:

@@ -413,6 +413,11 @@ def prune_block(block: nn.Module, kind: str, removed: Iterable[str]) -> nn.Modul
         return block
     if "block" in removed:
         return RemovedBlock(kind, context_pre_only=kind == SD3_LAST)
+    if any(hasattr(m, "logical_numel") for m in block.modules()):
+        from hprune.errors import PlanError
+
+        raise PlanError(f"cannot remove {', '.join(sorted(removed - prev))} from a block with quantised (4-bit) "
+                        f"layers: prune before quantising (whole blocks can still be removed)")
     if kind == FLUX_SINGLE:
         return PrunedSingleBlock(block, removed)
     return PrunedJointBlock(block, kind, removed)

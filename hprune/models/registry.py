@@ -176,12 +176,25 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _dtype_clash(want: torch.dtype, got: torch.dtype) -> bool:
+    """Integer / bool tensors (packed codes, indices) must keep their dtype exactly; floating-point
+    ones may come in any float dtype the kernels take (the model takes the stored one)."""
+    if want.is_floating_point:
+        return got not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return got != want
+
+
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Loads `state` into a (possibly meta) model, strictly, with a clear error on mismatch."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    kind = [k for k in own if k in state and k not in wrong and _dtype_clash(own[k].dtype, state[k].dtype)]
+    if kind:
+        k = kind[0]
+        raise CheckpointError(f"{source}: tensor {k} is stored as {str(state[k].dtype).replace('torch.', '')}, the "
+                              f"model needs {str(own[k].dtype).replace('torch.', '')}")
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -203,7 +216,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
 
 
 def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
-    from hprune.io import check_safetensors, load_safetensors
+    from hprune.io import check_finite, check_safetensors, load_safetensors
 
     cfg = read_config(folder / "config.json")
     files = sorted(glob.glob(str(folder / "*.safetensors")))
@@ -215,7 +228,9 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str |
         check_safetensors(f)
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_safetensors(f, device=device))
+        part = load_safetensors(f, device=device)
+        check_finite(part, f)
+        state.update(part)
     model = build_from_config(cfg["_class_name"], cfg, meta=True)
     load_state_into(model, state, str(folder))
     return model.to(dtype) if dtype is not None else model

@@ -87,8 +87,10 @@ class PrunePlan:
         return cls(entries, d.get("family"), d.get("num_blocks"), d.get("method", "manual"), dict(d.get("meta") or {}))
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
-        from hprune.io import write_json
+        from hprune.io import check_output, write_json
 
+        if overwrite and os.path.exists(path):
+            check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
         write_json(path, self.to_dict(), overwrite=overwrite)
 
     @classmethod

@@ -226,7 +226,7 @@ def run_calibration_loop(model: nn.Module, calib: Any, collector: HessianCollect
     Under torchrun the trajectories are dealt out (trajectory k to rank k mod N) and the Hessians
     combined at the end (`HessianCollector.reduce`): N ranks calibrate ~N x faster and all end
     with the same Hessians. Collective: every rank must call it."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     from hprune import dist as hdist
     from hprune.models import get_adapter

@@ -235,7 +235,7 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
     if not isinstance(blocksize, int) or blocksize < 1:
         raise HpruneError(f"blocksize must be a positive integer, got {blocksize!r}")
 
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     t0 = time.perf_counter()
     params_before = param_count(model)

@@ -144,7 +144,7 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
     `gptq_quantize`'s column order. The model is
     unchanged on return, also on error (layers swapped in for a later group's calibration are
     swapped back)."""
-    from tqdm.auto import tqdm
+    from hprune.report import tqdm
 
     from hprune.obs.hessian import DEFAULT_WEIGHTING, HessianCollector, run_calibration_loop, step_weights
     from hprune.obs.sequential import find_linear_units, split_groups

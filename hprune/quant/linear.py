@@ -90,7 +90,7 @@ class W4A16Linear(nn.Module):
     # -- the op -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias,
-                        backend=self.backend)
+                        backend=self.backend, in_features=self.in_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight the kernels multiply by, in `dtype` (default:
@@ -176,9 +176,10 @@ class W4A8Linear(W4A16Linear):
         if why is not None:
             if self.fallback == "error":
                 raise BackendUnavailableError(f"W4A8Linear cannot use FP8 here: {why}")
-            return w4a16_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias)
+            return w4a16_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias,
+                            in_features=self.in_features)
         return w4a8_mm(x, self.qweight, self.scales, self.zeros, self.group_size, self.fmt, bias=self.bias,
-                       backend=self.backend)
+                       backend=self.backend, in_features=self.in_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", act=fp8" + (f", fallback={self.fallback}" if self.fallback != "w4a16" else "")

@@ -75,6 +75,21 @@ def eligible_linears(model: nn.Module, include: Optional[Iterable[str]] = BLOCK_
     return take, skipped
 
 
+def linears_to_quantize(model: nn.Module, include: Optional[Iterable[str]] = BLOCK_PREFIXES,
+                        skip: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """eligible_linears, refusing a model with none left to quantise (already quantised, or every
+    layer skipped): re-quantising would add an empty step to the recipe."""
+    names, skipped = eligible_linears(model, include, skip)
+    if not names:
+        done = sum(1 for m in model.modules() if hasattr(m, "logical_numel") or hasattr(getattr(m, "weight", None),
+                                                                                          "quant_state"))
+        why = (f"its {done} block Linear layers are already quantised" if done and not skipped
+               else f"every eligible Linear is skipped ({len(skipped)} by the skip patterns)" if skipped
+               else "it has no nn.Linear layers in its blocks")
+        raise HpruneError(f"nothing to quantise: {why}")
+    return names, skipped
+
+
 def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt: str | None = None,
                    skip: Iterable[str] = (), include: Optional[Iterable[str]] = BLOCK_PREFIXES,
                    backend: str = "hprune", scale_dtype: torch.dtype | None = None, refine: bool = True,
@@ -124,7 +139,7 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
     F.check_group_size(group_size)
     if act == "fp8":
         check_w4a8(fmt, group_size)
-    names, skipped = eligible_linears(model, include, skip)
+    names, skipped = linears_to_quantize(model, include, skip)
     before = _state_bytes(model)
     report = QuantReport(backend, fmt, group_size, before, before, [], skipped, act=act)
     # every layer is quantised before any is swapped in: a layer that fails (e.g. non-finite
