@@ -665,3 +665,16 @@ def test_quantize_model_failure_leaves_the_model_untouched():
         quantize_model(model)
     assert not any(isinstance(m, W4A16Linear) for m in model.modules())
     assert not any(st.get("op") == "quantize" for st in get_recipe(model))
+
+
+def test_requantising_is_refused_without_a_recipe_step():
+    import hprune
+    from hprune.recipe import get_recipe
+
+    model = hprune.load_model("tiny-sd3")
+    quantize_model(model)
+    with pytest.raises(HpruneError, match="nothing to quantise: its .* block Linear layers are already quantised"):
+        quantize_model(model)
+    assert [st["op"] for st in get_recipe(model)] == ["quantize"]
+    with pytest.raises(HpruneError, match="every eligible Linear is skipped"):
+        quantize_model(hprune.load_model("tiny-sd3"), skip=("*",))
