@@ -15,21 +15,9 @@
 #include <utility>
 
 #include "w4a16.h"
+#include "device_sms.h"
 
 namespace {
-
-int num_sms(int device) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  TORCH_CHECK(err == cudaSuccess, "w4a16_mm_cuda: cannot query the SM count: ", cudaGetErrorString(err));
-  cache[device] = n;
-  return n;
-}
 
 // Split-K arrival counters: zero between launches (each launch resets the ones it used), one
 // buffer per (device, stream) so launches on different streams never share them. Inside CUDA-graph
@@ -92,7 +80,8 @@ at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const int dev = x.get_device();
-  hprune::W4A16Plan plan = hprune::w4a16_plan(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), num_sms(dev));
+  hprune::W4A16Plan plan = hprune::w4a16_plan(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                              hprune::device_sm_count(dev, "w4a16_mm_cuda"));
   c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dev);
   at::Tensor ws, cnt;
   if (plan.split_k > 1) {

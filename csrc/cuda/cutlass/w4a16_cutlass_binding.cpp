@@ -8,26 +8,12 @@
 
 #include <cuda_runtime.h>
 
-#include <map>
-#include <mutex>
 #include <optional>
 
 #include "w4a16_cutlass.h"
+#include "../device_sms.h"
 
 namespace {
-
-int sm_count(int device) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  TORCH_CHECK(err == cudaSuccess, "w4a16_mm_cutlass: cannot query the SM count: ", cudaGetErrorString(err));
-  cache[device] = n;
-  return n;
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -86,7 +72,7 @@ at::Tensor w4a16_mm_cutlass(const at::Tensor& x, const at::Tensor& codes, const 
   args.fmt = static_cast<int>(fmt);
   args.act = x.scalar_type() == at::kHalf ? hprune::kCutlassFp16 : hprune::kCutlassBf16;
   args.device = dev;
-  args.num_sms = sm_count(dev);
+  args.num_sms = hprune::device_sm_count(dev, "w4a16_mm_cutlass");
   for (const void* p : {args.x, static_cast<const void*>(args.codes), args.scales, args.zeros, args.bias}) {
     TORCH_CHECK(aligned16(p), "w4a16_mm_cutlass: tensors must be 16-byte aligned");
   }
