@@ -205,12 +205,14 @@ _PIPELINE_KEYS = ("in_channels", "out_channels", "patch_size", "joint_attention_
 def find_artifact(path: str | os.PathLike) -> Path:
     """The artifact folder behind `path`: the folder itself, the artifact/ that `hprune compress`
     writes, or a pipeline folder's transformer/. CheckpointError names what is missing."""
+    from hprune.models.registry import artifact_in
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"artifact not found: {p}")
-    for cand in (p, p / "artifact", p / "transformer"):
-        if (cand / RECIPE_FILE).is_file():
-            return cand
+    art = artifact_in(p)
+    if art is not None:
+        return art
     if (p / PIPELINE_INDEX).is_file():
         raise CheckpointError(f"{p}: a diffusers pipeline folder whose transformer is not hprune-compressed "
                               f"(no transformer/{RECIPE_FILE}); put a compressed transformer in it with "

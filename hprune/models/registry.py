@@ -236,6 +236,15 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str |
     return model.to(dtype) if dtype is not None else model
 
 
+def artifact_in(folder: Path) -> Path | None:
+    """The hprune artifact in `folder`: the folder itself, the artifact/ that `hprune compress`
+    writes, or a compressed pipeline's transformer/ (the first with an hprune.json), else None."""
+    for art in (folder, folder / "artifact", folder / "transformer"):
+        if (art / "hprune.json").is_file():
+            return art
+    return None
+
+
 def resolve(spec: str) -> tuple[str, Any]:
     """Classifies a MODEL argument: ('builtin', BuiltinModel) | ('artifact', Path) |
     ('diffusers', Path) | ('safetensors', Path). Raises ModelNotFoundError with the options."""
@@ -248,9 +257,9 @@ def resolve(spec: str) -> tuple[str, Any]:
                                      f"and no such path")
         raise ModelNotFoundError(f"model path not found: {spec}")
     if p.is_dir():
-        for art in (p, p / "artifact", p / "transformer"):  # + `hprune compress` output, compressed pipeline
-            if (art / "hprune.json").exists():
-                return "artifact", art
+        art = artifact_in(p)
+        if art is not None:
+            return "artifact", art
         if (p / "model_index.json").exists():
             if not (p / "transformer").is_dir():
                 raise ModelNotFoundError(f"{p}: pipeline folder without a transformer/ subfolder")
