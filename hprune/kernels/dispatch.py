@@ -279,9 +279,9 @@ def selftest_ops() -> list[str]:
 def device_key(device: torch.device | str) -> str:
     """What a self-test result holds for: the compute capability ("sm_90") on CUDA, else the type."""
     device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor}"
+    cap = device_capability(device)  # cached: this runs on every checked call
+    if cap is not None:
+        return f"sm_{cap[0]}{cap[1]}"
     return device.type
 
 
