@@ -18,6 +18,7 @@ from hprune.compress import CompressOptions, compress
 from hprune.loading import load_model
 from hprune.pipelines import build_pipeline, generate, stand_in_prompts
 from hprune.plots import image_grid
+from hprune.report import tqdm
 
 
 def run_demo(out: str | Path, model_name: str = "tiny-sd3", ratio: float = CompressOptions.ratio,
@@ -28,13 +29,13 @@ def run_demo(out: str | Path, model_name: str = "tiny-sd3", ratio: float = Compr
     command on a built-in model, with the calibration set compress makes for one (10 prompts x 8 steps)."""
     log(f"loading {model_name} and capturing a calibration set")
     teacher = load_model(model_name)
-    calib = synthetic(teacher, n_prompts=10, num_steps=8, seed=0)
+    calib = synthetic(teacher, n_prompts=10, num_steps=8, seed=0, progress=True)
 
     def add_images(folder: Path, student: torch.nn.Module, report: dict[str, Any]) -> None:
         log(f"generating {n_images} images with the original and the compressed model")
         prompts = stand_in_prompts(teacher, n_images, seed=7)
-        imgs = {label: generate(build_pipeline(m), **prompts, steps=8, seed=11)
-                for label, m in (("original", teacher), ("compressed", student))}
+        bar = tqdm([("original", teacher), ("compressed", student)], desc="generating", unit="model")
+        imgs = {label: generate(build_pipeline(m), **prompts, steps=8, seed=11) for label, m in bar}
         image_grid(imgs, folder / "images.png", title=f"{model_name}: original vs compressed (same noise)")
         report["image_rmse_vs_original"] = float(((imgs["original"] - imgs["compressed"]) ** 2).mean().sqrt())
 

@@ -74,12 +74,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
     from hprune.commands import device_and_dtype, read_prompts
     from hprune.errors import HpruneError
     from hprune.io import atomic_dir, check_output
     from hprune.plots import image_grid
+    from hprune.report import tqdm
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:

@@ -117,7 +117,8 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
         calib, groups, weighting, act_order, progress: GPTQ only: the CalibrationSet whose denoising
             loop gives the Hessians, the number of sequential groups (1 = one-shot; more bounds the
             memory to one group's Hessians; None = as few as keep them under 2 GiB), the step
-            weighting (hprune.obs.WEIGHTINGS), the column order (hprune.quant.gptq), progress bars.
+            weighting (hprune.obs.WEIGHTINGS), the column order (hprune.quant.gptq).
+        progress: progress report (hprune.report.tqdm: a bar on a terminal, plain lines in a log).
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
@@ -152,10 +153,14 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
                                   refine=refine, act=act, groups=groups, weighting=weighting, act_order=act_order,
                                   progress=progress)
     else:
+        from hprune.report import tqdm
+
+        bar = tqdm(names, desc=f"quantising ({'RTN' if backend == 'hprune' else backend})", unit="layer",
+                   disable=not progress)
         new_layers = [(name, quantize_linear(model.get_submodule(name), group_size, fmt, scale_dtype=scale_dtype,
                                              refine=refine, act=act) if backend == "hprune"
                        else _bnb_linear(model.get_submodule(name), group_size, fmt, compress_statistics))
-                      for name in names]
+                      for name in bar]
     for name, new in new_layers:
         report.linear_bytes_before += _state_bytes(model.get_submodule(name))
         report.linear_bytes_after += _state_bytes(new)
