@@ -30,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress large text-to-image diffusion transformers (SD3/SD3.5, FLUX.1): "
                     "sensitivity probing, hierarchical position pruning, distillation, INT4 quantisation.")
     parser.add_argument("--version", action="version", version=f"hprune {__version__}")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the usable CPUs less "
+                             "the machine's current load; `hprune info` shows the choice)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f"hprune.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
+        # also after the command (`hprune demo --threads 1`); SUPPRESS keeps a value given before it
+        p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="CPU threads for torch (a global option; see `hprune --help`)")
         for action in p._actions:  # noqa: SLF001 - an option without help text still shows its default
             if action.help is None and action.option_strings and action.default not in (None, False):
                 action.help = "(default: %(default)s)"
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from hprune.threads import apply_threads
+
+        apply_threads(args.threads)
         return int(args._run(args) or 0)
     except HpruneError as exc:
         print(f"hprune: error: {exc}", file=sys.stderr)

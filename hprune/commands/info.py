@@ -36,8 +36,12 @@ def run(args: argparse.Namespace) -> int:
     rep = model_report(model, int4_group=args.group_size)
     from hprune._ext import build_info, describe_build
 
+    from hprune.threads import current
+
     if args.json:
-        print(json.dumps({**rep, "extension": build_info()}, indent=2))
+        threads = current()
+        print(json.dumps({**rep, "extension": build_info(), "threads": {"count": threads.threads,
+                                                                         "reason": threads.reason}}, indent=2))
         return 0
     comps = sorted({c for b in rep["blocks"] for c in b["components"] if c != "block"})
     rows = []
@@ -63,4 +67,5 @@ def run(args: argparse.Namespace) -> int:
     ], ["format", "bytes"]))
     print()
     print(describe_build())
+    print(current().describe())
     return 0
