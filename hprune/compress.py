@@ -130,7 +130,7 @@ def read_run_record(root: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         return None
     doc = read_json(path, "run record")
     if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT or not {"key", "table", "plan"} <= set(doc):
-        raise HpruneError(f"{path}: corrupted run record")
+        raise HpruneError(f"{path}: corrupted run record; remove {path.parent} to start afresh")
     was = doc["key"]
     bad = [k for k in key if was.get(k) != key[k]]
     if bad:

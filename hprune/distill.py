@@ -204,7 +204,9 @@ def training_schedule(student: nn.Module, table: Any = None, *, pwp: bool = True
         for n, _ in ad.get_block(student, info.index).named_parameters():
             block_of[f"{info.name}.{n}"] = (info.index, _component(n) if granularity == "component" else "block")
     if sgd and table is None:
-        raise HpruneError("SGDistill needs the sensitivity table (ΔP) of the unpruned model")
+        raise HpruneError("SGDistill needs the sensitivity table (ΔP) of the unpruned model: pass table= "
+                          "(hprune.probe.probe_sensitivity of the teacher; CLI: --sensitivity FILE from "
+                          "`hprune probe`), or turn SGDistill off (sgd=False; CLI: --sgd off)")
 
     def delta(i: int, comp: str) -> float:
         d = table.blocks[i]["delta"]

@@ -25,12 +25,14 @@ def device_and_dtype(args: argparse.Namespace):
     except RuntimeError:
         raise HpruneError(f"--device: unknown device {args.device!r} (use cuda, cuda:N or cpu)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise HpruneError("--device cuda: no CUDA GPU is available here")
+        raise HpruneError("--device cuda: no CUDA GPU is available here (this torch sees none); run on the CPU "
+                          "with --device cpu, or leave --device out")
     if device.type not in ("cpu", "cuda"):
         raise HpruneError(f"--device {args.device}: hprune runs on cpu or cuda")
     device = local_device(device)  # under torchrun: this rank's GPU
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise HpruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        n = torch.cuda.device_count()
+        raise HpruneError(f"--device {device}: this machine has {n} CUDA GPU(s); use cuda:0" + (f" to cuda:{n - 1}" if n > 1 else ""))
     return device, (getattr(torch, args.dtype) if args.dtype else None)
 
 

@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an output folder hprune wrote")
 
 
+_MAKE = {"calibration set": " (make one with `hprune calib`)", "sensitivity table": " (make one with `hprune probe`)",
+         "plan": " (make one with `hprune plan`)", "student": " (make one with `hprune prune`)"}
+
+
 def run(args: argparse.Namespace) -> int:
     import copy
     import shutil
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for what, path in (("calibration set", args.calib), ("sensitivity table", args.sensitivity),
                        ("plan", args.plan), ("student", args.student)):
         if path and not Path(path).exists():
-            raise HpruneError(f"{what} not found: {path}")
+            raise HpruneError(f"{what} not found: {path}" + _MAKE.get(what, ""))
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     plan = PrunePlan.load(args.plan) if args.plan else None
 
@@ -100,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--student {args.student} is not a pruned copy of {args.model} "
                           f"({human_count(param_count(student))} parameters, the teacher has "
                           f"{human_count(param_count(teacher))})")
+    removed = 1 - param_count(student) / param_count(teacher)
+    if table is None and (cfg.sgd is True or (cfg.sgd == "auto" and removed > cfg.r_thres)):
+        why = "--sgd on" if cfg.sgd is True else f"on by default above {cfg.r_thres:.0%} removal; this student " \
+                                                  f"removes {removed:.0%}"
+        raise HpruneError(f"SGDistill ({why}) needs the teacher's sensitivity table: pass --sensitivity "
+                          f"sensitivity.json (from `hprune probe {args.model} --out probe/`), or --sgd off")
     if table is not None and table.model.get("fingerprint") not in (None, _fingerprint(teacher)):
         raise HpruneError(f"{args.sensitivity} was probed on another model, not {args.model}")
     calib = calibration_for(args.model, teacher, args.calib, what="distillation")

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from hprune.report import format_table
 
     check_output(args.out, args.overwrite, kind="file")
+    if args.method != "manual" and args.ratio is None:  # before reading the table
+        raise HpruneError(f"--method {args.method} needs --ratio R, the share of the parameters to remove "
+                          f"(e.g. --ratio 0.3)")
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     if args.method == "manual":
         if not args.blocks:
@@ -51,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if table is None:
             raise HpruneError(f"--method {args.method} needs --sensitivity FILE (from `hprune probe`)")
-        if args.ratio is None:
-            raise HpruneError("--ratio is required")
         if args.method == "hpp":
             plan = plan_hpp(table, args.ratio, granularity=args.granularity, protect=args.protect,
                             positional=not args.no_positional, rank=args.rank)

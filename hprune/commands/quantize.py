@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     check_output(args.out, args.overwrite)
     if args.calib and not Path(args.calib).is_file():
-        raise HpruneError(f"calibration set not found: {args.calib}")
+        raise HpruneError(f"calibration set not found: {args.calib} (make one with `hprune calib {args.model} "
+                          f"--out calib.safetensors`)")
 
     from hprune import dist
     from hprune.artifacts import save_compressed
