@@ -73,6 +73,7 @@ class _Adapter:
     def __init__(self, name: str, scale: float) -> None:
         self.name = name
         self.scale = float(scale)
+        self.call_scale = 1.0  # joint_attention_kwargs={"scale": s} of the current forward call
         self.handles: list[Any] = []
         self.modules: list[tuple[nn.Module, list[str]]] = []  # (layer, its buffer names)
 
@@ -92,7 +93,37 @@ class _LoraHook:
         down_name, up_name, bias_name = self.names
         down, up = getattr(module, down_name), getattr(module, up_name)
         delta = F.linear(F.linear(args[0].to(down.dtype), down), up, getattr(module, bias_name, None))
-        return output + (self.adapter.scale * self.scaling) * delta.to(output.dtype)
+        return output + (self.adapter.scale * self.adapter.call_scale * self.scaling) * delta.to(output.dtype)
+
+
+_CALL_HOOKS = "_hprune_lora_call_hooks"  # model attribute: handles of the two hooks below
+
+
+def _call_scale_pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """diffusers' SD3 / FLUX pipelines scale a LoRA at call time with
+    `transformer(..., joint_attention_kwargs={"scale": s})` (PEFT's scale_lora_layers multiplies
+    each layer's scaling by s for that call): the same here, on top of set_lora_scale."""
+    jak = kwargs.get("joint_attention_kwargs")
+    s = float(jak.get("scale", 1.0)) if isinstance(jak, Mapping) else 1.0
+    for a in getattr(model, _ATTR, {}).values():
+        a.call_scale = s
+
+
+def _call_scale_reset(model: nn.Module, args: tuple, output: Any) -> None:
+    for a in getattr(model, _ATTR, {}).values():
+        a.call_scale = 1.0
+
+
+def _add_call_hooks(model: nn.Module) -> None:
+    if getattr(model, _CALL_HOOKS, None) is None:
+        object.__setattr__(model, _CALL_HOOKS, (model.register_forward_pre_hook(_call_scale_pre_hook, with_kwargs=True),
+                                                model.register_forward_hook(_call_scale_reset)))
+
+
+def _remove_call_hooks(model: nn.Module) -> None:
+    for h in getattr(model, _CALL_HOOKS, None) or ():
+        h.remove()
+    object.__setattr__(model, _CALL_HOOKS, None)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -110,9 +141,10 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
         if p.is_file() and p.suffix != ".safetensors":
             raise CheckpointError(f"{p}: hprune reads LoRAs from .safetensors files only")
         kw: dict[str, Any] = {"weight_name": p.name} if p.is_file() else {}
+        label = str(p)
         source = str(p.parent if p.is_file() else p)
     else:
-        source, kw = dict(source), {}
+        source, kw, label = dict(source), {}, "the LoRA state dict"
     alphas: dict[str, float] = {}
     try:
         if family == "flux":
@@ -121,8 +153,38 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
         else:
             state, meta = StableDiffusion3Pipeline.lora_state_dict(source, return_lora_metadata=True, **kw)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the LoRA {source}: {exc}") from None
+        raise CheckpointError(f"cannot read the LoRA {label}: {_one_line(exc)}") from None
+    except (AssertionError, RuntimeError, KeyError, IndexError) as exc:
+        # diffusers' kohya / xlabs FLUX converter asserts (or fails to split) on shapes it does not expect
+        raise CheckpointError(f"{label}: diffusers cannot convert this kohya / xlabs-format FLUX LoRA: its "
+                              f"keys or shapes do not match FLUX.1's layers ({_one_line(exc) or type(exc).__name__})"
+                              ) from None
+    check_lora_kind(state, label, family)
     return dict(state), dict(alphas or {}), _own_metadata(meta)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def check_lora_kind(state: Mapping[str, Any], label: str, family: str) -> None:
+    """Refuses, in one line naming `label`, what hprune cannot apply as a plain LoRA:
+
+    - DoRA (PEFT use_dora=True, `lora_magnitude_vector` keys): its update renormalises each row of
+      the whole weight W + s·BA to a learned magnitude. On a 4-bit or pruned layer W is not the
+      original's, so the norms (and the output) would differ from the original model's; applied as
+      plain LoRA it was silently ~20 % off.
+    - kohya-format keys (lora_unet_…) for SD3 / SD3.5, which diffusers does not convert."""
+    dora = next((k for k in state if "lora_magnitude_vector" in k), None)
+    if dora is not None:
+        raise CheckpointError(f"{label}: a DoRA adapter (PEFT use_dora=True; e.g. {dora}), which hprune does not "
+                              f"apply: DoRA renormalises the whole weight, which pruning / 4-bit codes change. "
+                              f"Merge it into the original model before compressing, or train a plain LoRA")
+    kohya = next((k for k in state if k.startswith(("lora_unet_", "lora_te"))), None)
+    if kohya is not None and family != "flux":
+        raise CheckpointError(f"{label}: a kohya-format LoRA (keys like {kohya}), which diffusers cannot convert "
+                              f"for SD3 / SD3.5; convert it to diffusers / PEFT keys "
+                              f"(transformer.<module>.lora_A / lora_B) first")
 
 
 def _own_metadata(meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -275,13 +337,32 @@ def apply_lora(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.
         adapter_name: several adapters can be active at once under different names.
         warn: emit a warning naming the dropped modules.
     Returns a LoraReport. Raises HpruneError if nothing of the LoRA fits the model."""
+    return _apply_source(model, source, scale, adapter_name, warn, "hprune.apply_lora")
+
+
+def _apply_source(model: nn.Module, source: Any, scale: float, adapter_name: str, warn: bool,
+                  returned_by: str | None) -> LoraReport:
     _check_name(model, adapter_name)
     state, alphas, meta = read_lora(source, get_adapter(model).family)
-    return _apply(model, state, alphas, meta, scale, adapter_name, warn)
+    return _apply(model, state, alphas, meta, scale, adapter_name, warn, returned_by)
+
+
+def _dropped_warning(adapter_name: str, report: LoraReport, n_modules: int, returned_by: str | None) -> str:
+    """One line: how many layers were dropped and why (grouped by reason, one example each), and
+    where the full list is: the report that the user's own call returned, if it returns one."""
+    by_reason: dict[str, list[str]] = {}
+    for path, why in report.dropped.items():
+        by_reason.setdefault(why, []).append(path)
+    parts = [f"{why}: {len(paths)} (e.g. {paths[0]})" for why, paths in list(by_reason.items())[:3]]
+    more = f"; {len(by_reason) - 3} more reasons" if len(by_reason) > 3 else ""
+    tail = f"; the LoraReport returned by {returned_by} lists every one" if returned_by else ""
+    return (f"LoRA {adapter_name!r}: {len(report.dropped)} of {n_modules} layers dropped: "
+            + "; ".join(parts) + more + tail)
 
 
 def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], alphas: Mapping[str, float],
-           meta: Mapping[str, Any], scale: float, adapter_name: str, warn: bool) -> LoraReport:
+           meta: Mapping[str, Any], scale: float, adapter_name: str, warn: bool,
+           returned_by: str | None = None) -> LoraReport:
     adapters: dict[str, _Adapter] = getattr(model, _ATTR, {})
     modules, other = _split_keys(state, alphas)
     if not modules:
@@ -327,10 +408,9 @@ def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], alphas: Mapping[
         if sliced:
             report.sliced.append(path)
     object.__setattr__(model, _ATTR, {**adapters, adapter_name: adapter})
+    _add_call_hooks(model)
     if warn and report.dropped:
-        shown = ", ".join(list(report.dropped)[:5]) + (" ..." if len(report.dropped) > 5 else "")
-        warnings.warn(f"LoRA {adapter_name!r}: {len(report.dropped)} of {len(modules)} layers dropped "
-                      f"({shown}); see the report of hprune.apply_lora for the reasons", UserWarning, stacklevel=2)
+        warnings.warn(_dropped_warning(adapter_name, report, len(modules), returned_by), UserWarning, stacklevel=4)
     return report
 
 
@@ -365,6 +445,8 @@ def remove_lora(model: nn.Module, adapter_name: str | None = None) -> int:
                 del layer._buffers[b]
             n += 1
     object.__setattr__(model, _ATTR, adapters)
+    if not adapters:
+        _remove_call_hooks(model)
     return n
 
 
@@ -396,8 +478,8 @@ def enable_diffusers_lora(target: Any) -> Any:
 
 def _pipe_load_lora_weights(pipe: Any, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None,
                             scale: float = 1.0, **_: Any) -> LoraReport:
-    return apply_lora(pipe.transformer, pretrained_model_name_or_path_or_dict, scale=scale,
-                      adapter_name=adapter_name or "default")
+    return _apply_source(pipe.transformer, pretrained_model_name_or_path_or_dict, scale, adapter_name or "default",
+                         True, "pipe.load_lora_weights")
 
 
 def _pipe_unload_lora_weights(pipe: Any) -> None:
@@ -411,9 +493,10 @@ def _load_lora_adapter(model: nn.Module, pretrained_model_name_or_path_or_dict: 
     _check_name(model, name)
     if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
         state, alphas, meta = pretrained_model_name_or_path_or_dict, network_alphas or {}, _own_metadata(metadata)
+        check_lora_kind(state, "the LoRA state dict", get_adapter(model).family)
     else:
         state, alphas, meta = read_lora(pretrained_model_name_or_path_or_dict, get_adapter(model).family)
-    _apply(model, state, alphas, meta, 1.0, name, warn=True)
+    _apply(model, state, alphas, meta, 1.0, name, warn=True, returned_by=None)
 
 
 def _unload_lora(model: nn.Module) -> None:

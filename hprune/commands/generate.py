@@ -64,6 +64,15 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def lora_title(loras: list[tuple[str, float]]) -> str | None:
+    """The contact sheet's title line: which LoRAs, at which scale (None without any)."""
+    from pathlib import Path
+
+    if not loras:
+        return None
+    return "LoRA: " + ", ".join(f"{Path(path).name} × {scale:g}" for path, scale in loras)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -112,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
                 _save_png(img, tmp / label / f"{i:03d}.png")
         (tmp / "prompts.txt").write_text("".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
         rows = {label: torch_cat(imgs) for label, imgs in images.items()}
-        image_grid(rows, tmp / "contact_sheet.png", col_labels=[p[:24] for p in prompts])
+        image_grid(rows, tmp / "contact_sheet.png", col_labels=[p[:24] for p in prompts], title=lora_title(loras))
     print(f"wrote {len(prompts) * len(makers)} images and contact_sheet.png to {args.out}")
     return 0
 
