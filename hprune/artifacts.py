@@ -260,10 +260,17 @@ def _write_pipeline_components(base: Any, out: Path, class_name: str, config: di
                               f"got {type(base).__name__}")
         own = base.transformer
         check_pipeline_fits(type(own).__name__, dict(own.config), class_name, config, type(base).__name__)
+        import logging
+
         base.register_modules(transformer=None)
+        # diffusers logs "self.transformer=None ... cannot be saved." for the slot left empty on purpose
+        log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        level = log.level
+        log.setLevel(logging.ERROR)
         try:
             base.save_pretrained(out, safe_serialization=True)
         finally:
+            log.setLevel(level)
             base.register_modules(transformer=own)
         index = read_json(out / PIPELINE_INDEX, PIPELINE_INDEX)
     index["transformer"] = ["diffusers", class_name]

@@ -199,7 +199,7 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
     runs: list[tuple[int, list[dict[str, torch.Tensor]], torch.Tensor]] = []  # (prompt, calls, final)
     mine = range(hdist.rank(), n, hdist.world_size())
     try:
-        for i in tqdm(mine, desc="calibration", disable=not (progress and hdist.rank() == 0)):
+        for i in tqdm(mine, desc="calibration", unit="prompt", disable=not (progress and hdist.rank() == 0)):
             records.clear()
             kw: dict[str, Any] = dict(num_inference_steps=num_steps, output_type="latent",
                                       generator=torch.Generator().manual_seed(seed + i))

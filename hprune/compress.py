@@ -305,8 +305,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             plan.save(tmp / "plan.json")
             if history:
                 line_plot({k: [h[k] for h in history] for k in ("loss", "out", "feat")}, tmp / "distill_loss.png",
-                          title=f"{name}: distillation losses", xlabel="step",
-                          ylabel="loss (MSE to the teacher, log scale)", logy=True)
+                          title=f"{name}: distillation losses (faint: per step)", xlabel="step",
+                          ylabel="loss (MSE to the teacher, log scale)", logy=True,
+                          smooth=max(5, len(history) // 20))
             summary = format_table([{**r, "params": human_count(r["params"]), "bytes": human_bytes(r["bytes"])}
                                     for r in rows], ["stage", "params", "bytes", "rel_mse", "cosine_dist", "seconds"])
             report["summary"] = summary

@@ -69,7 +69,9 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
 
     Args:
         pipeline: a diffusers pipeline folder: the base model's (then `artifact` is required), or
-            one written by `save_compressed(..., as_pipeline=...)` (its transformer/ is the artifact).
+            one written by `save_compressed(..., as_pipeline=...)` (its transformer/ is the artifact);
+            or a built-in tiny model's name (tiny-sd3, ...): hprune.pipelines.build_pipeline around
+            the artifact (or the original without one): no text encoders, call it with prompt_embeds.
         artifact: the compressed transformer: an artifact folder, the folder `hprune compress`
             wrote, or a pipeline folder holding one. Must fit the base (same class and inputs).
         device, dtype: where the pipeline runs, and the dtype of its floating-point weights
@@ -81,8 +83,11 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
     from hprune.errors import HpruneError
     from hprune.io import read_json
     from hprune.lora import enable_diffusers_lora
+    from hprune.models.registry import BUILTINS
 
     base = Path(pipeline)
+    if str(pipeline) in BUILTINS and not base.exists():
+        return _builtin_pipeline(str(pipeline), artifact, device, dtype)
     if not (base / PIPELINE_INDEX).is_file():
         raise ModelNotFoundError(f"{base}: not a diffusers pipeline folder (no {PIPELINE_INDEX})")
     if artifact is None:
@@ -104,6 +109,27 @@ def load_pipeline(pipeline: str | os.PathLike, artifact: str | os.PathLike | Non
     return enable_diffusers_lora(open_pipeline(base, device=device, dtype=dtype, transformer=transformer))
 
 
+def _builtin_pipeline(name: str, artifact: str | os.PathLike | None, device: str | torch.device,
+                      dtype: torch.dtype | None) -> Any:
+    """load_pipeline for a built-in tiny model: its seeded tiny VAE, no text encoders."""
+    from hprune.artifacts import check_pipeline_fits, find_artifact, read_recipe
+    from hprune.errors import HpruneError
+    from hprune.lora import enable_diffusers_lora
+    from hprune.models.registry import BUILTINS, model_config
+    from hprune.pipelines import build_pipeline
+
+    if not BUILTINS[name].tiny:
+        raise HpruneError(f"{name} is an architecture without weights here; give its diffusers pipeline folder")
+    original = load_model(name, device=device, dtype=dtype)
+    if artifact is None:
+        return enable_diffusers_lora(build_pipeline(original))
+    art = find_artifact(artifact)
+    doc = read_recipe(art)
+    check_pipeline_fits(type(original).__name__, model_config(original), doc["class_name"], doc["base_config"],
+                        f"{artifact} (for {name})")
+    return enable_diffusers_lora(build_pipeline(load_compressed(art, device=device, dtype=dtype)))
+
+
 def open_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   **components: Any) -> Any:
     """`DiffusionPipeline.from_pretrained(folder, **components)` on `device`; components the folder
@@ -117,4 +143,6 @@ def open_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cp
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None and k not in components}
     pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **components,
                                              **({"torch_dtype": dtype} if dtype is not None else {}))
-    return pipe.to(device)
+    from hprune.pipelines import require_prompt_embeds
+
+    return require_prompt_embeds(pipe.to(device))

@@ -49,6 +49,28 @@ def build_pipeline(transformer: nn.Module, vae: nn.Module | None = None, schedul
         if tiny:  # 32x32 latents -> 64x64 images with the tiny VAE, as for the tiny SD3 models
             pipe.default_sample_size = 32
     pipe.set_progress_bar_config(disable=True)
+    return require_prompt_embeds(pipe)
+
+
+def require_prompt_embeds(pipe: Any) -> Any:
+    """On a pipeline without text encoders, a call with a text prompt fails in one line that names
+    the routes that work (diffusers would raise a bare "'NoneType' object is not callable"); calls
+    with prompt_embeds go through unchanged. Returns `pipe`."""
+    from hprune.errors import HpruneError
+
+    if getattr(pipe, "text_encoder", None) is not None or not hasattr(pipe, "encode_prompt"):
+        return pipe
+    encode = pipe.encode_prompt  # the bound method of the class
+
+    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("prompt_embeds") is None:
+            raise HpruneError(
+                f"this {type(pipe).__name__} has no text encoders (a built-in tiny model's): pass prompt_embeds= "
+                f"and pooled_prompt_embeds= (e.g. hprune.pipelines.stand_in_prompts(pipe.transformer, 1)), or "
+                f"use `hprune generate`")
+        return encode(*args, **kwargs)
+
+    object.__setattr__(pipe, "encode_prompt", encode_prompt)
     return pipe
 
 

@@ -56,6 +56,12 @@ def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str],
             blank_note: str = "blank: no value") -> Path:
     """A rows x cols heatmap; None cells are blank (e.g. a component a block does not have) and
     `blank_note`, printed under the plot when there are any, says why."""
+    return _save(heatmap_figure(values, row_labels, col_labels, title, cbar_label, log, blank_note), path)
+
+
+def heatmap_figure(values: Sequence[Sequence[float | None]], row_labels: Sequence[str], col_labels: Sequence[str],
+                   title: str = "", cbar_label: str = "", log: bool = True, blank_note: str = "blank: no value"):
+    """The matplotlib figure `heatmap` writes."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -74,18 +80,47 @@ def heatmap(values: Sequence[Sequence[float | None]], row_labels: Sequence[str],
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
     if any(v is None for row in values for v in row):
-        fig.text(0.01, 0.005, blank_note, fontsize=7, ha="left", va="bottom", style="italic")
-        fig.subplots_adjust(bottom=0.12)
-    return _save(fig, path)
+        import textwrap
+
+        # as the x-axis label, the note sits below the rotated tick labels whatever their length
+        # (a figure-level text at a fixed height was drawn over them)
+        width = max(40, int(12 * fig.get_figwidth()))
+        ax.set_xlabel(textwrap.fill(blank_note, width), fontsize=7, style="italic", loc="left")
+    return fig
+
+
+def ema(values: Sequence[float], span: int) -> list[float]:
+    """Exponential moving average with weight 2 / (span + 1), bias-corrected at the start (as
+    TensorBoard's smoothing), so the first points are not pulled towards 0."""
+    a = 2.0 / (span + 1)
+    out, m, w = [], 0.0, 0.0
+    for v in values:
+        m = (1 - a) * m + a * float(v)
+        w = (1 - a) * w + a
+        out.append(m / w)
+    return out
 
 
 def line_plot(series: dict[str, Sequence[float]], path: str | os.PathLike, title: str = "", xlabel: str = "",
-              ylabel: str = "", logy: bool = False) -> Path:
-    """One line per named series (x = index); writes a PNG."""
+              ylabel: str = "", logy: bool = False, smooth: int | None = None) -> Path:
+    """One line per named series (x = index); writes a PNG. `smooth`: also an EMA over about
+    `smooth` points per series (the trend), the raw values drawn faint behind it."""
+    return _save(line_figure(series, title, xlabel, ylabel, logy, smooth), path)
+
+
+def line_figure(series: dict[str, Sequence[float]], title: str = "", xlabel: str = "", ylabel: str = "",
+                logy: bool = False, smooth: int | None = None):
+    """The matplotlib figure `line_plot` writes."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for label, ys in series.items():
-        ax.plot(range(len(ys)), list(ys), label=label, linewidth=1.2)
+        ys = list(ys)
+        if smooth and len(ys) > 2:
+            (raw,) = ax.plot(range(len(ys)), ys, linewidth=0.7, alpha=0.25)
+            ax.plot(range(len(ys)), ema(ys, smooth), color=raw.get_color(), linewidth=1.6,
+                    label=f"{label} (EMA {smooth})")
+        else:
+            ax.plot(range(len(ys)), ys, label=label, linewidth=1.2)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -93,4 +128,4 @@ def line_plot(series: dict[str, Sequence[float]], path: str | os.PathLike, title
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig

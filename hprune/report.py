@@ -41,8 +41,7 @@ class LogProgress:
         [hprune] distilling: 40/200 step (20%), 1.31 step/s, elapsed 0:30, ETA 2:02, loss=0.0012
 
     It takes the subset of tqdm's interface that hprune uses: iteration, update, set_postfix,
-    set_description, close, and use as a context manager. An inner bar (leave=False) writes only
-    the periodic lines, so a loop over many small groups does not flood the log."""
+    set_description, close, and use as a context manager."""
 
     def __init__(self, iterable: Any = None, total: float | None = None, desc: str | None = None,
                  unit: str = "it", initial: float = 0, leave: bool = True, file: Any = None,
@@ -61,9 +60,7 @@ class LogProgress:
         self._postfix = ""
         self._t0 = self._last = time.monotonic()
         self._closed = False
-        self._printed = False
-        if leave:
-            self._emit("start")
+        self._emit("start")
 
     # tqdm's interface --------------------------------------------------------------------------
     def __iter__(self) -> Any:
@@ -112,8 +109,7 @@ class LogProgress:
         if self._closed:
             return
         self._closed = True
-        if self.leave or self._printed:
-            self._emit("done")
+        self._emit("done")
 
     # the line ----------------------------------------------------------------------------------
     def line(self, state: str = "") -> str:
@@ -139,7 +135,6 @@ class LogProgress:
         return f"{head}: " + ", ".join(parts)
 
     def _emit(self, state: str = "") -> None:
-        self._printed = True
         print(self.line(state), file=self._file or sys.stderr, flush=True)
 
 
