@@ -110,3 +110,21 @@ def test_demo_quick_runs_every_stage_on_less_work(tmp_path, capsys):
 
     args = build_parser().parse_args(["demo", "--quick", "--steps", "7"])
     assert args.steps == 7 and args.steps_given
+
+
+def test_info_on_an_artifact_says_what_it_is(artifact, capsys):
+    from hprune.cli import main
+
+    path, _ = artifact
+    assert main(["info", str(path.parent)]) == 0  # the folder `hprune compress` writes
+    out = capsys.readouterr().out
+    assert f"hprune artifact {path}" in out and "base: SD3Transformer2DModel" in out
+    assert "1. prune (manual plan" in out and "1 block removed [2]" in out
+    assert "2. quantize:" in out and "int4 group 32, round to nearest -> W4A16Linear" in out
+    assert "INT4 g64" not in out  # no estimate row repeating the bf16 one for a model already 4-bit
+    assert "4-bit block Linears (int4 g32: packed codes + scales), the rest at float32" in out
+    assert main(["info", "tiny-sd3"]) == 0
+    out = capsys.readouterr().out
+    assert "hprune artifact" not in out and "estimate: what `hprune quantize` would store" in out
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized"] == "int4 g32"
