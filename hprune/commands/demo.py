@@ -1,5 +1,5 @@
-"""Run the whole compression pipeline on a built-in tiny model on the CPU (several CPU minutes;
---quick: the same stages on less work, about a minute):
+"""Run the whole compression pipeline on a built-in tiny model on the CPU (about 1.5 CPU-minutes;
+--quick: the same stages on less work, under half a CPU-minute; see docs/demo.md):
 calibrate, probe ΔP, plan with HPP, prune, distill (PWP + SGDistill), quantise to 4 bits, save and
 reload, then generate images with the original and the compressed model. Writes the artifact,
 report.md / report.json, sensitivity.png, distill_loss.png and images.png to the output folder."""
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="distillation steps (default: 200; 30 with --quick)")
     p.add_argument("--quant", default="int4", choices=["int4", "int4-fp8", "bnb-nf4", "none"])
     p.add_argument("--quick", action="store_true",
-                   help="the same stages on less work, to see it run in about a minute or two: 6 calibration "
+                   help="the same stages on less work, to see them run (under a CPU-minute): 6 calibration "
                         "prompts x 4 steps, ΔP on 8 samples, 30 distillation steps, 2 images")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder hprune wrote")
 
