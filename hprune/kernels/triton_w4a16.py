@@ -307,6 +307,24 @@ def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dty
     return Config(64, 128, 32, num_warps=8, num_stages=4)
 
 
+def launch_label(cfg: Config, k: int) -> str:
+    """The compiled variant a launch of `cfg` at K runs: tile, split-K (and its reduction) or
+    not, whole K tiles (EVEN_K) or a tail, GEMV. The self-test key holds it (dispatch)."""
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    s = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+    if split > 1:
+        s += " splitK-" + ("atomic" if cfg.split_mode == 0 else "serial")
+    if not cfg.use_dot:
+        s += " gemv"
+    return s + (" evenK" if k % cfg.block_k == 0 else " Ktail")
+
+
+def heuristic_label(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> str:
+    """launch_label of the heuristic configuration (what runs without autotuning, and what the
+    autotuner's candidates are checked against)."""
+    return launch_label(heuristic_config(m, n, k, None, dtype, sms=sms), k)
+
+
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     """Configurations the autotuner times for this regime (H100/H200 oriented)."""
     sms = _sms(device)

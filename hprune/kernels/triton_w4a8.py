@@ -232,6 +232,18 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, device: Optional[t
     return Config(128, 64, _block_k(group_size, 64), num_warps=8, num_stages=3)
 
 
+def launch_label(cfg: Config, k: int) -> str:
+    """The compiled variant a launch of `cfg` at K runs (tile, split-K or not, EVEN_K or a tail):
+    the self-test key holds it (dispatch)."""
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    return (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + (" splitK" if split > 1 else "")
+            + (" evenK" if k % cfg.block_k == 0 else " Ktail"))
+
+
+def heuristic_label(m: int, n: int, k: int, group_size: int, sms: int) -> str:
+    return launch_label(heuristic_config(m, n, k, group_size, None, sms=sms), k)
+
+
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
     """What the autotuner times (H100/H200 oriented). Kept short: every config is a compile."""
     sms = _sms(device)
