@@ -218,3 +218,54 @@ def test_a_wrong_split_k_reduction_fails_the_selftest(monkeypatch):
     monkeypatch.setattr(TW, "_counters", lambda device, n: torch.ones(n, dtype=torch.int32, device=device))
     bad = dispatch.run_selftest(W16.OP, "triton", "cpu", torch.float16, split_specs)
     assert bad.status == "FAIL" and "splitK" in bad.error
+
+
+# ---- autotuning chooses only checked numbers ----------------------------------------------------
+
+def test_autotune_candidates_start_with_the_heuristic_config():
+    from hprune.kernels import triton_w4a8 as T8
+    from hprune.kernels import triton_w4a16 as T16
+
+    for m in MS:
+        for n, k in LAYERS[:6]:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                assert T16.candidate_configs(m, n, k, None, dtype, sms=132)[0] == T16.heuristic_config(
+                    m, n, k, None, dtype, sms=132)
+            for g in (64, 128):
+                assert T8.candidate_configs(m, n, k, g, None, sms=132)[0] == T8.heuristic_config(
+                    m, n, k, g, None, sms=132)
+
+
+def test_the_autotuner_never_picks_a_candidate_that_disagrees_with_the_checked_config(monkeypatch):
+    """A candidate that is fastest but wrong (1 % off) is dropped; the heuristic (self-tested)
+    config is chosen. Runs the real tuner loop in the interpreter with a fake clock."""
+    pytest.importorskip("triton")
+    if not dispatch.triton_supports(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    import triton
+
+    from hprune import formats as F
+    from hprune.kernels import triton_w4a16 as TW
+
+    heur = TW.heuristic_config(4, 64, 128, None, torch.float16, sms=132)
+    bad = TW.Config(16, 32, 64, num_warps=4, num_stages=2)
+    real = TW._launch
+    monkeypatch.setattr(TW, "_launch", lambda *a: real(*a) * 1.01 if a[-1] == bad else real(*a))
+    monkeypatch.setattr(TW, "candidate_configs", lambda *a, **k: [heur, bad])
+    monkeypatch.setattr(TW, "_autotune_enabled", lambda device: True)
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: (timed.append(1), 1.0 if len(timed) == 1 else 0.1)[1])
+    gen = torch.Generator().manual_seed(0)
+    q = F.quantize(torch.randn(64, 128, generator=gen) * 0.05, 64, "int4", scale_dtype=torch.float16, refine=False)
+    x = torch.randn(4, 128, generator=gen).half()
+    TW._TUNED.clear()
+    try:
+        assert TW.get_config(x, q.qweight, q.scales, q.zeros, None, 64, "int4") == heur
+        assert len(timed) == 1  # the wrong candidate was never timed
+        # the same candidate, right: it is faster, so it is chosen
+        TW._TUNED.clear()
+        timed.clear()
+        monkeypatch.setattr(TW, "_launch", real)
+        assert TW.get_config(x, q.qweight, q.scales, q.zeros, None, 64, "int4") == bad
+    finally:
+        TW._TUNED.clear()

@@ -402,6 +402,13 @@ def _rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> floa
     return worst
 
 
+def agrees(op: str, dtype: torch.dtype, got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> bool:
+    """Is `got` within the op's self-test tolerance of `want` (relative to max|want|)? Used by the
+    autotuners: a candidate configuration must agree with the self-tested heuristic one on the
+    call's own inputs before it may be timed and chosen."""
+    return _rel_error(got, want) <= _SELFTESTS[op].tolerance(dtype)
+
+
 def config_of(op: str, backend: str, spec: Any, dtype: torch.dtype, info: DeviceInfo) -> Optional[str]:
     """The launch configuration backend `backend` of `op` picks for a problem of `spec` ("" when
     the backend has a single one or the spec is unknown; None when it declines such a problem)."""
