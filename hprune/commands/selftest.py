@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device to check (default: cuda if present, else cpu)")
     p.add_argument("--op", action="append", help="check only this op (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="child checks at a time (each (op, backend, dtype) is one child process)")
     p.add_argument("--in-process", action="store_true",
                    help="check in this process instead of one child process per (op, backend)")
 
@@ -44,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     for op in args.op or []:
         if op not in known:
             raise BackendUnavailableError(f"--op {op!r}: no such op with a self-test (known: {', '.join(known)})")
-    results = selftest.run_all(device, ops=args.op, isolate=False if args.in_process else None)
+    if args.jobs < 1:
+        raise BackendUnavailableError(f"--jobs {args.jobs}: give a number >= 1")
+    results = selftest.run_all(device, ops=args.op, isolate=False if args.in_process else None, jobs=args.jobs)
     rows = selftest.as_rows(results)
     failed = [r for r in results if not r.ok]
     if args.json:

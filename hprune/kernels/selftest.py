@@ -38,33 +38,42 @@ def default_device() -> torch.device:
 
 
 def run_all(device: torch.device | str | None = None, ops: list[str] | None = None,
-            isolate: bool | None = None) -> list[dispatch.CheckResult]:
+            isolate: bool | None = None, jobs: int = 1) -> list[dispatch.CheckResult]:
     """Runs the self-test of every (op, backend, dtype) that runs on `device` (default: the GPU if
     there is one, else the CPU) and returns the results; the first-call cache is updated too, so a
     backend that fails here is skipped by later automatic choices in this process. `isolate`
-    (default: verdicts.isolation_on) runs each (op, backend) in a child process and stores the
-    verdicts in the on-disk cache the first-call checks read."""
+    (default: verdicts.isolation_on) runs each (op, backend, dtype) in a child process, `jobs` of
+    them at a time, and stores each verdict in the on-disk cache the first-call checks read as
+    soon as its child answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from hprune.kernels import verdicts
 
     _register_ops()
     device = torch.device(device) if device is not None else default_device()
     isolate = verdicts.isolation_on(device) if isolate is None else isolate
-    results = []
+    tasks = []
     for op in ops or dispatch.selftest_ops():
         test = dispatch._SELFTESTS[op]  # noqa: SLF001 - same package
         for name in dispatch.available(op, device):
-            if name == "reference":
-                continue
-            if isolate:
-                got = dispatch.run_selftest_isolated(op, name, device, test.dtypes)
-                env = verdicts.environment(device)
-                verdicts.store(env, {dispatch._verdict_key(r): r.as_dict()  # noqa: SLF001
-                                     for res in got for r in (res, *res.parts) if r is res or r.config})
-            else:
-                got = [dispatch.run_selftest(op, name, device, dtype) for dtype in test.dtypes]
-            for res in got:
-                dispatch._record(res)  # noqa: SLF001
-                results.append(res)
+            if name != "reference":
+                tasks += [(op, name, dtype) for dtype in test.dtypes]
+    if not isolate:
+        results = [dispatch.run_selftest(op, name, device, dtype) for op, name, dtype in tasks]
+    else:
+        env = verdicts.environment(device)
+
+        def one(task: tuple) -> dispatch.CheckResult:
+            op, name, dtype = task
+            (res,) = dispatch.run_selftest_isolated(op, name, device, [dtype])
+            verdicts.store(env, {dispatch._verdict_key(r): r.as_dict()  # noqa: SLF001
+                                 for r in (res, *res.parts) if r is res or r.config})
+            return res
+
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            results = list(pool.map(one, tasks))
+    for res in results:
+        dispatch._record(res)  # noqa: SLF001
     return results
 
 

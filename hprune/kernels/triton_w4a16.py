@@ -332,28 +332,24 @@ def candidate_configs(m: int, n: int, k: int, device: Optional[torch.device], dt
     tiles that compile for sm_90 without spills (tests/test_triton_aot.py)."""
     sms = sms or _sms(device)
     out: list[Config] = [heuristic_config(m, n, k, device, dtype, sms=sms)]
+    # The dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers: about 16 values per
+    # thread per tile is what fits next to the accumulator (sm_90, triton 3.9: 16x64x128 with 4
+    # warps, any BLOCK_K 256, 64x128x64 with 4 warps and every GEMV spilled).
     if m <= 16:
-        for bn, bk, st in ((32, 128, 4), (64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 256, 3)):
-            base = Config(16, bn, bk, num_warps=4, num_stages=st)
+        for bn, bk, w in ((32, 128, 4), (64, 64, 4), (128, 64, 8)):
+            base = Config(16, bn, bk, num_warps=w, num_stages=4)
             sp = _with_split(base, m, n, k, sms)
-            out += [sp, replace(sp, split_mode=0)] if sp.split_k > 1 else [sp]
-            out.append(base)
-        if m <= 4:
-            for bn, bk in ((32, 256), (64, 128)):
-                base = Config(_next_pow2(m), bn, bk, use_dot=False, num_warps=4, num_stages=3)
-                out.append(_with_split(base, m, n, k, sms))
+            out += [sp, replace(sp, split_mode=0), base] if sp.split_k > 1 else [sp]
     elif m <= 128:
-        for bm, bn, bk, w, st in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
-                                  (32, 128, 128, 4, 3), (64, 128, 128, 8, 3)):
+        for bm, bn, bk, w, st in ((32, 128, 32, 8, 4), (64, 64, 32, 8, 4), (64, 128, 32, 8, 4)):
             if bm > _next_pow2(m) and bm > 32:
                 continue
             base = Config(bm, bn, bk, num_warps=w, num_stages=st)
             sp = _with_split(base, m, n, k, sms)
             out += [sp, base] if sp.split_k > 1 else [base]
     else:
-        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                  (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                  (256, 128, 64, 8, 3)):
+        for bm, bn, bk, w, st in ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 256, 32, 8, 3),
+                                  (64, 128, 32, 8, 3)):
             out.append(Config(bm, bn, bk, num_warps=w, num_stages=st))
     seen, uniq = set(), []
     for c in out:
