@@ -334,7 +334,7 @@ def candidate_configs(m: int, n: int, k: int, device: Optional[torch.device], dt
     out: list[Config] = [heuristic_config(m, n, k, device, dtype, sms=sms)]
     # The dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers: about 16 values per
     # thread per tile is what fits next to the accumulator (sm_90, triton 3.9: 16x64x128 with 4
-    # warps, any BLOCK_K 256, 64x128x64 with 4 warps and every GEMV spilled).
+    # warps, any BLOCK_K 256, 64x128x64 with 4 warps, 64x256x32 with 8 and every GEMV spilled).
     if m <= 16:
         for bn, bk, w in ((32, 128, 4), (64, 64, 4), (128, 64, 8)):
             base = Config(16, bn, bk, num_warps=w, num_stages=4)
@@ -348,8 +348,7 @@ def candidate_configs(m: int, n: int, k: int, device: Optional[torch.device], dt
             sp = _with_split(base, m, n, k, sms)
             out += [sp, base] if sp.split_k > 1 else [base]
     else:
-        for bm, bn, bk, w, st in ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 256, 32, 8, 3),
-                                  (64, 128, 32, 8, 3)):
+        for bm, bn, bk, w, st in ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 3)):
             out.append(Config(bm, bn, bk, num_warps=w, num_stages=st))
     seen, uniq = set(), []
     for c in out:
