@@ -88,6 +88,15 @@ def test_isolation_is_on_for_cuda_by_default_and_an_env_var_turns_it_off(monkeyp
     assert not verdicts.isolation_on(torch.device("cuda"))
     monkeypatch.setenv("HPRUNE_SELFTEST_ISOLATE", "1")
     assert verdicts.isolation_on(torch.device("cpu"))
+    from hprune.errors import HpruneError
+
+    monkeypatch.setenv("HPRUNE_SELFTEST_ISOLATE", "maybe")
+    with pytest.raises(HpruneError, match="HPRUNE_SELFTEST_ISOLATE='maybe'"):
+        verdicts.isolation_on(torch.device("cuda"))
+    for bad in ("abc", "0", "-5", "inf"):
+        monkeypatch.setenv("HPRUNE_SELFTEST_TIMEOUT", bad)
+        with pytest.raises(HpruneError, match="HPRUNE_SELFTEST_TIMEOUT"):
+            verdicts.timeout_s()
 
 
 def test_the_child_gets_cuda_launch_blocking_and_answers_on_stdout_alone(monkeypatch):

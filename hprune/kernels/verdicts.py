@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from hprune._version import __version__
+from hprune.errors import HpruneError
 from hprune.io import write_json
 
 CHILD_MODULE = "hprune.kernels.selftest"
@@ -40,13 +42,18 @@ _lock = threading.Lock()
 
 
 def _flag(name: str) -> Optional[bool]:
-    """An HPRUNE_* on/off variable: True for 1/true/yes/on, False for 0/false/no/off, None unset."""
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
+    """An HPRUNE_* on/off variable: True for 1/true/yes/on, False for 0/false/no/off, None unset
+    or empty; HpruneError naming it for anything else. (The same values as the project's boolean
+    flags; this module keeps the unset state apart, which picks the per-device default.)"""
+    raw = os.environ.get(name)
+    v = (raw or "").strip().lower()
+    if v == "":
+        return None
+    if v in ("1", "true", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off"):
+    if v in ("0", "false", "no", "off"):
         return False
-    return None
+    raise HpruneError(f"{name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
 def isolation_on(device: torch.device) -> bool:
@@ -57,11 +64,17 @@ def isolation_on(device: torch.device) -> bool:
 
 
 def timeout_s() -> float:
-    raw = os.environ.get("HPRUNE_SELFTEST_TIMEOUT", "")
-    try:
-        return float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
+    """Seconds a child check may take (HPRUNE_SELFTEST_TIMEOUT, default DEFAULT_TIMEOUT_S)."""
+    raw = os.environ.get("HPRUNE_SELFTEST_TIMEOUT", "").strip()
+    if not raw:
         return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise HpruneError(f"HPRUNE_SELFTEST_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return value
 
 
 def cache_dir() -> Path:
