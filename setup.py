@@ -11,6 +11,8 @@
   their manifest matches this build (nvcc release, every arch of TORCH_CUDA_ARCH_LIST, source and
   header hashes), the .cu files are linked from there instead of compiled (the GPU machine then
   compiles only the torch bindings: seconds, not minutes); otherwise they are compiled from source.
+- HPRUNE_BUILD_ONLY=hprune._C (or hprune._C_cutlass) builds that module alone (with its own
+  --build-temp, two builds can run side by side: benchmarks/gpu_suite.py does).
 - HPRUNE_NO_EXT=1 skips the extension entirely (pure-Python install; the library then uses its
   Triton / PyTorch paths). A failed compile also degrades to pure Python with a warning, unless
   HPRUNE_REQUIRE_EXT=1 asks for a hard failure.
@@ -123,6 +125,10 @@ def _extensions():
                 # its explicit -gencode (sm_90a) keeps torch from adding TORCH_CUDA_ARCH_LIST's flags here
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(headers.NVCC_FLAGS)},
             ))
+
+    only = os.environ.get("HPRUNE_BUILD_ONLY")  # one module per process: the GPU suite builds both side by side
+    if only:
+        exts = [e for e in exts if e.name == only]
 
     class OptionalBuildExt(BuildExtension):
         """A compile failure leaves a working pure-Python install (unless HPRUNE_REQUIRE_EXT=1)."""

@@ -73,7 +73,7 @@ def _arg(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
-def fake_runner(clock: FakeClock, seconds: dict[str, float]):
+def fake_runner(clock: FakeClock, seconds: dict[str, float], cutlass: bool = True):
     """Plays each step's processes: a job takes seconds[step] (split evenly over its units of
     work: tests, (shape, M) rows, self-test verdicts), writes its output as the real one does, and
     at the timeout is cut (code 124) with only the units it finished written."""
@@ -83,9 +83,9 @@ def fake_runner(clock: FakeClock, seconds: dict[str, float]):
         codes = []
         for job in jobs:
             name = job.stdout.name.rsplit(".", 1)[0]
-            step = name.split("-")[0]
+            step = "build" if name.startswith("build") else name.split("-")[0]
             total = {"env": seconds["env"] if name == "env-probe" else 0.0,
-                     "build": seconds["build"] if name == "build" else 0.0,
+                     "build": seconds["build"] if name.startswith("build_c") else 0.0,
                      "tests": seconds["tests"], "selftest": seconds["selftest"],
                      "bench_w4a16": seconds["bench_w4a16"], "bench_optim": seconds["bench_optim"] / 2}[step]
             units = 10
@@ -96,10 +96,10 @@ def fake_runner(clock: FakeClock, seconds: dict[str, float]):
                 out = 'PROBE {"cuda_available": true, "capability": "9.0", "gpu": "H100 (simulated)"}'
             elif name == "env-nvcc":
                 out = "Cuda compilation tools, release 13.0, V13.0.88"
-            elif name == "build":
+            elif name.startswith("build_c"):
                 out = "hprune: CUDA kernels of hprune._C: prebuilt main objects (9.0a, nvcc 13.0)"
             elif name == "build-check":
-                out = 'BUILD {"cuda": true, "cutlass": true}'
+                out = 'BUILD {"cuda": true, "cutlass": %s}' % ("true" if cutlass else "false")
             elif step == "tests":
                 with open(job.env["HPRUNE_TEST_LINES"], "w") as f:
                     for i in range(done + (1 if cut else 0)):
@@ -134,9 +134,10 @@ def fake_runner(clock: FakeClock, seconds: dict[str, float]):
     return runner
 
 
-def _play(tmp_path: Path, seconds: dict[str, float], budget_min: float = 9.0):
+def _play(tmp_path: Path, seconds: dict[str, float], budget_min: float = 9.0, cutlass: bool = True):
     clock = FakeClock()
-    suite = G.Suite(tmp_path, budget_min * 60, dry_run=False, clock=clock, runner=fake_runner(clock, seconds))
+    suite = G.Suite(tmp_path, budget_min * 60, dry_run=False, clock=clock,
+                    runner=fake_runner(clock, seconds, cutlass))
     payload = G.run_plan(suite)
     return payload, {s["step"]: s for s in suite.steps}, clock.t - 1000.0
 
@@ -174,6 +175,11 @@ def test_a_selftest_cut_short_reports_the_verdicts_its_children_stored(tmp_path)
     payload, steps, _ = _play(tmp_path, dict(G.MEASURED_S, selftest=5 * G.CAP_S["selftest"]))
     res = steps["selftest"]["result"]
     assert steps["selftest"]["status"] == "timeout" and res["partial"] and res["verdicts"]
+
+
+def test_an_sm90_build_without_the_cutlass_module_is_an_error(tmp_path):
+    _, steps, _ = _play(tmp_path, G.MEASURED_S, cutlass=False)
+    assert steps["build"]["status"] == "error" and "CUTLASS" in steps["build"]["note"]
 
 
 def test_a_step_out_of_time_has_its_whole_process_group_killed(tmp_path):

@@ -19,18 +19,25 @@ back silently. (1) and the per-op variable in (3) are strict for ops that lack t
 (2) and `HPRUNE_BACKEND` apply only to ops that have a backend of that name, so one setting can
 force a family of ops without breaking the others.
 
-Self-test (issue 15): kernels that never ran on the user's GPU prove themselves there. An op
-registers one small random problem (`register_selftest`); the first time a backend is chosen in a
-process for a key (op, backend, device capability, dtype), `select(..., dtype=...)` runs that
-backend on the problem and compares it with the "reference" backend. A backend that fails is
-disabled for the key with ONE warning naming op, backend, GPU and error, and the next backend in
-`PREFERENCE` takes over (a forced backend that fails raises `BackendUnavailableError` instead:
-forcing never falls back silently). The check never runs inside CUDA-graph capture or
-torch.compile tracing (the choice is made unchecked there and the key checked on the next eager
-call). `HPRUNE_SELFTEST=0` turns the first-call checks off, `=1` runs them on every device;
-unset, they run on CUDA devices only (the CPU backends are tested in CI). The cost is one small
-problem per key, once per process; `hprune selftest` runs and prints them all. A new backend is
-covered by its registration alone: the problem and tolerance belong to the op.
+Self-test (issues 15, 26): kernels that never ran on the user's GPU prove themselves there. An op
+registers small random problems (`register_selftest`) that together reach every launch
+configuration of every backend (a backend names its configuration for a problem: `register(...,
+config=)`; tests/test_selftest_coverage.py checks the SD3.5 / FLUX shapes). The first time a
+backend is chosen for a key (op, backend, device capability, dtype, configuration), `select(...,
+dtype=, spec=)` runs it on the problems and compares it with the "reference" backend (in exact
+fp32); a configuration the problems never reached is checked on a problem of the call's own spec.
+On a GPU the check runs in a child process with a timeout (hprune.kernels.verdicts: a crash, a dead
+CUDA context or a hang stays there) and its verdict is cached on disk per environment. A backend
+that fails is disabled for the key with ONE warning naming op, backend, GPU and error, and the
+next backend in `PREFERENCE` takes over (a forced backend that fails raises
+`BackendUnavailableError` instead: forcing never falls back silently). Inside CUDA-graph capture
+or torch.compile tracing nothing runs in this process: the child checks as usual, and without
+isolation an unchecked kernel is refused there (the next checked backend runs), so nothing
+unchecked enters a captured graph. `HPRUNE_SELFTEST=0` turns the first-call checks off, `=1` runs
+them on every device; unset, they run on CUDA devices only (the CPU backends are tested in CI);
+`HPRUNE_SELFTEST_ISOLATE` likewise for the child process. `hprune selftest` runs and prints them
+all. A new backend is covered by its registration alone: the problems and tolerance belong to the
+op.
 """
 from __future__ import annotations
 
