@@ -33,10 +33,16 @@ P = _load("hprune_prebuilt", "hprune/kernels/prebuilt.py")
 H = _load("hprune_cutlass_headers", "hprune/kernels/cutlass_headers.py")
 
 
-def _compile(cmd: list[str]) -> tuple[list[str], int, float, str]:
+def _compile(cmd: list[str]) -> tuple[list[str], int, float, float, str]:
+    """(cmd, exit code, wall seconds, CPU seconds of nvcc and everything it ran, output)."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    return cmd, res.returncode, time.perf_counter() - t0, res.stdout + res.stderr
+    with open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of nvcc with cicc / ptxas / the host compiler
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return cmd, proc.returncode, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, out
 
 
 def main(argv=None) -> int:
@@ -75,22 +81,22 @@ def main(argv=None) -> int:
     with cf.ThreadPoolExecutor(max(1, args.jobs)) as ex:
         results = list(ex.map(lambda j: (j[0], *_compile(j[1])), jobs))
     times = {}
-    for group, cmd, code, secs, log in results:
+    for group, cmd, code, secs, cpu, log in results:
         src = cmd[2]
         obj = cmd[4][:-len(".tmp")]
-        print(f"{src}: {'ok' if code == 0 else 'FAILED'} in {secs:.1f} s", flush=True)
+        print(f"{src}: {'ok' if code == 0 else 'FAILED'} in {secs:.1f} s ({cpu:.1f} s CPU)", flush=True)
         if code != 0:
             print(log[-4000:], file=sys.stderr)
             failed = True
             continue
         os.replace(cmd[4], obj)
-        times[src] = round(secs, 1)
+        times[src] = {"wall_s": round(secs, 1), "cpu_s": round(cpu, 1)}
     for group in groups:
         srcs = [j[1][2] for j in jobs if j[0] == group]
         if srcs and all(s in times for s in srcs):
             man["groups"][group] = {"archs": list(P.MAIN_ARCHS if group == "main" else P.CUTLASS_ARCHS),
                                     "sources": P.source_hashes(ROOT, group),
-                                    "compile_seconds": {s: times[s] for s in srcs},
+                                    "compile": {s: times[s] for s in srcs},
                                     "host": f"{os.cpu_count()} cores, jobs {args.jobs}"}
     with open(os.path.join(out_dir, P.MANIFEST + ".tmp"), "w") as f:
         json.dump(man, f, indent=1)
