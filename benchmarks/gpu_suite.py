@@ -325,10 +325,7 @@ class Suite:
         if self.dry:
             cmd += ["--op", "scaled_adamw_"]  # the fast one: the interpreter is slow
         code, out, err = self._run1("selftest", cmd, timeout, env=env, split=True)
-        try:
-            result = json.loads(out)  # stdout alone: the --json document
-        except ValueError:
-            result = None
+        result = _json_document(out)  # stdout alone: the --json document (stderr may say anything)
         if result is None:  # stopped or crashed: the verdicts its child processes stored so far
             result = {"partial": True, "verdicts": _cached_verdicts(cache)}
         return {"status": self._status(code, "results" in result), "cmd": " ".join(cmd[1:]), "result": result,
@@ -417,6 +414,20 @@ def _test_lines(path: Path) -> dict[str, Any]:
                 failed.append({"test": rec["test"], "message": rec.get("message", "")[-300:]})
     running = [t for t in started if t not in ended]
     return {**counts, "failures": failed[:30], "running": running[-1:]}
+
+
+def _json_document(out: str) -> Optional[dict]:
+    """The JSON object on stdout: all of it, or from the first line that opens one (a library may
+    have printed a line before it)."""
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith("{"):
+            try:
+                doc = json.loads("\n".join(lines[i:]))
+            except ValueError:
+                continue
+            return doc if isinstance(doc, dict) else None
+    return None
 
 
 def _cached_verdicts(cache: Path) -> list[dict]:

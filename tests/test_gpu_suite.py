@@ -221,3 +221,27 @@ def test_bench_w4a16_writes_its_json_after_every_shape_and_m(tmp_path, monkeypat
     data = json.loads(next(tmp_path.glob("bench_w4a16-*.json")).read_text())
     ref = [r for r in data["rows"] if r["method"] == "hprune reference"]
     assert ref and all(r["config"] == "reference" and r["max_rel_err"] == 0 for r in ref)
+
+
+def test_the_per_test_lines_survive_a_hung_test(tmp_path):
+    """benchmarks/pytest_lines.py: a line per test as it starts and ends; a test past the per-test
+    timeout ends the process, and its start line without an end names it."""
+    (tmp_path / "test_toy.py").write_text(
+        "import time, pytest\n"
+        "def test_a(): pass\n"
+        "def test_b(): assert 1 == 2\n"
+        "@pytest.mark.skip(reason='no')\n"
+        "def test_c(): pass\n"
+        "def test_d(): time.sleep(600)\n"
+        "def test_e(): pass\n")
+    lines = tmp_path / "lines.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HPRUNE_TEST_LINES=str(lines), HPRUNE_TEST_TIMEOUT="5")
+    res = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "test_toy.py"), "-q", "-p", "no:cacheprovider",
+                          "-p", "benchmarks.pytest_lines"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    summary = G._test_lines(lines)
+    assert (summary["passed"], summary["failed"], summary["skipped"]) == (1, 1, 1)
+    assert summary["running"] and summary["running"][0].endswith("test_d")
+    assert "assert 1 == 2" in summary["failures"][0]["message"]
