@@ -5,7 +5,7 @@ to the output's scale, the bound, time including any compile) and exits non-zero
 
 The same check runs automatically the first time a kernel is used in a process on a GPU, and a
 kernel that fails it is disabled with one warning (HPRUNE_SELFTEST=0 turns that off). On a GPU each
-(op, backend) is checked in a child process (a crash or hang there is a FAIL row, not a dead
+(op, backend, dtype) is checked in a child process (a crash or hang there is a FAIL row, not a dead
 process) and the verdicts are stored in the cache the first-call checks read (--in-process: check
 in this process; HPRUNE_SELFTEST_ISOLATE=1 isolates on the CPU too). On a machine
 without a GPU the C++ CPU kernels are checked, and the Triton kernels too (in Triton's slow
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="child checks at a time (each (op, backend, dtype) is one child process)")
     p.add_argument("--in-process", action="store_true",
-                   help="check in this process instead of one child process per (op, backend)")
+                   help="check in this process instead of one child process per (op, backend, dtype)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 A kernel that makes an illegal memory access leaves the CUDA context dead (a sticky error: every
 later kernel of the process fails), and one that hangs never returns. So the self-test of an
-(op, backend) runs in a fresh Python process (`python -m hprune.kernels.selftest --child`: a new
+(op, backend, dtype) runs in a fresh Python process (`python -m hprune.kernels.selftest --child`: a new
 interpreter, never a fork of one that initialised CUDA) with a timeout and CUDA_LAUNCH_BLOCKING=1;
 its verdicts come back as one JSON line on its stdout (stdout alone is read: warnings and
 compiler chatter go to stderr). A crash (signal, non-zero exit), a hang (timeout: the child's whole
