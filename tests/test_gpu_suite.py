@@ -185,7 +185,8 @@ def test_an_sm90_build_without_the_cutlass_module_is_an_error(tmp_path):
 def test_a_step_out_of_time_has_its_whole_process_group_killed(tmp_path):
     """A child that started a grandchild (as setup.py starts ninja and nvcc): both end at the cap."""
     pidfile = tmp_path / "grandchild.pid"
-    script = f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)")
     job = G.Job([sys.executable, "-c", script], dict(os.environ), tmp_path / "job.log")
     import time
 

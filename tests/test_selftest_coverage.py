@@ -254,7 +254,9 @@ def test_the_autotuner_never_picks_a_candidate_that_disagrees_with_the_checked_c
     monkeypatch.setattr(TW, "candidate_configs", lambda *a, **k: [heur, bad])
     monkeypatch.setattr(TW, "_autotune_enabled", lambda device: True)
     timed = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: (timed.append(1), 1.0 if len(timed) == 1 else 0.1)[1])
+    # a fake clock: the first candidate timed (the heuristic) takes 1.0, every later one 0.1
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, **k: (timed.append(1), 1.0 if len(timed) == 1 else 0.1)[1])
     gen = torch.Generator().manual_seed(0)
     q = F.quantize(torch.randn(64, 128, generator=gen) * 0.05, 64, "int4", scale_dtype=torch.float16, refine=False)
     x = torch.randn(4, 128, generator=gen).half()

@@ -292,7 +292,8 @@ def _run_ext(op_name: str):
 
 
 dispatch.register(OP, "cuda", supports=_ext_supports("_scaled_adamw_cuda", "cuda"),
-                  why_not=_ext_why_not("_scaled_adamw_cuda", "cuda"), config=_lerp_config)(_run_ext("_scaled_adamw_cuda"))
+                  why_not=_ext_why_not("_scaled_adamw_cuda", "cuda"),
+                  config=_lerp_config)(_run_ext("_scaled_adamw_cuda"))
 dispatch.register(OP, "cpp", supports=_ext_supports("_scaled_adamw_cpu", "cpu"),
                   why_not=_ext_why_not("_scaled_adamw_cpu", "cpu"), config=_lerp_config)(_run_ext("_scaled_adamw_cpu"))
 
