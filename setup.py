@@ -7,6 +7,12 @@
   sm_90a only, when CUDA builds, the arch list includes 9.0 and the pinned `nvidia-cutlass` wheel
   provides the headers (hprune/kernels/cutlass_headers.py; HPRUNE_NO_CUTLASS=1 skips it). It takes
   a few minutes of nvcc; without it the other kernels serve every size.
+- Prebuilt objects (tools/prebuild_cuda.py -> .prebuilt/cuda/, hprune/kernels/prebuilt.py): when
+  their manifest matches this build (nvcc release, every arch of TORCH_CUDA_ARCH_LIST, source and
+  header hashes), the .cu files are linked from there instead of compiled (the GPU machine then
+  compiles only the torch bindings: seconds, not minutes); otherwise they are compiled from source.
+- HPRUNE_BUILD_ONLY=hprune._C (or hprune._C_cutlass) builds that module alone (with its own
+  --build-temp, two builds can run side by side: benchmarks/gpu_suite.py does).
 - HPRUNE_NO_EXT=1 skips the extension entirely (pure-Python install; the library then uses its
   Triton / PyTorch paths). A failed compile also degrades to pure Python with a warning, unless
   HPRUNE_REQUIRE_EXT=1 asks for a hard failure.
@@ -34,6 +40,15 @@ def _cutlass_headers():
     loaded by path: importing the package here would run its __init__."""
     spec = importlib.util.spec_from_file_location(
         "hprune_cutlass_headers", os.path.join(HERE, "hprune", "kernels", "cutlass_headers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _prebuilt():
+    """hprune/kernels/prebuilt.py, loaded by path (standard library only)."""
+    spec = importlib.util.spec_from_file_location(
+        "hprune_prebuilt", os.path.join(HERE, "hprune", "kernels", "prebuilt.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -69,13 +84,20 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
     macros = [("HPRUNE_WITH_CUDA", "1")] if use_cuda else []
     include_dirs = [os.path.join(HERE, "csrc")]
+    prebuilt = _prebuilt()
+    nvcc = prebuilt.nvcc_release(os.path.join(CUDA_HOME, "bin", "nvcc")) if use_cuda else None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        objs, why = prebuilt.usable(HERE, "main", os.environ["TORCH_CUDA_ARCH_LIST"], nvcc)
+        print(f"hprune: CUDA kernels of hprune._C: {why if objs else 'compiled from source (' + why + ')'}",
+              file=sys.stderr)
+        if objs:
+            cuda_sources = [s for s in cuda_sources if not s.endswith(".cu")]
         ext = CUDAExtension(
             "hprune._C", sources + cuda_sources, include_dirs=include_dirs, define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                                                       "--expt-relaxed-constexpr"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"], extra_objects=objs or [],
         )
     else:
         ext = CppExtension("hprune._C", sources, include_dirs=include_dirs, define_macros=macros,
@@ -86,17 +108,27 @@ def _extensions():
     if use_cuda and not _flag("HPRUNE_NO_CUTLASS") and "9.0" in arch_list:
         headers = _cutlass_headers()
         inc, why = headers.cutlass_include()
-        if inc is None:
-            print(f"hprune: not building the CUTLASS kernels: {why}", file=sys.stderr)
+        objs, pre_why = prebuilt.usable(HERE, "cutlass", arch_list, nvcc)
+        cutlass_dir = os.path.join("csrc", "cuda", "cutlass")
+        if objs:  # the kernel is compiled already: only the binding (no CUTLASS headers) is left
+            print(f"hprune: linking the CUTLASS kernels (sm_90a) from {pre_why}", file=sys.stderr)
+            exts.append(CUDAExtension(
+                "hprune._C_cutlass", rel("csrc/cuda/cutlass/*.cpp"), include_dirs=[os.path.join(HERE, cutlass_dir)],
+                define_macros=macros, extra_compile_args={"cxx": ["-O3", "-std=c++17"]}, extra_objects=objs))
+        elif inc is None:
+            print(f"hprune: not building the CUTLASS kernels: {why} ({pre_why})", file=sys.stderr)
         else:
-            print(f"hprune: building the CUTLASS kernels (sm_90a) from {why}", file=sys.stderr)
-            cutlass_dir = os.path.join("csrc", "cuda", "cutlass")
+            print(f"hprune: building the CUTLASS kernels (sm_90a) from {why} ({pre_why})", file=sys.stderr)
             exts.append(CUDAExtension(
                 "hprune._C_cutlass", rel("csrc/cuda/cutlass/*.cu") + rel("csrc/cuda/cutlass/*.cpp"),
                 include_dirs=[os.path.join(HERE, cutlass_dir), inc], define_macros=macros,
                 # its explicit -gencode (sm_90a) keeps torch from adding TORCH_CUDA_ARCH_LIST's flags here
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": list(headers.NVCC_FLAGS)},
             ))
+
+    only = os.environ.get("HPRUNE_BUILD_ONLY")  # one module per process: the GPU suite builds both side by side
+    if only:
+        exts = [e for e in exts if e.name == only]
 
     class OptionalBuildExt(BuildExtension):
         """A compile failure leaves a working pure-Python install (unless HPRUNE_REQUIRE_EXT=1)."""

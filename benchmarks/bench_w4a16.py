@@ -22,6 +22,12 @@ hprune._C_cutlass, W4A8 and the FP8 ceiling need FP8 tensor cores (sm_89+). "hpr
 op's automatic choice (dispatch.ROUTES), the backend it took in the note. The FP8 ceiling is
 `torch._scaled_mm` on pre-quantised e4m3 operands with per-tensor scales: the GEMM alone, without
 the per-token activation quantisation or group scales W4A8 does.
+
+Each hprune row names its launch configuration (`config`: the backend's tile / split-K / K-tail
+variant, the one the self-test key holds; "auto" rows the backend chosen too), and its error
+(`max_rel_err`) is measured on the whole output of the call that was timed, against the
+reference in exact fp32. The JSON is rewritten after every (shape, M), so a run stopped at its
+time limit keeps every row it measured (`complete`: false until the end).
 """
 from __future__ import annotations
 
@@ -214,15 +220,46 @@ def time_graph(calls: list[Callable[[], Any]], per_graph: int, replays: int) -> 
     return statistics.median(times)
 
 
-def check(method: dict[str, Any], x: torch.Tensor, group: int, fmt: str) -> float | None:
-    """Max |out - reference| / max |reference| of an hprune backend (guards against timing a wrong kernel)."""
+def check(method: dict[str, Any], timed_call: Callable[[], Any], x: torch.Tensor, group: int, fmt: str
+          ) -> float | None:
+    """Max |out - reference| / max |reference| over the whole output of the timed call (its first
+    weight copy holds the values of `method["q"]`), the reference in exact fp32: guards against
+    timing a wrong kernel."""
     if "op" not in method:
         return None
     q = method["q"]
     fn = w4a8_mm if method["op"] == OP_W4A8 else w4a16_mm
-    out = fn(x, q.qweight, q.scales, q.zeros, group, fmt, backend=method["backend"])
-    ref = fn(x, q.qweight, q.scales, q.zeros, group, fmt, backend="reference")
+    out = timed_call()
+    with dispatch.exact_fp32():
+        ref = fn(x, q.qweight, q.scales, q.zeros, group, fmt, backend="reference")
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def configuration(method: dict[str, Any], x: torch.Tensor, group: int, fmt: str) -> str | None:
+    """The launch configuration a row ran: the backend's (dispatch.config_of: tile, split-K,
+    K tail; for Triton the autotuned one when tuning ran), "auto" rows prefixed by the backend."""
+    if "op" not in method:
+        return None
+    q = method["q"]
+    m, k = x.shape
+    n = q.qweight.shape[0]
+    op = method["op"]
+    be = method["backend"]
+    if be is None:
+        be = chosen_backend(x, q.qweight, q.scales, q.zeros, group, fmt)
+    if be == "reference":
+        return "reference"
+    spec = (m, n, k, group, fmt, False)
+    cfg = dispatch.config_of(op, be, spec, x.dtype, dispatch.device_info(x.device))
+    if be == "triton" and op == OP:
+        from hprune.kernels.triton_w4a16 import _TUNED, _m_bucket
+
+        tuned = [c for key, c in _TUNED.items() if key[1:4] == (_m_bucket(m), n, k) and key[4] == x.dtype]
+        if tuned:
+            from hprune.kernels.triton_w4a16 import launch_label
+
+            cfg = launch_label(tuned[0], k) + " (autotuned)"
+    return f"{be}: {cfg}" if method["backend"] is None else (cfg or "-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     copies_for = (lambda nbytes: max(2, min(64, -(-L2_ROTATE_BYTES // max(1, nbytes))))) if gpu else (lambda _: 1)
 
     rows: list[dict[str, Any]] = []
+    if not gpu:  # CPU timings on a shared machine: record how busy it was
+        payload_load = {"loadavg_1_5_15min": os.getloadavg(), "cpu_count": os.cpu_count()}
+    else:
+        payload_load = {}
+
+    def save(complete: bool) -> None:
+        payload = {"benchmark": "w4a16_mm", "env": {**env, **payload_load}, "note": note, "dtype": args.dtype,
+                   "fmt": args.fmt, "group_size": args.group,
+                   "timing": args.timing if gpu else "cpu wall clock (median)", "shapes": shapes, "ms": ms,
+                   "complete": complete, "rows": rows, "routes": [vars(r) for r in dispatch.ROUTES]}
+        if gpu and "triton" in backends:
+            from hprune.kernels.triton_w4a16 import tuned_configs
+            payload["triton_configs"] = tuned_configs()
+        write_results("bench_w4a16", payload, device, args.out, quiet=not complete)
+
     for k, n in shapes:
         methods = make_methods(k, n, device, dtype, args.fmt, args.group, copies_for, backends, w4a8_backends,
                                peers=args.peers and gpu)
@@ -295,14 +347,18 @@ def main(argv: list[str] | None = None) -> int:
                 times[name] = ms_
                 flops = 2.0 * m * n * k
                 note = meth["note"]
-                if name == LABELS["auto"]:
-                    qq = meth["q"]
-                    note = f"{note} -> {chosen_backend(x, qq.qweight, qq.scales, qq.zeros, args.group, args.fmt)}"
                 row.update(ms=ms_, us=ms_ * 1e3, tflops=flops / ms_ / 1e9, weight_gbps=meth["bytes"] / ms_ / 1e6,
                            note=note)
-                err = check(meth, x[: min(m, 64)], args.group, args.fmt) if gpu else None
-                if err is not None:
-                    row["max_rel_err"] = err
+                try:
+                    cfg = configuration(meth, x, args.group, args.fmt)
+                    if cfg is not None:
+                        row["config"] = cfg
+                    # (on the CPU only at small sizes: there it is the reference against itself)
+                    err = check(meth, calls[0], x, args.group, args.fmt) if gpu or m * n * k <= 2 ** 24 else None
+                    if err is not None:
+                        row["max_rel_err"] = err
+                except Exception as exc:  # noqa: BLE001 - a failed check is a result too
+                    row["note"] = f"{note}; check failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
             base = next((t for nm, t in times.items() if "F.linear" in nm), None)
             bnb_t = times.get("bnb NF4 matmul_4bit")
@@ -328,19 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                         row["targets"] = "; ".join(tgt)
             print_table([r for r in rows if r["K"] == k and r["N"] == n and r["M"] == m],
                         ["K", "N", "M", "method", "us", "tflops", "weight_gbps", "x_vs_bf16", "x_vs_bnb",
-                         "x_vs_fp8", "max_rel_err", "targets", "note"])
-    if not gpu:  # CPU timings on a shared machine: record how busy it was
-        payload_load = {"loadavg_1_5_15min": os.getloadavg(), "cpu_count": os.cpu_count()}
-    else:
-        payload_load = {}
-    payload = {"benchmark": "w4a16_mm", "env": {**env, **payload_load}, "note": note, "dtype": args.dtype, "fmt": args.fmt,
-               "group_size": args.group, "timing": args.timing if gpu else "cpu wall clock (median)",
-               "shapes": shapes, "ms": ms, "rows": rows,
-               "routes": [vars(r) for r in dispatch.ROUTES]}
-    if gpu and "triton" in backends:
-        from hprune.kernels.triton_w4a16 import tuned_configs
-        payload["triton_configs"] = tuned_configs()
-    write_results("bench_w4a16", payload, device, args.out)
+                         "x_vs_fp8", "max_rel_err", "config", "targets", "note"])
+            save(complete=False)  # every (shape, M) measured so far survives a stop
+    save(complete=True)
     return 0
 
 

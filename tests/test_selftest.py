@@ -95,14 +95,21 @@ def test_forced_backend_that_fails_raises(toy):
         dispatch.select(op, "cpu", backend="triton", dtype=torch.float32)
 
 
-def test_no_check_while_tracing_then_checked_eagerly(toy, monkeypatch):
+def test_unchecked_kernels_are_refused_while_tracing_then_checked_eagerly(toy, monkeypatch):
+    """Without a child process nothing can be checked under tracing / capture, and nothing
+    unchecked may be chosen there: the reference runs; the next eager call checks as usual."""
     op, calls = toy
+    monkeypatch.setenv("HPRUNE_SELFTEST_ISOLATE", "0")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert dispatch.select(op, "cpu", dtype=torch.float32).name == "triton"  # unchecked, nothing run
+    assert dispatch.select(op, "cpu", dtype=torch.float32).name == "reference"  # nothing unchecked, nothing run
     assert calls == {"triton": 0, "cpp": 0} and not dispatch.check_results()
+    with pytest.raises(BackendUnavailableError, match="not checked yet"):
+        dispatch.select(op, "cpu", backend="cpp", dtype=torch.float32)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     with pytest.warns(RuntimeWarning):
         assert dispatch.select(op, "cpu", dtype=torch.float32).name == "cpp"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # checked now: chosen there too
+    assert dispatch.select(op, "cpu", dtype=torch.float32).name == "cpp"
 
 
 def test_first_call_checks_default_to_cuda_devices_only(toy, monkeypatch):
@@ -156,13 +163,14 @@ def test_cli_selftest_passes_on_this_machine(capsys):
 
 
 @pytest.mark.gpu
-def test_no_check_inside_cuda_graph_capture(monkeypatch):
-    """On a fresh key inside capture the kernel runs unchecked (a check would sync and allocate);
-    the next eager call checks it."""
+def test_first_call_inside_cuda_graph_capture_is_checked_in_a_child(monkeypatch, tmp_path):
+    """On a fresh key inside capture the check runs in a child process (it touches no stream of
+    this process), so the kernel that enters the graph is a checked one."""
     from hprune import formats as F
 
     dev = torch.device("cuda")
-    monkeypatch.delenv("HPRUNE_SELFTEST")  # the default: on for CUDA
+    monkeypatch.delenv("HPRUNE_SELFTEST")  # the default: on for CUDA, in a child process
+    monkeypatch.setenv("HPRUNE_CACHE_DIR", str(tmp_path))
     gen = torch.Generator().manual_seed(0)
     q = F.quantize(torch.randn(64, 128, generator=gen) * 0.05, 64, "int4", scale_dtype=torch.float16,
                    refine=False)
@@ -175,13 +183,11 @@ def test_no_check_inside_cuda_graph_capture(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = w4a16_mm(x, qw, s, z, group_size=64)
-    assert not [r for r in dispatch.check_results() if r.op == W4A16]
+    assert [r for r in dispatch.check_results() if r.op == W4A16 and r.ok]
     graph.replay()
     torch.cuda.synchronize()
     ref = w4a16_mm_reference(x, qw, s, z, None, 64, "int4")
     assert (y.float() - ref.float()).abs().max() <= 2e-3 * ref.float().abs().max()
-    w4a16_mm(x, qw, s, z, group_size=64)
-    assert [r for r in dispatch.check_results() if r.op == W4A16 and r.ok]
 
 
 def test_problems_a_backend_declines_are_skipped_not_passed():

@@ -42,6 +42,8 @@ SCRIPT = textwrap.dedent("""
     arch = int(sys.argv[1])
     out = {"heuristics": [asdict(r) for r in aot.check(aot.launch_specs(arch), arch)]}
     if arch == 90:
+        # the autotuners' candidates (timed on the GPU by default): none may spill either
+        out["candidates"] = [asdict(r) for r in aot.check(aot.candidate_specs(90), 90)]
         # known not to launch well: fp32 activations at 16x64x256 (4 warps) spill (or, with other
         # scale paths, need ~300 KB of shared memory: DESIGN §7)
         bad, _ = aot.compile_spec(aot.w4a16_spec(C16(16, 64, 256, num_warps=4, num_stages=4), "fp32", "int4", 64), 90)
@@ -101,3 +103,11 @@ def test_the_check_flags_a_config_that_does_not_fit(aot_results):
 def test_w4a8_fp8_dots_promote_every_32_products_on_sm90(aot_results):
     assert aot_results["w4a8_wgmma"], "BLOCK_M 64 should use Hopper's wgmma (where the default is imprecise)"
     assert aot_results["w4a8_imprecise_acc"] == [32]
+
+
+def test_every_autotune_candidate_fits_sm90_without_spills(aot_results):
+    cands = aot_results["candidates"]
+    assert {r["kernel"] for r in cands} == {"w4a16_candidate", "w4a8_candidate"}
+    bad = [f"{r['label']}: stack {r['stack']}, shared {r['shared']} {r['error']}" for r in cands
+           if not (r["error"] == "" and r["stack"] == 0 and r["shared"] <= _limit(90))]
+    assert not bad, bad

@@ -4,7 +4,10 @@ each dtype, on a small random problem with odd shapes. Prints a table (result, m
 to the output's scale, the bound, time including any compile) and exits non-zero if a kernel fails.
 
 The same check runs automatically the first time a kernel is used in a process on a GPU, and a
-kernel that fails it is disabled with one warning (HPRUNE_SELFTEST=0 turns that off). On a machine
+kernel that fails it is disabled with one warning (HPRUNE_SELFTEST=0 turns that off). On a GPU each
+(op, backend, dtype) is checked in a child process (a crash or hang there is a FAIL row, not a dead
+process) and the verdicts are stored in the cache the first-call checks read (--in-process: check
+in this process; HPRUNE_SELFTEST_ISOLATE=1 isolates on the CPU too). On a machine
 without a GPU the C++ CPU kernels are checked, and the Triton kernels too (in Triton's slow
 interpreter) when TRITON_INTERPRET=1 is set."""
 from __future__ import annotations
@@ -19,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device to check (default: cuda if present, else cpu)")
     p.add_argument("--op", action="append", help="check only this op (repeatable; default: all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="child checks at a time (each (op, backend, dtype) is one child process)")
+    p.add_argument("--in-process", action="store_true",
+                   help="check in this process instead of one child process per (op, backend, dtype)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     for op in args.op or []:
         if op not in known:
             raise BackendUnavailableError(f"--op {op!r}: no such op with a self-test (known: {', '.join(known)})")
-    results = selftest.run_all(device, ops=args.op)
+    if args.jobs < 1:
+        raise BackendUnavailableError(f"--jobs {args.jobs}: give a number >= 1")
+    results = selftest.run_all(device, ops=args.op, isolate=False if args.in_process else None, jobs=args.jobs)
     rows = selftest.as_rows(results)
     failed = [r for r in results if not r.ok]
     if args.json:
@@ -47,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                          indent=2, default=str))
     else:
         print(describe_build())
-        cols = ["op", "backend", "dtype", "result", "max error", "tolerance", "ms"]
+        cols = ["op", "backend", "dtype", "result", "max error", "tolerance", "configs", "ms"]
         print(format_table(rows, cols, title=f"hprune selftest on {dispatch.device_name(device)}"))
         for r in rows:
             if r["error"]:

@@ -158,7 +158,7 @@ def scaled_adamw_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     check_lists(params, grads, exp_avgs, exp_avg_sqs, lrs, steps, beta1, beta2, eps, weight_decay)
     if not params:
         return
-    impl = dispatch.select(OP, params[0].device, backend, dtype=params[0].dtype)
+    impl = dispatch.select(OP, params[0].device, backend, dtype=params[0].dtype, spec=(float(beta1),))
     if impl.name in ("cuda", "cpp"):
         # the C++ binding checks every tensor itself (TORCH_CHECK): validate in Python only to
         # turn a failure into a precise ShapeError, keeping the per-tensor loop off the fast path
@@ -212,27 +212,46 @@ def scaled_adamw_reference(params: Sequence[Tensor], grads: Sequence[Tensor], ex
 
 # ---- self-test (run by the dispatch point on each backend's first call; see dispatch) ------------
 
-def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
-    """One step over tensors of odd sizes (a single element, a tail, several chunks plus a tail,
-    one view off 16-byte alignment) with their own learning rates and step counts."""
-    sizes = (1, 1000, 3 * 16384 + 5, 4099)
-    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
-    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
-    exp_avgs = [0.1 * torch.randn(n, generator=gen) for n in sizes]
-    exp_avg_sqs = [0.01 * torch.rand(n, generator=gen) for n in sizes]
-    lrs = torch.rand(len(sizes), generator=gen, dtype=torch.float64) * 1e-2
-    steps = torch.tensor([1.0, 7.0, 150.0, 2.0])
+# spec = (beta1,): the one argument the launch configuration depends on (both kernels pick their
+# first-moment lerp formula by |1 - beta1| < 0.5, as torch does); sizes and alignment are covered
+# by every problem (a single element, a tail, several chunks plus a tail, one misaligned view).
+SELFTEST_SPECS = ((0.9,), (0.3,))
 
-    def on_device(ts: list[Tensor], misalign_last: bool) -> list[Tensor]:
-        out = [t.to(device) for t in ts]
-        if misalign_last:  # the same values in a buffer not 16-byte aligned
-            t = out[-1]
-            buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=device)
-            out[-1] = buf[2:2 + t.numel()].copy_(t)
-        return out
 
-    return [(on_device(params, True), on_device(grads, True), on_device(exp_avgs, True),
-             on_device(exp_avg_sqs, False), lrs.to(device), steps.to(device), 0.9, 0.999, 1e-8, 0.01)]
+def _lerp_config(spec: tuple, dtype: torch.dtype, info: dispatch.DeviceInfo) -> str:
+    return "lerp-small-weight" if abs(1.0 - spec[0]) < 0.5 else "lerp-large-weight"
+
+
+def _spec_of(args: tuple) -> tuple:
+    return (float(args[6]),)
+
+
+def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator,
+                       specs=SELFTEST_SPECS) -> list[tuple]:
+    """One step per spec over tensors of odd sizes (a single element, a tail, several chunks plus
+    a tail, one view off 16-byte alignment) with their own learning rates and step counts."""
+    out = []
+    for (beta1,) in specs:
+        sizes = (1, 1000, 3 * 16384 + 5, 4099)
+        params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        exp_avgs = [0.1 * torch.randn(n, generator=gen) for n in sizes]
+        exp_avg_sqs = [0.01 * torch.rand(n, generator=gen) for n in sizes]
+        lrs = torch.rand(len(sizes), generator=gen, dtype=torch.float64) * 1e-2
+        steps = torch.tensor([1.0, 7.0, 150.0, 2.0])
+
+        def on_device(ts: list[Tensor], misalign_last: bool) -> list[Tensor]:
+            res = [t.to(device) for t in ts]
+            if misalign_last:  # the same values in a buffer not 16-byte aligned
+                t = res[-1]
+                buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=device)
+                res[-1] = buf[2:2 + t.numel()].copy_(t)
+            return res
+
+        out.append((on_device(params, True), on_device(grads, True), on_device(exp_avgs, True),
+                    on_device(exp_avg_sqs, False), lrs.to(device), steps.to(device), float(beta1), 0.999, 1e-8,
+                    0.01))
+    return out
 
 
 dispatch.register_selftest(OP, dispatch.SelfTest(
@@ -240,7 +259,7 @@ dispatch.register_selftest(OP, dispatch.SelfTest(
     # fp32: the reference's operations in its order (FMA contraction / last-bit differences);
     # bf16 parameters: one bf16 ulp (2^-7 relative)
     tolerance=lambda dtype: 1e-6 if dtype == torch.float32 else 2.0 ** -7,
-    dtypes=PARAM_DTYPES))
+    dtypes=PARAM_DTYPES, specs=SELFTEST_SPECS, spec_of=_spec_of))
 
 
 # ---- compiled C++ / CUDA ------------------------------------------------------------------------
@@ -273,9 +292,10 @@ def _run_ext(op_name: str):
 
 
 dispatch.register(OP, "cuda", supports=_ext_supports("_scaled_adamw_cuda", "cuda"),
-                  why_not=_ext_why_not("_scaled_adamw_cuda", "cuda"))(_run_ext("_scaled_adamw_cuda"))
+                  why_not=_ext_why_not("_scaled_adamw_cuda", "cuda"),
+                  config=_lerp_config)(_run_ext("_scaled_adamw_cuda"))
 dispatch.register(OP, "cpp", supports=_ext_supports("_scaled_adamw_cpu", "cpu"),
-                  why_not=_ext_why_not("_scaled_adamw_cpu", "cpu"))(_run_ext("_scaled_adamw_cpu"))
+                  why_not=_ext_why_not("_scaled_adamw_cpu", "cpu"), config=_lerp_config)(_run_ext("_scaled_adamw_cpu"))
 
 
 # ---- Triton ---------------------------------------------------------------------------------------
@@ -358,7 +378,7 @@ def _pointer_table(tensors: Sequence[Sequence[Tensor]], device: torch.device) ->
 
 
 @dispatch.register(OP, "triton", supports=dispatch.triton_supports, auto=dispatch.triton_auto,
-                   why_not=dispatch.triton_why_not)
+                   why_not=dispatch.triton_why_not, config=_lerp_config)
 def scaled_adamw_triton(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                         exp_avg_sqs: Sequence[Tensor], lrs: Tensor, steps: Tensor, beta1: float,
                         beta2: float, eps: float, weight_decay: float) -> None:

@@ -227,16 +227,7 @@ def w4a8_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
                 seen.add((cfg, gclass))
                 for dtype in (("fp16", "bf16", "fp32") if full else ("bf16",)):
                     for fmt in (("int4", "int4_sym") if full else ("int4",)):
-                        p = _PTR[dtype]
-                        sig = {"xq_ptr": "*fp8e4nv", "a_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*u8",
-                               "s_ptr": p, "z_ptr": p, "bias_ptr": p, "out_ptr": "*fp32" if cfg.split_k > 1 else p,
-                               "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32",
-                               "stride_wn": "i32", "stride_om": "i32"}
-                        const = dict(GROUP=gclass, FMT=0 if fmt == "int4" else 1, HAS_BIAS=True,
-                                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_G=16,
-                                     SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, EVEN_K=False, ZPREC="tf32x3")
-                        specs.append(LaunchSpec("w4a8", f"{cfg.short()} {dtype} {fmt} g{gclass}", t._w4a8_kernel,
-                                                sig, const, cfg.num_warps, cfg.num_stages))
+                        specs.append(_w4a8_spec(cfg, dtype, fmt, gclass))
     for group in (64, 128):
         for dtype in ("bf16", "fp32"):
             gp2 = group
@@ -247,6 +238,21 @@ def w4a8_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
                 specs.append(LaunchSpec("w4a8_quant", f"quant {dtype} g{group} gpb{gpb}", t._quant_act_kernel,
                                         sig, const, 4, 3))
     return specs
+
+
+def _w4a8_spec(cfg, dtype: str, fmt: str, gclass: int) -> LaunchSpec:
+    from hprune.kernels import triton_w4a8 as t
+
+    p = _PTR[dtype]
+    sig = {"xq_ptr": "*fp8e4nv", "a_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*u8",
+           "s_ptr": p, "z_ptr": p, "bias_ptr": p, "out_ptr": "*fp32" if cfg.split_k > 1 else p,
+           "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32",
+           "stride_wn": "i32", "stride_om": "i32"}
+    const = dict(GROUP=gclass, FMT=0 if fmt == "int4" else 1, HAS_BIAS=True,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_G=16,
+                 SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m, EVEN_K=False, ZPREC="tf32x3")
+    return LaunchSpec("w4a8", f"{cfg.short()} {dtype} {fmt} g{gclass}", t._w4a8_kernel,
+                      sig, const, cfg.num_warps, cfg.num_stages)
 
 
 def adamw_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
@@ -265,6 +271,41 @@ def adamw_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
     return specs
 
 
+def candidate_specs(arch: int) -> list[LaunchSpec]:
+    """Every configuration the autotuners time (`candidate_configs` of triton_w4a16 / triton_w4a8,
+    over the shapes and M buckets above, split-K collapsed) in the variant that needs the most
+    registers among the common ones (bf16, int4 with zeros, group 64, bias, a K tail): the list
+    must hold only configurations that fit without spills (tests/test_triton_aot.py)."""
+    import torch as _torch
+
+    from hprune.kernels import triton_w4a16 as t16
+
+    dev = _torch.device("cpu")
+    seen16: set = set()
+    specs = []
+    for m in _MS:
+        for n, k in _NKS:
+            for cfg in t16.candidate_configs(m, n, k, dev, sms=SMS[arch]):
+                cfg = _collapse_split(cfg)
+                if cfg not in seen16:
+                    seen16.add(cfg)
+                    specs.append(w4a16_spec(cfg, "bf16", "int4", 64, even_k=False, bias=True))
+    if arch >= 89:
+        from hprune.kernels import triton_w4a8 as t8
+
+        seen8: set = set()
+        for m in _MS:
+            for n, k in _NKS:
+                for cfg in t8.candidate_configs(m, n, k, 128, dev, sms=SMS[arch]):
+                    cfg = _collapse_split(cfg)
+                    if cfg not in seen8:
+                        seen8.add(cfg)
+                        specs.append(_w4a8_spec(cfg, "bf16", "int4", 128))
+    for sp in specs:
+        sp.kernel += "_candidate"
+    return specs
+
+
 def launch_specs(arch: int, full: bool = False) -> list[LaunchSpec]:
     return w4a16_specs(arch, full) + w4a8_specs(arch, full) + adamw_specs(arch, full)
 
@@ -274,6 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (default 90 80)")
     ap.add_argument("--kernel", action="append", help="only these kernels (w4a16, w4a8, w4a8_quant, adamw)")
     ap.add_argument("--full", action="store_true", help="every variant (slow: minutes)")
+    ap.add_argument("--candidates", action="store_true", help="the autotuners' candidates instead of the heuristics'")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -281,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     results = []
     for arch in args.arch:
-        specs = [s for s in launch_specs(arch, args.full) if not args.kernel or s.kernel in args.kernel]
+        specs = candidate_specs(arch) if args.candidates else launch_specs(arch, args.full)
+        specs = [s for s in specs if not args.kernel or s.kernel in args.kernel]
 
         def show(r: Resources) -> None:
             flag = "ok" if r.ok else ("SPILL" if r.fits else "NO FIT")

@@ -307,32 +307,48 @@ def heuristic_config(m: int, n: int, k: int, device: Optional[torch.device], dty
     return Config(64, 128, 32, num_warps=8, num_stages=4)
 
 
-def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[Config]:
-    """Configurations the autotuner times for this regime (H100/H200 oriented)."""
-    sms = _sms(device)
-    out: list[Config] = []
+def launch_label(cfg: Config, k: int) -> str:
+    """The compiled variant a launch of `cfg` at K runs: tile, split-K (and its reduction) or
+    not, whole K tiles (EVEN_K) or a tail, GEMV. The self-test key holds it (dispatch)."""
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    s = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+    if split > 1:
+        s += " splitK-" + ("atomic" if cfg.split_mode == 0 else "serial")
+    if not cfg.use_dot:
+        s += " gemv"
+    return s + (" evenK" if k % cfg.block_k == 0 else " Ktail")
+
+
+def heuristic_label(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> str:
+    """launch_label of the heuristic configuration (what runs without autotuning, and what the
+    autotuner's candidates are checked against)."""
+    return launch_label(heuristic_config(m, n, k, None, dtype, sms=sms), k)
+
+
+def candidate_configs(m: int, n: int, k: int, device: Optional[torch.device], dtype: torch.dtype = torch.float16,
+                      *, sms: Optional[int] = None) -> list[Config]:
+    """Configurations the autotuner times for this regime (H100/H200 oriented): the heuristic's
+    choice first (the self-tested one, and the reference the others are checked against), then
+    tiles that compile for sm_90 without spills (tests/test_triton_aot.py)."""
+    sms = sms or _sms(device)
+    out: list[Config] = [heuristic_config(m, n, k, device, dtype, sms=sms)]
+    # The dequantised (BLOCK_K/2, BLOCK_N) fp32 tiles live in registers: about 16 values per
+    # thread per tile is what fits next to the accumulator (sm_90, triton 3.9: 16x64x128 with 4
+    # warps, any BLOCK_K 256, 64x128x64 with 4 warps, 64x256x32 with 8 and every GEMV spilled).
     if m <= 16:
-        for bn, bk, st in ((32, 128, 4), (64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 256, 3)):
-            base = Config(16, bn, bk, num_warps=4, num_stages=st)
+        for bn, bk, w in ((32, 128, 4), (64, 64, 4), (128, 64, 8)):
+            base = Config(16, bn, bk, num_warps=w, num_stages=4)
             sp = _with_split(base, m, n, k, sms)
-            out += [sp, replace(sp, split_mode=0)] if sp.split_k > 1 else [sp]
-            out.append(base)
-        if m <= 4:
-            for bn, bk in ((32, 256), (64, 128)):
-                base = Config(_next_pow2(m), bn, bk, use_dot=False, num_warps=4, num_stages=3)
-                out.append(_with_split(base, m, n, k, sms))
+            out += [sp, replace(sp, split_mode=0), base] if sp.split_k > 1 else [sp]
     elif m <= 128:
-        for bm, bn, bk, w, st in ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
-                                  (32, 128, 128, 4, 3), (64, 128, 128, 8, 3)):
+        for bm, bn, bk, w, st in ((32, 128, 32, 8, 4), (64, 64, 32, 8, 4), (64, 128, 32, 8, 4)):
             if bm > _next_pow2(m) and bm > 32:
                 continue
             base = Config(bm, bn, bk, num_warps=w, num_stages=st)
             sp = _with_split(base, m, n, k, sms)
             out += [sp, base] if sp.split_k > 1 else [base]
     else:
-        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                  (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                  (256, 128, 64, 8, 3)):
+        for bm, bn, bk, w, st in ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 8, 3)):
             out.append(Config(bm, bn, bk, num_warps=w, num_stages=st))
     seen, uniq = set(), []
     for c in out:
@@ -427,16 +443,23 @@ def get_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         return cfg
     if not _autotune_enabled(x.device):
         return heuristic_config(m, n, k, x.device, x.dtype)
+    heur = heuristic_config(m, n, k, x.device, x.dtype)
     best, best_t = None, float("inf")
-    for c in candidate_configs(m, n, k, x.device):
+    want = None
+    for c in candidate_configs(m, n, k, x.device, x.dtype):
         try:
+            got = _launch(x, qweight, scales, zeros, bias, group_size, fmt, c)
+            if c == heur:
+                want = got
+            elif want is None or not dispatch.agrees("w4a16_mm", x.dtype, [got], [want]):
+                continue  # a candidate that disagrees with the self-tested heuristic config is never chosen
             t = triton.testing.do_bench(lambda c=c: _launch(x, qweight, scales, zeros, bias, group_size, fmt, c),
                                         warmup=5, rep=25, return_mode="median")
         except Exception:  # noqa: BLE001 - e.g. out of shared memory for this config on this GPU
             continue
         if t < best_t:
             best, best_t = c, t
-    cfg = best or heuristic_config(m, n, k, x.device, x.dtype)
+    cfg = best or heur
     _TUNED[key] = cfg
     return cfg
 

@@ -92,8 +92,63 @@ def w4a16_mm_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Option
 
 # ---- Triton backend -----------------------------------------------------------------------------
 
+# ---- launch configurations (the self-test key holds them: dispatch.Backend.config) ----------------
+# spec = (M, N, K, group_size, fmt, has_bias): `spec_of` of a call, or a self-test problem.
+
+def spec_of(args: tuple) -> tuple:
+    """The spec of a call's arguments (x, qweight, scales, zeros, bias, group_size, fmt)."""
+    x, qweight, _s, _z, bias, group_size, fmt = args[:7]
+    return (x.numel() // x.shape[-1], qweight.shape[0], x.shape[-1], group_size, fmt, bias is not None)
+
+
+def _triton_config(spec: tuple, dtype: torch.dtype, info: dispatch.DeviceInfo) -> Optional[str]:
+    from hprune.kernels.triton_w4a16 import heuristic_label
+
+    m, n, k = spec[:3]
+    return heuristic_label(m, n, k, dtype, info.sms)
+
+
+# The CUDA kernel's host plan (csrc/cuda/w4a16.cu, w4a16_plan / split_for): (BM, BN, BK) per tile
+# and the M bounds; tests/test_selftest_coverage.py reads them back from the source.
+CUDA_TILES = {"small": (16, 64, 128), "medium": (64, 64, 64), "large": (128, 128, 64)}
+CUDA_SMALL_MAX_M, CUDA_MEDIUM_MAX_M = 16, 256
+
+
+def cuda_plan(m: int, n: int, k: int, sms: int) -> tuple[str, int]:
+    """(tile, split_k) the CUDA kernel launches for an (M, N, K) problem on `sms` SMs."""
+    tile = "small" if m <= CUDA_SMALL_MAX_M else "medium" if m <= CUDA_MEDIUM_MAX_M else "large"
+    if tile == "large":
+        return tile, 1
+    bm, bn, bk = CUDA_TILES[tile]
+    t = -(-m // bm) * -(-n // bn)
+    k_tiles = -(-k // bk)
+    split = 1
+    while split < 16 and t * split < 2 * sms and k_tiles >= 4 * split:
+        split *= 2
+    per = -(-k_tiles // split)
+    return tile, -(-k_tiles // per)
+
+
+def _cuda_config(spec: tuple, dtype: torch.dtype, info: dispatch.DeviceInfo) -> Optional[str]:
+    m, n, k, group, _fmt, _bias = spec
+    if dtype not in (torch.float16, torch.bfloat16) or k % 8 or n % 8 or not (
+            group in (32, 64) or group % 128 == 0):
+        return None  # declined (cuda_unsupported)
+    tile, split = cuda_plan(m, n, k, info.sms)
+    return (f"{tile} {'x'.join(map(str, CUDA_TILES[tile]))}" + (" splitK" if split > 1 else "")
+            + (" evenK" if k % CUDA_TILES[tile][2] == 0 else " Ktail"))
+
+
+def _cutlass_config(spec: tuple, dtype: torch.dtype, info: dispatch.DeviceInfo) -> Optional[str]:
+    m, n, k, group, fmt, _bias = spec
+    if (fmt not in CW.FORMATS or dtype not in (torch.float16, torch.bfloat16) or group % CW.TILE_K
+            or n % CW.TILE_N or k % CW.TILE_K):
+        return None  # declined (cutlass_unsupported)
+    return "128x128x64 persistent" + (" Mtail" if m % 128 else " Mwhole")
+
+
 @dispatch.register(OP, "triton", supports=dispatch.triton_supports, auto=dispatch.triton_auto,
-                   why_not=dispatch.triton_why_not)
+                   why_not=dispatch.triton_why_not, config=_triton_config)
 def w4a16_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                     bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
     from hprune.kernels.triton_w4a16 import w4a16_matmul
@@ -140,7 +195,7 @@ def cuda_unsupported(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     return None
 
 
-@dispatch.register(OP, "cuda", supports=_cuda_supports, why_not=_cuda_why_not)
+@dispatch.register(OP, "cuda", supports=_cuda_supports, why_not=_cuda_why_not, config=_cuda_config)
 def w4a16_mm_cuda(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                   bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
     why = cuda_unsupported(x, qweight, scales, zeros, group_size, bias)
@@ -172,7 +227,7 @@ def _cutlass_why_not(device: torch.device) -> str:
             f"rebuild with a CUDA torch, nvcc and nvidia-cutlass==4.2.0.0: python setup.py build_ext --inplace")
 
 
-@dispatch.register(OP, "cutlass", supports=_cutlass_supports, why_not=_cutlass_why_not)
+@dispatch.register(OP, "cutlass", supports=_cutlass_supports, why_not=_cutlass_why_not, config=_cutlass_config)
 def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                      bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
     why = CW.cutlass_unsupported(x, qweight, scales, zeros, group_size, fmt, bias)
@@ -190,12 +245,21 @@ def w4a16_mm_cutlass(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
 # (rounded once to T) and accumulate in fp32, so only the order and the final rounding differ
 # (the bounds of tests/test_w4a16.py).
 SELFTEST_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# (M, N, K, group, fmt, bias): odd M, N and K tails, a partial last group, both the small-M
-# (split-K) and the large-M (big tile) launch paths, the zeros and the NF4 paths. The last two are
-# shapes the cutlass backend takes (N % 128, K % 64, group % 64, int4 / int4_sym) with an M tail
-# past one 128-row tile: every backend is checked on problems it really serves.
-SELFTEST_PROBLEMS = ((5, 200, 328, 64, "int4", True), (133, 72, 328, 128, "nf4", False),
-                     (131, 256, 192, 64, "int4", True), (133, 128, 256, 128, "int4_sym", False))
+# (M, N, K, group, fmt, bias). Together they reach every launch configuration of every backend
+# on any GPU (tests/test_selftest_coverage.py walks the heuristics over the SD3.5 / FLUX layers):
+# per tile of each backend, split-K (few output tiles, >= 4 K tiles) and not (<= 3 K tiles), whole
+# K tiles and a tail; the CUDA small (M <= 16), medium and large (M > 256) tiles; the cutlass
+# shapes (N % 128, K % 64, group % 64, int4 / int4_sym) with and without an M tail. Also odd M and
+# N tails, a partial last group, groups of 32 / 64 / 128, the zeros, NF4 and bias paths.
+SELFTEST_PROBLEMS = (
+    (5, 200, 328, 64, "int4", True), (5, 72, 256, 128, "int4_sym", False),      # M <= 16, no split
+    (3, 64, 512, 64, "int4", True), (16, 72, 456, 64, "nf4", False),           # M <= 16, split-K
+    (33, 72, 328, 64, "int4", True), (33, 72, 256, 128, "int4_sym", False),     # M 17-128, split-K
+    (40, 72, 96, 32, "int4", False), (40, 72, 72, 32, "nf4", True),            # M 17-128, no split
+    (133, 72, 328, 128, "nf4", False), (131, 256, 192, 64, "int4", True),       # M > 128
+    (133, 128, 256, 128, "int4_sym", False), (256, 128, 128, 128, "int4", True),  # cutlass M tail / whole
+    (257, 72, 328, 64, "int4", True), (300, 128, 256, 64, "int4_sym", False),   # M > 256: CUDA large tile
+)
 
 
 def selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator,
@@ -214,7 +278,7 @@ def selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Gener
 
 dispatch.register_selftest(OP, dispatch.SelfTest(
     make=selftest_problems, outputs=lambda _args, out: [out], tolerance=SELFTEST_TOL.__getitem__,
-    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), specs=SELFTEST_PROBLEMS, spec_of=spec_of))
 
 
 # ---- the op ---------------------------------------------------------------------------------------
@@ -235,9 +299,10 @@ def _choose(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
     cutlass or cuda that cannot take them falls to the next backend that can instead of raising
     (each candidate self-tested on its first call, see hprune.kernels.dispatch)."""
     m = x.numel() // x.shape[-1]
+    spec = spec_of((x, qweight, scales, zeros, bias, group_size, fmt))
     skipped: list[str] = []
     while True:
-        b = dispatch.select(OP, x.device, backend, dtype=x.dtype, m=m, exclude=skipped)
+        b = dispatch.select(OP, x.device, backend, dtype=x.dtype, m=m, exclude=skipped, spec=spec)
         why = _unsupported(b.name, x, qweight, scales, zeros, bias, group_size, fmt)
         if why is None:
             return b

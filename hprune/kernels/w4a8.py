@@ -208,7 +208,18 @@ def _triton_why_not(device: torch.device) -> str:
     return dispatch.triton_why_not(device)
 
 
-@dispatch.register(OP, "triton", supports=_triton_supports, auto=_triton_auto, why_not=_triton_why_not)
+def _triton_config(spec: tuple, dtype: torch.dtype, info: dispatch.DeviceInfo) -> Optional[str]:
+    """The Triton kernel's launch configuration for spec (M, N, K, group, fmt, has_bias)."""
+    from hprune.kernels.triton_w4a8 import heuristic_label
+
+    m, n, k, group, fmt, _bias = spec
+    if group % 64 or fmt not in ("int4", "int4_sym"):
+        return None
+    return heuristic_label(m, n, k, group, info.sms)
+
+
+@dispatch.register(OP, "triton", supports=_triton_supports, auto=_triton_auto, why_not=_triton_why_not,
+                   config=_triton_config)
 def w4a8_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                    bias: Optional[Tensor], group_size: int, fmt: str) -> Tensor:
     from hprune.kernels.triton_w4a8 import w4a8_matmul
@@ -221,19 +232,38 @@ def w4a8_mm_triton(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[T
 # the bounds of tests/test_w4a8.py: equal to the reference up to fp32 accumulation order and the
 # final rounding to T (the FP8 rounding of the activations is the same on both sides)
 SELFTEST_TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
-# (M, N, K, group, fmt, bias): odd tails, a partial last group, small- and large-M launch paths
-SELFTEST_PROBLEMS = ((5, 200, 328, 64, "int4", True), (133, 72, 328, 128, "int4_sym", False))
+# (M, N, K, group, fmt, bias): odd tails, a partial last group, and every launch configuration
+# (tests/test_selftest_coverage.py): per tile (M <= 16, 17-128, > 128) and K block (64 for group
+# 64, 128 for group 128), split-K (>= 8 K blocks) and not, whole K blocks and a tail.
+SELFTEST_PROBLEMS = (
+    (5, 200, 328, 64, "int4", True), (5, 72, 256, 64, "int4_sym", False),
+    (3, 64, 512, 64, "int4", True), (16, 72, 520, 64, "int4_sym", False),
+    (5, 72, 328, 128, "int4", False), (5, 72, 256, 128, "int4_sym", True),
+    (3, 64, 1024, 128, "int4_sym", False), (16, 72, 1096, 128, "int4", True),
+    (33, 200, 328, 64, "int4", True), (40, 72, 256, 64, "int4_sym", False),
+    (33, 64, 512, 64, "int4", False), (40, 72, 520, 64, "int4_sym", True),
+    (33, 72, 328, 128, "int4", False), (40, 72, 256, 128, "int4_sym", True),
+    (33, 64, 1024, 128, "int4_sym", False), (40, 72, 1096, 128, "int4", True),
+    (133, 72, 328, 128, "int4_sym", False), (131, 128, 256, 64, "int4", True),
+)
 
 
-def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
+def _spec_of(args: tuple) -> tuple:
+    from hprune.kernels.w4a16 import spec_of
+
+    return spec_of(args)
+
+
+def _selftest_problems(device: torch.device, dtype: torch.dtype, gen: torch.Generator,
+                       specs=SELFTEST_PROBLEMS) -> list[tuple]:
     from hprune.kernels.w4a16 import selftest_problems
 
-    return selftest_problems(device, dtype, gen, SELFTEST_PROBLEMS)
+    return selftest_problems(device, dtype, gen, specs)
 
 
 dispatch.register_selftest(OP, dispatch.SelfTest(
     make=_selftest_problems, outputs=lambda _args, out: [out], tolerance=SELFTEST_TOL.__getitem__,
-    dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), specs=SELFTEST_PROBLEMS, spec_of=_spec_of))
 
 
 # ---- the op -------------------------------------------------------------------------------------
@@ -254,7 +284,9 @@ def _w4a8_mm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tens
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_empty(out_shape)
-    b = dispatch.select(OP, x.device, backend, dtype=x.dtype)
+    b = dispatch.select(OP, x.device, backend, dtype=x.dtype,
+                        spec=(x.numel() // x.shape[-1], qweight.shape[0], x.shape[-1], group_size, fmt,
+                              bias is not None))
     if b.name == "reference" and x.device.type == "cuda":
         _warn_once(f"emulated:{x.device}",
                    f"w4a8_mm runs the PyTorch emulation on {x.device} (slow): "
