@@ -296,7 +296,8 @@ def _asym_full(wg: torch.Tensor, sdtype: torch.dtype, refine: bool, buf: _Buffer
     """`_quantize_asym` for groups without padding (every entry valid), same arithmetic op for op
     (the valid-mask products are by 1.0, exact, and dropped; s <= 0 divides by +inf instead of
     being masked, giving the same ±0 code), in place in two reused buffers: results are
-    bit-identical, the memory traffic is about a third."""
+    bit-identical, the memory traffic is about a third. The returned codes are a view into
+    `buf`, valid until its next use."""
     g = wg.shape[-1]
     lo = wg.amin(-1, keepdim=True)
     hi = wg.amax(-1, keepdim=True)
