@@ -86,7 +86,9 @@ def timed(fn: Callable[[], torch.Tensor], repeat: int) -> tuple[float, float, to
     return best
 
 
-def solvers(W: torch.Tensor, H: torch.Tensor, peer: Any, methods: set[str]) -> list[tuple[str, str, Callable]]:
+def solvers(W: torch.Tensor, H: torch.Tensor, peer: Any, methods: set[str],
+            orders: tuple[str, ...] = ("natural", "act-order"), patterns: tuple[str, ...] = ("unstructured", "2:4")
+            ) -> list[tuple[str, str, Callable]]:
     """(row, implementation, fn -> dequantised / pruned weight (n, k)) of every solver to run."""
     from hprune import formats as F
     from hprune.obs.patterns import parse_pattern
@@ -120,6 +122,8 @@ def solvers(W: torch.Tensor, H: torch.Tensor, peer: Any, methods: set[str]) -> l
         return run
 
     for order, name in ((False, "natural"), (True, "act-order")):
+        if name not in orders:
+            continue
         if "gptq" in methods:
             rows.append((f"GPTQ int4 g{GROUP} {name}", "hprune", hp_gptq(order, False)))
         if "gptq_refine" in methods:
@@ -128,6 +132,8 @@ def solvers(W: torch.Tensor, H: torch.Tensor, peer: Any, methods: set[str]) -> l
             rows.append((f"GPTQ int4 g{GROUP} {name}", "llm-compressor", peer_gptq(None if not order else "static")))
     if "obs" in methods:
         for pat, (pn, pm) in (("unstructured", (0, 0)), ("2:4", (2, 4))):
+            if pat not in patterns:
+                continue
             rows.append((f"OBS {pat} 50%", "hprune",
                          lambda pat=pat: obs_prune(W, H, 0.5, parse_pattern(pat), BLOCK, DAMP)[0]))
             if peer is not None:
@@ -163,7 +169,8 @@ def run_shape(n: int, k: int, threads: int, args: argparse.Namespace, peer: Any)
     torch.set_num_threads(threads)
     W, X, H = make_problem(n, k, args.samples)
     out = []
-    for row, impl, fn in solvers(W, H, peer, set(args.methods)):
+    for row, impl, fn in solvers(W, H, peer, set(args.methods), tuple(args.orders.split(",")),
+                                 tuple(args.patterns.split(","))):
         if row.startswith("OBS structured") and k > args.structured_max_k:
             continue
         with torch.no_grad():
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default=f"1,{torch.get_num_threads() or os.cpu_count()}",
                     help="comma-separated CPU thread counts")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--orders", default="natural,act-order", help="GPTQ column orders to run")
+    ap.add_argument("--patterns", default="unstructured,2:4", help="OBS patterns to run")
     ap.add_argument("--samples", type=int, default=2048, help="calibration rows S for H = XᵀX / S")
     ap.add_argument("--repeat", type=int, default=1, help="runs per solver (best wall time kept)")
     ap.add_argument("--structured-max-k", type=int, default=3072,
@@ -245,13 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     peer, peer_version = peer_modules()
     print(f"peer: {peer_version if peer is not None else 'not available (' + peer_version + ')'}", flush=True)
     rows: list[dict[str, Any]] = []
+    payload = {"env": env_info("cpu"), "peer": peer_version if peer is not None else None,
+               "config": {"group_size": GROUP, "blocksize": BLOCK, "percdamp": DAMP, "samples": args.samples,
+                          "orders": args.orders, "patterns": args.patterns, "methods": args.methods,
+                          "repeat": args.repeat, "load_average_at_start": os.getloadavg()},
+               "results": rows}
     for t in threads:
         for n, k in shapes:
             rows += run_shape(n, k, t, args, peer)
-    payload = {"env": env_info("cpu"), "peer": peer_version if peer is not None else None,
-               "config": {"group_size": GROUP, "blocksize": BLOCK, "percdamp": DAMP, "samples": args.samples,
-                          "repeat": args.repeat, "load_average": os.getloadavg()},
-               "results": rows}
+            # written after every shape: a long run stopped part-way keeps what it measured
+            payload["complete"] = False
+            write_results(args.name, payload, "cpu", args.out_dir, quiet=True)
+    payload["complete"] = True
     if args.allocator:
         payload["rtn_allocator"] = allocator_check()
     cols = ["shape", "threads", "solver", "impl", "wall_s", "cpu_s", "error", "time_vs_peer", "cpu_vs_peer",

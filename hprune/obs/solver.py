@@ -8,6 +8,11 @@ layers: process the input columns left to right, using the rows of the upper Cho
 H⁻¹ (each row j is the inverse Hessian of the not-yet-processed columns j.., scaled), so every
 pruned weight's error is spread over the columns to its right only; work in column blocks so the
 updates to later blocks are one matmul per block.
+
+Speed (docs/solvers.md): the sweep uses the upper factor R of H = R Rᵀ itself (one Cholesky; U =
+R⁻¹ is never formed) and works on Wᵀ, so each column is a contiguous row and its update a BLAS
+rank-1 update; decisions that look ahead (masks, group scales) get the reference's values by a
+small triangular solve. The masks and codes are the reference's up to float32 rounding.
 """
 from __future__ import annotations
 
