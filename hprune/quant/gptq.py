@@ -50,7 +50,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
             (default); False: left to right, scales fitted to the compensated weights.
     Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly (either order).
     """
-    from hprune.obs.solver import cholesky_inverse_upper, damped_hessian, obs_sweep
+    from hprune.obs.solver import damped_hessian, hessian_factor, obs_sweep
 
     F.check_format(fmt)
     F.check_group_size(group_size)
@@ -70,42 +70,79 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     H, dead = damped_hessian(hessian.to(W.device), percdamp)
     W[:, dead] = 0  # inputs that were always zero: their weights cannot matter
     g = group_size
-    codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)
+    # The sweep works on Wᵀ (one input column per contiguous row); codes are written the same way.
+    codesT = torch.empty(k, n, dtype=torch.uint8, device=W.device)
     if act_order:
         # static groups: round-to-nearest's scales of the original weights, columns by energy
         static = F.quantize(W, g, fmt, scale_dtype=scale_dtype, refine=refine)
         s_all, z_all = static.scales, static.zeros  # (G, N) in scale_dtype
-        s32, z32 = s_all.float(), (z_all.float() if z_all is not None else None)
+        enc = _Encoder(s_all.float(), z_all.float() if z_all is not None else None, fmt)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # H ∝ I: natural order
-        col_of = perm.tolist()
+        group_of = (perm // g).tolist()
+        R = hessian_factor(H, perm)
+        del H
+        WT = W.t()[perm].contiguous()
+        del W
 
-        def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
-            j = col_of[b0 + i]
-            q, value = F.encode(W1[:, i], s32[j // g], z32[j // g] if z32 is not None else None, fmt)
-            codes[:, j] = q.to(torch.uint8)
-            return value
+        def column(W1: torch.Tensor, b0: int, i: int, ahead: Any) -> torch.Tensor:
+            return enc(W1[i], group_of[b0 + i], codesT[b0 + i])
 
-        obs_sweep(W[:, perm].contiguous(), cholesky_inverse_upper(H[perm][:, perm]), blocksize, column)
+        obs_sweep(WT, R, blocksize, column)
+        codes = torch.empty_like(codesT)
+        codes[perm] = codesT
+        codes = codes.t()
     else:
-        scales, zeros = [], []
+        scales: list[torch.Tensor] = []
+        zeros: list[torch.Tensor | None] = []
+        state: list[_Encoder] = []
         valid_all = torch.arange(g, device=W.device)
+        R = hessian_factor(H)
+        del H
+        WT = W.t().contiguous()
+        del W
 
-        def column(W1: torch.Tensor, b0: int, i: int) -> torch.Tensor:
+        def column(W1: torch.Tensor, b0: int, i: int, ahead: Any) -> torch.Tensor:
             if i % g == 0:  # a new group: fit its scale to the compensated weights
-                width = min(g, W1.shape[1] - i)
-                wg = torch.nn.functional.pad(W1[:, i:i + width], (0, g - width)).view(n, 1, g)
+                width = min(g, W1.shape[0] - i)
+                wg = torch.nn.functional.pad(ahead(i, width).t(), (0, g - width)).view(n, 1, g)
                 s, z = F.fit_groups(wg, (valid_all < width).view(1, 1, g), fmt, scale_dtype, refine)
                 scales.append(s.view(n))
                 zeros.append(z.view(n) if z is not None else None)
-            q, value = F.encode(W1[:, i], scales[-1], zeros[-1], fmt)
-            codes[:, b0 + i] = q.to(torch.uint8)
-            return value
+                state[:] = [_Encoder(scales[-1].view(1, n), zeros[-1].view(1, n) if z is not None else None, fmt)]
+            return state[0](W1[i], 0, codesT[b0 + i])
 
         # blocks are whole groups, so a group's scale is fitted to fully compensated weights
-        obs_sweep(W, cholesky_inverse_upper(H), max(g, (blocksize // g) * g), column)
+        obs_sweep(WT, R, max(g, (blocksize // g) * g), column)
+        codes = codesT.t()
         s_all = torch.stack(scales).to(scale_dtype).contiguous()  # (G, N)
         z_all = torch.stack(zeros).to(scale_dtype).contiguous() if fmt == "int4" else None
     return F.QuantizedWeight(F.pack_int4(codes, fmt), s_all, z_all, k, g, fmt)
+
+
+class _Encoder:
+    """Rounds one column to the nearest code of its group, `formats.encode`'s rules, with the
+    per-group division guard (s <= 0 gives the zero code) prepared once: dividing by +inf instead
+    of s gives ±0, the code `encode` picks there. s, z: (G, N) float32 (z for "int4" only)."""
+
+    def __init__(self, s: torch.Tensor, z: torch.Tensor | None, fmt: str):
+        self.s, self.z, self.fmt = s, z, fmt
+        self.safe = torch.where(s > 0, s, torch.inf)
+
+    def __call__(self, w: torch.Tensor, gi: int, code_out: torch.Tensor) -> torch.Tensor:
+        """w (N,) -> its dequantised value (N,) float32; writes the codes into code_out (N,) uint8."""
+        s = self.s[gi]
+        if self.fmt == "int4":
+            z = self.z[gi]
+            q = torch.sub(w, z).div_(self.safe[gi]).round_().clamp_(0, 15)
+            code_out.copy_(q)
+            return q.mul_(s).add_(z)
+        if self.fmt == "int4_sym":
+            v = torch.div(w, self.safe[gi]).round_().clamp_(-8, 7)
+            code_out.copy_(v + 8)
+            return v.mul_(s)
+        q, value = F.encode(w, s, None, self.fmt)
+        code_out.copy_(q)
+        return value
 
 
 @torch.no_grad()
