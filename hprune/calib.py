@@ -104,20 +104,19 @@ class CalibrationSet:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        from hprune.io import atomic_file, check_output, safetensors_bytes
+        from hprune.io import check_output, save_safetensors
 
         if overwrite and os.path.exists(path):
             check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
-        tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
+        tensors = {f"in.{k}": v for k, v in self.inputs.items()}  # written a tensor at a time
         tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
                         "trajectory": self.trajectory.long().cpu()})
         if self.final is not None:
-            tensors["final"] = self.final.contiguous().cpu()
+            tensors["final"] = self.final
         meta = {"format": CALIB_FORMAT, "family": self.family, "num_steps": str(self.num_steps),
                 "meta": json.dumps(self.meta)}
         path = Path(path)
-        with atomic_file(path, overwrite=overwrite, mode="wb") as f:
-            f.write(safetensors_bytes(tensors, meta))  # the same set gives the same bytes
+        save_safetensors(tensors, path, meta, overwrite=overwrite)  # the same set gives the same bytes
         return path
 
     @classmethod
