@@ -93,13 +93,13 @@ def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     entries: dict[str, dict[str, Any]] = {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            raise ValueError(f"cannot write {name!r} to safetensors: expected a dense torch.Tensor, got "
+            raise OutputError(f"cannot write {name!r} to safetensors: expected a dense torch.Tensor, got "
                              f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.layout)}")
         if t.dtype not in _ST_NAME:
-            raise ValueError(f"cannot write {name!r} to safetensors: dtype {t.dtype} is not supported")
+            raise OutputError(f"cannot write {name!r} to safetensors: dtype {t.dtype} is not supported")
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"safetensors metadata must map strings to strings, got {key!r}: {value!r}")
+            raise OutputError(f"safetensors metadata must map strings to strings, got {key!r}: {value!r}")
     order = sorted(tensors, key=lambda k: (-_ST_RANK[tensors[k].dtype], k))
     offset = 0
     for name in order:

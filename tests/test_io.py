@@ -297,3 +297,16 @@ def test_info_counts_from_the_headers_without_reading_a_weight(tmp_path, capsys,
             assert got[key] == want[key], (spec, key)
         (n,) = struct.unpack("<Q", wfile.read_bytes()[:8])
         assert 0 < read["bytes"] <= 2 * (8 + n), spec  # the header (read once per check), never the data
+
+
+def test_what_safetensors_cannot_hold_is_refused_in_one_line(tmp_path):
+    from hprune.errors import OutputError
+
+    for bad, match in (({"a": [1, 2]}, "expected a dense torch.Tensor"),
+                       ({"a": torch.ones(2, 2).to_sparse()}, "expected a dense torch.Tensor"),
+                       ({"a": torch.ones(2, dtype=torch.complex128)}, "dtype torch.complex128 is not supported")):
+        with pytest.raises(OutputError, match=match):
+            save_safetensors(bad, tmp_path / "x.safetensors")
+    with pytest.raises(OutputError, match="metadata must map strings to strings"):
+        save_safetensors({"a": torch.ones(2)}, tmp_path / "x.safetensors", {"n": 3})
+    assert list(tmp_path.iterdir()) == []
