@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: the hprune measured is the one on PYTHONPATH
 
 _MEASURE = """
 import json, os, sys, torch
@@ -85,7 +85,8 @@ print(json.dumps({"load_extra": extra}))
 
 
 def _child(code: str, *args: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    # run outside the repository, so that the hprune on PYTHONPATH is the one imported
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tempfile.gettempdir())
     if r.returncode:
         raise SystemExit(f"child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -120,7 +121,7 @@ def main() -> int:
     print_table(rows, ["what", "value"], title=f"SD3.5-Medium shapes, {args.blocks} blocks, bf16 random weights; "
                 f"hprune {src} ({commit}), {args.label}")
     write_results(f"save_memory-{args.label}", {"env": env_info("cpu"), "threads": os.environ.get("OMP_NUM_THREADS"),
-                                                "results": res}, "cpu")
+                                                "results": res}, "cpu", out_dir=ROOT / "benchmarks" / "results")
     return 0
 
 
