@@ -181,6 +181,7 @@ def test_check_finite_works_in_bounded_memory_and_finds_a_deep_nan():
     code = (
         "from hprune.io import check_finite\n"
         "from hprune.errors import CheckpointError\n"
+        "check_finite({'w': torch.ones(2**22)}, 'f')  # pages torch's kernels in before the measure\n"
         "t = torch.ones(100 * 2**20)\n"
         "extra = measure(lambda: check_finite({'w': t}, 'f'))\n"
         "t[-5] = float('nan'); t[3 * 2**20] = float('inf')\n"
@@ -193,7 +194,9 @@ def test_check_finite_works_in_bounded_memory_and_finds_a_deep_nan():
     res = _peak_extra(code)
     assert res["msg"] and "tensor big.weight holds 2 NaN/inf value(s) of 104857600" in res["msg"]
     assert res["msg"].startswith("file.safetensors: ")
-    assert res["extra"] < 32e6, res  # measured ~0 (pieces of 2M elements); the whole-tensor check took ~730 MB
+    # measured 0-47 MB on a busy machine (pieces of 2M elements); the whole-tensor check took ~730 MB,
+    # its bool mask alone 100 MB
+    assert res["extra"] < 100e6, res
 
 
 def test_check_finite_in_small_chunks_counts_exactly():
