@@ -82,12 +82,15 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     if odd:
         raise HpruneError(f"cannot save {odd[0]}: it is a {type(state[odd[0]]).__name__}, not a plain tensor "
                           f"(e.g. a weight converted by hprune.obs.to_semi_structured); save before converting")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # written tensor by tensor from the model's own memory (a GPU or non-contiguous tensor is copied
+    # a chunk at a time): the save needs no second copy of the weights
+    tensors = {k: v.detach() for k, v in state.items()}
     with atomic_dir(path, overwrite=overwrite) as out:
         tmp = out if as_pipeline is None else _write_pipeline_components(as_pipeline, out, class_name,
                                                                           model_config(model))
         wfile = tmp / WEIGHTS_FILE
-        save_safetensors(tensors, wfile, metadata={"format": "pt", "producer": "hprune"})  # same tensors, same bytes
+        # the same tensors give the same bytes; hashed while written
+        sha, nbytes = save_safetensors(tensors, wfile, metadata={"format": "pt", "producer": "hprune"})
         doc = {
             "format": ARTIFACT_FORMAT,
             "versions": _versions(),
@@ -95,7 +98,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
             "class_name": class_name,
             "base_config": model_config(model),
             "recipe": recipe.get_recipe(model),
-            "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(wfile), "bytes": wfile.stat().st_size,
+            "weights": {"file": WEIGHTS_FILE, "sha256": sha, "bytes": nbytes,
                         "tensors": len(tensors)},
             "stats": {"params": param_count(model), "weight_bytes": weight_bytes(model)},
             "extra": extra or {},

@@ -72,6 +72,28 @@ class CalibrationSet:
         return CalibrationSet(self.family, {k: v if k in _SHARED else v[sel] for k, v in self.inputs.items()},
                               self.t[sel], self.step[sel], traj, self.num_steps, dict(self.meta), final)
 
+    def latent_size(self) -> int:
+        """The side of the latent images, in latent pixels (SD3: the latents' width; FLUX: from
+        the packed latents' ids, 2 latent pixels per token a side)."""
+        if self.family == "sd3":
+            return int(self.inputs["hidden_states"].shape[-1])
+        return int(self.inputs["img_ids"][:, 2].max().item() + 1) * 2
+
+    def image_tokens(self, patch_size: int) -> int:
+        """Image tokens the transformer sees per sample: SD3 (latent side / `patch_size`)^2, FLUX
+        the packed sequence length (its patches are packed before the transformer)."""
+        x = self.inputs["hidden_states"]
+        if self.family == "flux":
+            return int(x.shape[1])
+        return (int(x.shape[-2]) // patch_size) * (int(x.shape[-1]) // patch_size)
+
+    def record_size(self, vae_scale: int, patch_size: int) -> None:
+        """Records in `meta` the image size the set was captured at: vae_scale (pixels per latent
+        pixel), image_size (px), latent_size and tokens (image tokens per sample)."""
+        latent = self.latent_size()
+        self.meta.update(vae_scale=int(vae_scale), image_size=latent * int(vae_scale), latent_size=latent,
+                         tokens=self.image_tokens(patch_size))
+
     def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-trajectory conditioning, for re-running the denoising loop (e.g. on a partly pruned
         model): (n, T, D) prompt embeddings and (n, D_pooled) pooled ones, taken from each
@@ -104,20 +126,19 @@ class CalibrationSet:
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        from hprune.io import atomic_file, check_output, safetensors_bytes
+        from hprune.io import check_output, save_safetensors
 
         if overwrite and os.path.exists(path):
             check_output(path, overwrite, kind="file")  # replaces only a file hprune wrote
-        tensors = {f"in.{k}": v.contiguous().cpu() for k, v in self.inputs.items()}
+        tensors = {f"in.{k}": v for k, v in self.inputs.items()}  # written a tensor at a time
         tensors.update({"t": self.t.float().cpu(), "step": self.step.long().cpu(),
                         "trajectory": self.trajectory.long().cpu()})
         if self.final is not None:
-            tensors["final"] = self.final.contiguous().cpu()
+            tensors["final"] = self.final
         meta = {"format": CALIB_FORMAT, "family": self.family, "num_steps": str(self.num_steps),
                 "meta": json.dumps(self.meta)}
         path = Path(path)
-        with atomic_file(path, overwrite=overwrite, mode="wb") as f:
-            f.write(safetensors_bytes(tensors, meta))  # the same set gives the same bytes
+        save_safetensors(tensors, path, meta, overwrite=overwrite)  # the same set gives the same bytes
         return path
 
     @classmethod
@@ -248,20 +269,38 @@ def capture(pipe: Any, *, prompts: Sequence[str] | None = None, prompt_embeds: t
 
 
 def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0, text_len: int = 16,
-              latent_size: int | None = None, progress: bool = False, size: int | None = None) -> CalibrationSet:
+              latent_size: int | None = None, progress: bool = False, size: int | None = None,
+              vae_scale: int | None = None) -> CalibrationSet:
     """A seeded calibration set for a model without text encoders (the built-in tiny models):
     stand-in prompt embeddings denoised by the model itself through a diffusers pipeline with a
     tiny VAE (latents only; nothing is decoded). `size` is the image size in pixels, `latent_size`
-    the latent one (give at most one; default: the pipeline's)."""
+    the latent one (give at most one; default: the pipeline's). `vae_scale` is the pixels per
+    latent pixel that `size` assumes: the model's real VAE (hprune.pipelines.FAMILY_VAE_SCALE for a
+    real SD3/FLUX transformer); None: the stand-in VAE's own (the tiny models' VAE). The set's
+    meta records vae_scale, image_size, latent_size and tokens (image tokens per sample)."""
     from hprune.pipelines import build_pipeline, stand_in_prompts
 
     pipe = build_pipeline(model)
     emb = stand_in_prompts(model, n_prompts, text_len=text_len, seed=seed)
+    own = int(pipe.vae_scale_factor)
+    scale = own if vae_scale is None else int(vae_scale)
+    from hprune.models import get_adapter
+
+    # FLUX packs 2x2 latent pixels per token (its config's patch_size is 1)
+    patch = 2 if get_adapter(model).family == "flux" else int(getattr(model.config, "patch_size", 1) or 1)
+    if size is not None and latent_size is None and scale != own:
+        step = scale * patch
+        if size < 1 or size % step:
+            raise HpruneError(f"image size {size} px: it must be a positive multiple of {step} for this model "
+                              f"(VAE scale {scale} x patch {patch}), e.g. {max(step, size // step * step)}")
+        latent_size = size // scale
     if latent_size is not None:
-        size = latent_size * pipe.vae_scale_factor
-    return capture(pipe, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
-                   num_steps=num_steps, seed=seed, height=size, width=size, progress=progress,
-                   meta={"source": "synthetic", "text_len": text_len})
+        size = latent_size * own  # what the stand-in pipeline takes to make latents of that size
+    cal = capture(pipe, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
+                  num_steps=num_steps, seed=seed, height=size, width=size, progress=progress,
+                  meta={"source": "synthetic", "text_len": text_len})
+    cal.record_size(scale, patch)
+    return cal
 
 
 def builtin_calibration(name: str, model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0,
@@ -270,8 +309,11 @@ def builtin_calibration(name: str, model: nn.Module, n_prompts: int = 4, num_ste
     own (real prompts, e.g. the ShapesBench teacher's captions) where it has a calibration hook,
     else `synthetic` stand-in prompts."""
     from hprune.models.registry import BUILTINS, hook
+    from hprune.pipelines import FAMILY_VAE_SCALE
 
     b = BUILTINS.get(name)
     if b is not None and b.calibration:
         return hook(b.calibration)(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed)
+    # a tiny built-in's VAE is the stand-in; any other transformer's is the SD3/FLUX one
+    synthetic_kw.setdefault("vae_scale", None if b is not None and b.tiny else FAMILY_VAE_SCALE)
     return synthetic(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed, **synthetic_kw)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -64,27 +66,120 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The .safetensors encoding of `tensors`, byte for byte the same for the same tensors and
-    metadata: safetensors writes its header's metadata in hash-map order, which differs between
-    processes, so the header is re-encoded with sorted keys (the tensor data is untouched)."""
-    from safetensors.torch import save
+# torch dtype -> safetensors dtype name, in safetensors' layout order: the data section holds the
+# tensors by dtype, last of this list first, then by name (the order of safetensors' Dtype enum,
+# which its own writer sorts by; tests/test_io.py checks the bytes against the library's).
+_ST_LAYOUT = [(torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.float8_e5m2, "F8_E5M2"),
+              (torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e4m3fnuz, "F8_E4M3FNUZ"),
+              (torch.float8_e5m2fnuz, "F8_E5M2FNUZ"), (torch.int16, "I16"), (torch.uint16, "U16"),
+              (torch.float16, "F16"), (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.uint32, "U32"),
+              (torch.float32, "F32"), (torch.complex64, "C64"), (torch.float64, "F64"), (torch.int64, "I64"),
+              (torch.uint64, "U64")]
+_ST_NAME = {dt: name for dt, name in _ST_LAYOUT}
+_ST_RANK = {dt: i for i, (dt, _) in enumerate(_ST_LAYOUT)}
+_ST_TORCH = {name: dt for dt, name in _ST_LAYOUT}
+# Tensors are copied (from a GPU, or to make them contiguous) and checked this many bytes at a time.
+CHUNK_BYTES = 64 << 20
 
-    raw = save(tensors, metadata=metadata)
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    meta = header.pop("__metadata__", None)
-    doc = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items()))
-    text = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """The head of the .safetensors encoding of `tensors` (the 8-byte length and the JSON header),
+    computed from names, shapes and dtypes alone, and the tensors in the order their bytes follow.
+
+    The bytes are those safetensors writes, except that the header's keys are sorted (safetensors
+    writes its metadata in hash-map order, which differs between processes), so the same tensors
+    and metadata always give the same file."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise OutputError(f"cannot write {name!r} to safetensors: expected a dense torch.Tensor, got "
+                             f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.layout)}")
+        if t.dtype not in _ST_NAME:
+            raise OutputError(f"cannot write {name!r} to safetensors: dtype {t.dtype} is not supported")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise OutputError(f"safetensors metadata must map strings to strings, got {key!r}: {value!r}")
+    order = sorted(tensors, key=lambda k: (-_ST_RANK[tensors[k].dtype], k))
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        entries[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    doc = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | dict(sorted(entries.items()))
+    text = json.dumps(doc, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+    return struct.pack("<Q", len(text)) + text, [(name, tensors[name]) for name in order]
+
+
+def tensor_pieces(t: torch.Tensor, limit: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Views of `t` covering its elements in row-major order, each at most `limit` bytes (or one
+    element): slices of a contiguous tensor, blocks of rows (recursively) of another. Whoever
+    copies or checks them one at a time needs at most `limit` extra bytes."""
+    if t.numel() == 0:
+        return
+    if t.dim() == 0:
+        yield t.reshape(1)
+    elif t.numel() * t.element_size() <= limit:
+        yield t
+    elif t.is_contiguous():
+        flat = t.reshape(-1)  # a view
+        step = max(1, limit // t.element_size())
+        for s in range(0, flat.numel(), step):
+            yield flat[s:s + step]
+    elif t.shape[0] == 1:
+        yield from tensor_pieces(t[0], limit)
+    else:
+        rows = max(1, limit // (t[0].numel() * t.element_size()))
+        for s in range(0, t.shape[0], rows):
+            yield from tensor_pieces(t[s:s + rows], limit)
+
+
+def write_safetensors(f: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> tuple[str, int]:
+    """Writes the .safetensors encoding of `tensors` (see safetensors_header) to the binary file
+    `f`: the header, then each tensor's bytes straight from its memory (a piece of a GPU or
+    non-contiguous tensor is copied CHUNK_BYTES at a time), hashing as it goes. Needs no copy
+    of the file in memory. Returns (sha256 hex digest, bytes written)."""
+    if sys.byteorder != "little":
+        raise OutputError("hprune writes safetensors on little-endian machines only")
+    head, order = safetensors_header(tensors, metadata)
+    h = hashlib.sha256(head)
+    f.write(head)
+    size = len(head)
+    with torch.no_grad():
+        for _, t in order:
+            for piece in tensor_pieces(t.detach()):
+                if piece.device.type != "cpu" or not piece.is_contiguous():
+                    piece = piece.to("cpu").contiguous()  # at most CHUNK_BYTES
+                buf = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
+                h.update(buf)
+                f.write(buf)
+                size += buf.nbytes
+    return h.hexdigest(), size
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Writes `tensors` to `path` deterministically (safetensors_bytes)."""
-    with open(path, "wb") as f:
-        f.write(safetensors_bytes(tensors, metadata))
+                     metadata: dict[str, str] | None = None, overwrite: bool = True) -> tuple[str, int]:
+    """Writes `tensors` to `path` deterministically (write_safetensors), atomically: a temporary
+    file beside it, synced, then renamed over it. Returns (sha256 hex digest, bytes)."""
+    with atomic_file(path, overwrite=overwrite, mode="wb") as f:
+        return write_safetensors(f, tensors, metadata)
+
+
+def header_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a validated .safetensors file as meta-device tensors of their stored shapes
+    and dtypes: what can be known (parameter counts, bytes) without reading any tensor data."""
+    header = check_safetensors(path)
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _ST_TORCH:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which hprune does not read")
+        out[name] = torch.empty([int(d) for d in entry["shape"]], dtype=_ST_TORCH[entry["dtype"]], device="meta")
+    return out
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -98,12 +193,22 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
 
 
-def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+def check_finite(state: dict[str, torch.Tensor], source: str, chunk_elems: int = 1 << 21) -> None:
     """Refuses NaN or inf in any floating-point tensor (weights, scales, zeros): a model built from
-    them would give non-finite outputs everywhere."""
+    them would give non-finite outputs everywhere. Checks each tensor `chunk_elems` elements at a
+    time: torch.isfinite makes temporaries of several bytes per element (a whole-tensor check
+    needed ~2.5x a bf16 tensor); pieces of 2M elements keep them to a few MB, reused from one
+    piece to the next."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if not t.is_floating_point():
+            continue
+        bad = 0
+        with torch.no_grad():
+            for piece in tensor_pieces(t, chunk_elems * t.element_size()):
+                ok = torch.isfinite(piece)
+                if not bool(ok.all()):
+                    bad += piece.numel() - int(ok.sum())
+        if bad:
             raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the "
                                   f"file is corrupted (or was saved from a diverged model)")
 

@@ -14,8 +14,17 @@ import torch.nn as nn
 from hprune.models.adapters import get_adapter
 
 
+# The VAE of SD3, SD3.5 and FLUX.1: 8 pixels per latent pixel a side. A transformer without its
+# pipeline (a model folder, a .safetensors file, an artifact) gets the tiny stand-in VAE below,
+# whose scale is 2; image sizes asked for such a model are read at this scale, the one its real
+# pipeline has (hprune.calib.synthetic), so that 256 px means the latents of a 256 px image.
+FAMILY_VAE_SCALE = 8
+
+
 def tiny_vae(latent_channels: int = 4, seed: int = 0) -> nn.Module:
-    """A 2-level AutoencoderKL (8x8 -> 16x16 pixels per latent pixel ratio 2), seeded."""
+    """A 2-level AutoencoderKL (8x8 -> 16x16 pixels per latent pixel ratio 2), seeded: the VAE of
+    the built-in tiny models, and the stand-in of a transformer without its pipeline (nothing is
+    decoded then; FAMILY_VAE_SCALE gives the pixel sizes)."""
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):

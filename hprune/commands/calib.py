@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="number of stand-in prompts when there is no text encoder (under torchrun spell it "
                         "--num-prompts: torchrun reads --n as one of its own options)")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per prompt (default 8)")
-    p.add_argument("--size", type=int, help="image size in pixels (default: the pipeline's)")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the pipeline's); for a transformer "
+                   "without its pipeline, pixels of the SD3/FLUX VAE (8 per latent pixel)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.errors import HpruneError
     from hprune.io import check_output
     from hprune.models import resolve
+    from hprune.models.registry import BUILTINS
 
     check_output(args.out, args.overwrite, kind="file")
     if args.steps < 1 or args.n < 1:
@@ -60,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(disable=True)
         cal = capture(pipe, prompts=prompts, num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
                       height=args.size, width=args.size, meta={"source": "pipeline"})
+        patch = 2 if cal.family == "flux" else int(getattr(pipe.transformer.config, "patch_size", 1) or 1)
+        cal.record_size(int(pipe.vae_scale_factor), patch)  # the pipeline's own VAE
     else:
         if args.prompts:
             raise HpruneError(f"{args.model} has no text encoder; --prompts needs a pipeline folder "
                               f"(use --num-prompts for stand-in prompts)")
-        from hprune.models.registry import BUILTINS
 
         if args.size is not None and args.model in BUILTINS and BUILTINS[args.model].calibration:
             raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
@@ -75,4 +78,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cal.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {len(cal)} samples from {int(cal.trajectory.max()) + 1} prompts x {cal.num_steps} steps")
+    m = cal.meta
+    if "vae_scale" in m:
+        whose = ("its pipeline's VAE" if m.get("source") == "pipeline" else "the built-in's tiny VAE"
+                 if args.model in BUILTINS else "assumed: the SD3/FLUX VAE, none beside this transformer")
+        print(f"size: {m['image_size']}x{m['image_size']} px = {m['latent_size']}x{m['latent_size']} latents at VAE "
+              f"scale {m['vae_scale']} ({whose}), {m['tokens']} image tokens per sample")
     return 0

@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from hprune import formats as F
 
     F.check_group_size(args.group_size)  # the same rule as quantize / compress, before loading
-    meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
+    # everything but a tiny built-in is counted on the meta device: a folder, file or artifact from
+    # its safetensors headers, without reading (or checking) a single weight
+    meta = None if args.model in BUILTINS and BUILTINS[args.model].tiny else True
     model = load_model(args.model, meta=meta, config=args.config)
     rep = model_report(model, int4_group=args.group_size)
     from hprune._ext import build_info, describe_build

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = None
         if args.model:
-            meta = True if args.model in BUILTINS and not BUILTINS[args.model].tiny else None
+            meta = None if args.model in BUILTINS and BUILTINS[args.model].tiny else True  # the structure only
             model = load_model(args.model, meta=meta)
         elif table is None and args.blocks not in PRESETS:
             raise HpruneError("--method manual needs --model MODEL (or --sensitivity FILE) to check the block "

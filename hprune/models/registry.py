@@ -184,8 +184,9 @@ def _dtype_clash(want: torch.dtype, got: torch.dtype) -> bool:
     return got != want
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Loads `state` into a (possibly meta) model, strictly, with a clear error on mismatch."""
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, meta: bool = False) -> nn.Module:
+    """Loads `state` into a (possibly meta) model, strictly, with a clear error on mismatch.
+    `meta`: the state is meta tensors (stored shapes and dtypes, no data) on purpose."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -207,6 +208,8 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                          f"{tuple(own[k].shape)})")
         raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=True)
+    if meta:
+        return model
     # SD3/FLUX keep no non-persistent buffers, so nothing may be left on meta.
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     left += [n for n, b in model.named_buffers() if b.device.type == "meta"]
@@ -215,10 +218,10 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     return model
 
 
-def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
-    from hprune.io import check_finite, check_safetensors, load_safetensors
+def weight_files(folder: Path) -> list[str]:
+    """The .safetensors files of a diffusers model folder, each checked (its header; no data read)."""
+    from hprune.io import check_safetensors
 
-    cfg = read_config(folder / "config.json")
     files = sorted(glob.glob(str(folder / "*.safetensors")))
     if not files:
         if glob.glob(str(folder / "*.bin")):
@@ -226,6 +229,14 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str |
         raise CheckpointError(f"{folder}: no .safetensors weights next to config.json")
     for f in files:
         check_safetensors(f)
+    return files
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
+    from hprune.io import check_finite, load_safetensors
+
+    cfg = read_config(folder / "config.json")
+    files = weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         part = load_safetensors(f, device=device)
