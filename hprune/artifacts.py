@@ -207,9 +207,14 @@ def find_artifact(path: str | os.PathLike) -> Path:
     writes, or a pipeline folder's transformer/. CheckpointError names what is missing."""
     from hprune.models.registry import artifact_in
 
+    from hprune.owned import is_temp_path
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"artifact not found: {p}")
+    if any(is_temp_path(q) for q in (p, p.resolve(), *p.resolve().parents)):
+        raise CheckpointError(f"{p}: a temporary folder left by an interrupted hprune save, not an artifact "
+                              f"(the next run on that output removes it)")
     art = artifact_in(p)
     if art is not None:
         return art

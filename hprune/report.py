@@ -12,7 +12,9 @@ def tqdm(*args: Any, **kwargs: Any) -> Any:
 
     from tqdm.auto import tqdm as _tqdm
 
-    if not (sys.stderr.isatty() or os.environ.get("HPRUNE_PROGRESS") == "1"):
+    from hprune.env import flag
+
+    if not (sys.stderr.isatty() or flag("HPRUNE_PROGRESS")):
         kwargs["disable"] = True
     return _tqdm(*args, **kwargs)
 
