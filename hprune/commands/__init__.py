@@ -72,6 +72,7 @@ def read_prompts(path: str, what: str = "prompts") -> list[str]:
         raise HpruneError(f"{p}: cannot read the {what} file ({exc.strerror or exc})") from None
     if "\x00" in text:
         raise HpruneError(f"{p}: a binary file, not {what} (one per line)")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors) is not part of the first prompt
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise HpruneError(f"{p}: no {what} in the file")
