@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from hprune.commands import add_device_arguments
+from hprune.commands import add_device_arguments, check_size
 
 HELP = "prompts -> images (PNGs and a contact sheet), optionally next to the original and with LoRAs"
 TINY_STEPS, PIPELINE_STEPS = 8, 28
@@ -253,30 +253,6 @@ def _tiny_maker(args: argparse.Namespace, model: Any, pipe: Any = None) -> _Make
                         guidance_scale=args.guidance or 1.0)
 
     return _Maker(make, model, pipe)
-
-
-def check_size(pipe: Any, size: int | None) -> None:
-    """HpruneError unless `size` pixels (height = width) fit the pipeline: a multiple of the VAE's
-    downscale times the transformer's patch (FLUX packs 2x2 latents), and within what its position
-    embedding covers (SD3: pos_embed_max_size patches; FLUX: 4x its default size)."""
-    from hprune.errors import HpruneError
-
-    if size is None:
-        return
-    t = pipe.transformer
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
-    patch = int(getattr(t.config, "patch_size", 1) or 1)
-    flux = type(pipe).__name__.startswith("Flux")
-    step = vae_scale * (2 if flux else patch)
-    pos_max = getattr(t.config, "pos_embed_max_size", None)
-    if pos_max:
-        most = int(pos_max) * patch * vae_scale
-    else:
-        most = 4 * int(getattr(pipe, "default_sample_size", 128)) * vae_scale
-    most -= most % step
-    least = step * -(-8 // step)  # at least 8 pixels
-    if size % step or not least <= size <= most:
-        raise HpruneError(f"--size {size}: this model makes images of {least} to {most} pixels, in steps of {step}")
 
 
 def _shapes_maker(args: argparse.Namespace, model: Any) -> _Maker:
