@@ -305,8 +305,14 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a file system without locks (some network mounts): go on unlocked, as before
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                yield path
+                return
             owner = ""
             with contextlib.suppress(OSError, ValueError):
                 owner = f" (pid {int(lock.read_text().strip())})"
