@@ -289,7 +289,8 @@ def find_artifact(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"artifact not found: {p}")
-    if any(is_temp_path(q) for q in (p, p.resolve(), *p.resolve().parents)):
+    # the folder itself (a folder inside one is how compress checks its artifact reloads before the rename)
+    if is_temp_path(p) or is_temp_path(p.resolve()):
         raise CheckpointError(f"{p}: a temporary folder left by an interrupted hprune save, not an artifact "
                               f"(the next run on that output removes it)")
     art = artifact_in(p)
