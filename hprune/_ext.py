@@ -11,7 +11,9 @@ def load_extension():
     """Returns the `hprune._C` module, or None when it is absent or disabled (HPRUNE_NO_EXT=1).
 
     Importing it registers its C++ ops under `torch.ops.hprune`."""
-    if os.environ.get("HPRUNE_NO_EXT", "0") == "1":
+    from hprune.env import flag
+
+    if flag("HPRUNE_NO_EXT"):  # 1 / true / yes / on
         return None
     try:
         import torch  # noqa: F401  - libtorch must be loaded before the extension

@@ -82,6 +82,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     if odd:
         raise HpruneError(f"cannot save {odd[0]}: it is a {type(state[odd[0]]).__name__}, not a plain tensor "
                           f"(e.g. a weight converted by hprune.obs.to_semi_structured); save before converting")
+    # before anything is written: load_compressed would refuse it
+    check_finite(state, "save_compressed", consequence="refusing to write a model that would give non-finite "
+                                                       "outputs (a diverged run?)")
     # written tensor by tensor from the model's own memory (a GPU or non-contiguous tensor is copied
     # a chunk at a time): the save needs no second copy of the weights
     tensors = {k: v.detach() for k, v in state.items()}
@@ -130,11 +133,61 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise CheckpointError(f"{path / RECIPE_FILE}: not an hprune artifact recipe (format {got!r}, "
                               f"expected {ARTIFACT_FORMAT!r})")
-    for key in ("class_name", "base_config", "recipe", "weights"):
+    for key, kind in (("class_name", str), ("base_config", dict), ("recipe", list), ("weights", dict)):
         if key not in doc:
             raise CheckpointError(f"{path / RECIPE_FILE}: corrupted recipe (missing {key!r})")
+        if not isinstance(doc[key], kind):
+            raise CheckpointError(f"{path / RECIPE_FILE}: corrupted recipe ({key} is {type(doc[key]).__name__}, "
+                                  f"expected {kind.__name__})")
+    bad = next((i for i, st in enumerate(doc["recipe"]) if not isinstance(st, dict)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path / RECIPE_FILE}: corrupted recipe (step {bad} is not an object)")
     weights_path(path, doc)
     return doc
+
+
+# Config keys that count blocks: each block stores at least one tensor, so none can exceed the
+# number of tensors in the weights file.
+_LAYER_COUNTS = ("num_layers", "num_single_layers")
+MIN_CONFIG_BOUND = 4096  # every other number may reach the largest tensor dimension, or this
+
+
+def check_config_bounds(folder: Path, doc: dict[str, Any], header: dict[str, Any]) -> None:
+    """CheckpointError for a base_config number the weights file cannot hold, before anything is
+    built: a layer count above the file's tensor count, any other integer above its largest tensor
+    dimension (or MIN_CONFIG_BOUND), a negative or non-finite number. An edited hprune.json with
+    num_layers 1e9 would otherwise build for minutes."""
+    import math
+
+    entries = [e for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
+    n_tensors = len(entries)
+    biggest = max([MIN_CONFIG_BOUND] + [int(d) for e in entries for d in e.get("shape", []) if isinstance(d, int)])
+    where = folder / RECIPE_FILE
+
+    def check(key: str, v: Any) -> None:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return
+        if isinstance(v, (list, tuple)):
+            if len(v) > biggest:
+                raise CheckpointError(f"{where}: base_config {key} has {len(v)} entries (corrupted)")
+            for x in v:
+                check(key, x)
+            return
+        if isinstance(v, dict):
+            for k2, x in v.items():
+                check(f"{key}.{k2}", x)
+            return
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{where}: base_config {key} is {v!r}, not a finite number (corrupted)")
+        limit = n_tensors if key in _LAYER_COUNTS else biggest
+        if v < 0 or v > limit:
+            raise CheckpointError(f"{where}: base_config {key}={v!r} is out of range for this artifact "
+                                  f"(0..{limit}: its weights file holds {n_tensors} tensors, the largest "
+                                  f"dimension {biggest}); the recipe was edited or corrupted")
+
+    for key, v in doc["base_config"].items():
+        if not key.startswith("_"):
+            check(key, v)
 
 
 def weights_path(folder: Path, doc: dict[str, Any]) -> Path:
@@ -142,7 +195,7 @@ def weights_path(folder: Path, doc: dict[str, Any]) -> Path:
     or one climbing out with `..` (or a link leading out) is refused."""
     weights = doc.get("weights")
     name = weights.get("file", WEIGHTS_FILE) if isinstance(weights, dict) else None
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{folder / RECIPE_FILE}: corrupted recipe (weights.file is {name!r})")
     root = folder.resolve()
     target = (folder / name).resolve()
@@ -180,13 +233,23 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     from hprune.lora import enable_diffusers_lora
     from hprune.models.registry import build_from_config, load_state_into
 
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise HpruneError(f"load_compressed: dtype must be a floating-point torch dtype (float32, bfloat16, "
+                          f"float16), got {dtype}")
     path = find_artifact(path)
     doc = read_recipe(path)
     wfile = weights_path(path, doc)
-    check_safetensors(wfile)
+    header = check_safetensors(wfile)
+    check_config_bounds(path, doc, header)  # before anything is built
     if verify and doc["weights"].get("sha256") and _sha256(wfile) != doc["weights"]["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch (the weights file is corrupted or was replaced)")
-    model = build_from_config(doc["class_name"], doc["base_config"], meta=True)
+    try:
+        model = build_from_config(doc["class_name"], doc["base_config"], meta=True)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+            RuntimeError, AssertionError) as exc:
+        raise CheckpointError(f"{path / RECIPE_FILE}: base_config does not build a {doc['class_name']} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+                              f"recipe was edited or corrupted") from None
     model = rebuild.replay(model, doc["recipe"])
     state = load_safetensors(wfile, device=device)
     check_finite(state, str(wfile))
@@ -210,9 +273,15 @@ def find_artifact(path: str | os.PathLike) -> Path:
     writes, or a pipeline folder's transformer/. CheckpointError names what is missing."""
     from hprune.models.registry import artifact_in
 
+    from hprune.owned import is_temp_path
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"artifact not found: {p}")
+    # the folder itself (a folder inside one is how compress checks its artifact reloads before the rename)
+    if is_temp_path(p) or is_temp_path(p.resolve()):
+        raise CheckpointError(f"{p}: a temporary folder left by an interrupted hprune save, not an artifact "
+                              f"(the next run on that output removes it)")
     art = artifact_in(p)
     if art is not None:
         return art
@@ -229,10 +298,20 @@ def check_pipeline_fits(base_class: str | None, base_config: dict[str, Any], cla
     compressed one: same class and the same inputs / outputs."""
     if base_class and base_class != class_name:
         raise HpruneError(f"{where}: the pipeline's transformer is a {base_class}, the compressed model a {class_name}")
-    for key in _PIPELINE_KEYS:
-        if key in base_config and key in config and base_config[key] != config[key]:
+    # inputs / outputs first (the clearest message), then every other architecture key: an artifact
+    # of another variant (SD3.5 on SD3: other layers, norms) would run silently wrong
+    keys = list(_PIPELINE_KEYS) + sorted(k for k in base_config if not k.startswith("_") and k not in _PIPELINE_KEYS)
+    for key in keys:
+        if key in base_config and key in config and _plain(base_config[key]) != _plain(config[key]):
             raise HpruneError(f"{where}: the pipeline's transformer has {key}={base_config[key]!r}, the compressed "
                               f"model {key}={config[key]!r} (a different base model?)")
+
+
+def _plain(v: Any) -> Any:
+    """Config values as JSON has them (tuples are lists)."""
+    import json
+
+    return json.loads(json.dumps(v, default=list))
 
 
 def _write_pipeline_components(base: Any, out: Path, class_name: str, config: dict[str, Any]) -> Path:

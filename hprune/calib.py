@@ -49,6 +49,17 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
+    def fingerprint(self) -> str:
+        """A content fingerprint of every tensor in the set (hprune.owned.tensor_digest): a resume
+        with another calibration set of the same size is told apart."""
+        from hprune.owned import tensor_digest
+
+        named = [(f"inputs/{k}", v) for k, v in sorted(self.inputs.items())]
+        named += [("t", self.t), ("step", self.step), ("trajectory", self.trajectory)]
+        if self.final is not None:
+            named.append(("final", self.final))
+        return tensor_digest(named)
+
     # -- use ---------------------------------------------------------------------------------
     def batches(self, batch_size: int = 4, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, indices: Sequence[int] | None = None

@@ -3,7 +3,9 @@ hprune/commands/<name>.py with HELP, add_arguments(parser) and run(args) -> int.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 COMMANDS = ["info", "calib", "probe", "plan", "prune", "distill", "quantize", "compress", "obs", "eval", "demo",
@@ -60,6 +62,7 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hprune.env import check_environment
     from hprune.errors import HpruneError
 
     _quiet_third_party()
@@ -72,7 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         from hprune.threads import apply_threads
 
         apply_threads(args.threads)
+        check_environment()
+        out = getattr(args, "out", None)
+        if out and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes, and locks
+            from hprune.owned import output_lock
+
+            with output_lock(out):  # a second run on the same --out stops here, before any work
+                return int(args._run(args) or 0)
         return int(args._run(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (`hprune selftest --json | head`): stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except HpruneError as exc:
         print(f"hprune: error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,7 +115,10 @@ _RUN_MUST_MATCH = ("ratio", "method", "protect", "max_probe_samples", "holdout",
 
 
 def _run_key(opts: CompressOptions, teacher_fp: str, calib: CalibrationSet) -> dict[str, Any]:
-    return {**{k: getattr(opts, k) for k in _RUN_MUST_MATCH}, "teacher": teacher_fp, "calib_samples": len(calib)}
+    """What a resume must match: the options the student depends on, the teacher's weights (a
+    content fingerprint, hprune.models.registry.weights_fingerprint) and the calibration set's contents."""
+    return {**{k: getattr(opts, k) for k in _RUN_MUST_MATCH}, "teacher": teacher_fp, "calib_samples": len(calib),
+            "calib": calib.fingerprint()}
 
 
 def read_run_record(root: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -168,7 +170,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     from hprune.io import atomic_dir, check_output, write_json
     from hprune.distill import check_checkpoint, latest_checkpoint
     from hprune.models import PrunePlan, apply_plan
-    from hprune.models.registry import fingerprint
+    from hprune.models.registry import weights_fingerprint
     from hprune.plots import line_plot
     from hprune.probe import SensitivityTable
     from hprune.probe import probe_sensitivity
@@ -194,9 +196,13 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
                         sgd_scale=opts.sgd_scale, sgd_budget=opts.sgd_budget,
                         lambda_feat=opts.lambda_feat, checkpoint_every=opts.checkpoint_every,
                         checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed)
-    run_key = _run_key(opts, fingerprint(teacher), train_cal)
+    run_key = _run_key(opts, weights_fingerprint(teacher), train_cal)
     record = None
     last = latest_checkpoint(ckpt) if ckpt and opts.steps > 0 else None
+    if ckpt and opts.steps > 0 and (opts.checkpoint_every or opts.resume) and main:
+        from hprune.owned import claim_folder
+
+        claim_folder(ckpt, "checkpoint folder")  # a file or a user's folder of that name: refused, never removed
     if last is not None and not opts.resume:
         raise HpruneError(f"{Path(ckpt)} holds checkpoints of an earlier run ({last.name}): pass --resume to "
                           f"continue it, or remove the folder to start afresh")
@@ -239,8 +245,11 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     else:
         plan = (plan_koala if opts.method == "koala" else plan_bksdm)(table, opts.ratio, protect=opts.protect or 0)
     if ckpt and opts.steps > 0 and main and record is None:  # what a resume reuses instead of probing again
+        from hprune.owned import add_to_manifest
+
         write_json(Path(ckpt) / RUN_FILE, {"format": RUN_FORMAT, "key": run_key, "table": table.to_dict(),
                                            "plan": plan.to_dict()})
+        add_to_manifest(ckpt, [RUN_FILE])
     student = copy.deepcopy(teacher)
     apply_plan(student, plan)
     stage("pruned", student, probe_s + time.perf_counter() - t)
@@ -321,8 +330,12 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             if opts.checkpoint_dir or opts.keep_checkpoints:
                 say(f"distillation checkpoints kept in {Path(ckpt)}")
             else:
-                shutil.rmtree(ckpt, ignore_errors=True)
-                say(f"removed the distillation checkpoints ({Path(ckpt)}); keep them with --keep-checkpoints")
+                from hprune.owned import remove_owned
+
+                left = remove_owned(ckpt)  # only the files hprune wrote there, unchanged
+                say(f"removed the distillation checkpoints ({Path(ckpt)}); keep them with --keep-checkpoints"
+                    if not left else f"removed hprune's distillation checkpoints from {Path(ckpt)}; kept {len(left)} "
+                                     f"file(s) hprune did not write there (e.g. {left[0]})")
     return student, report
 
 

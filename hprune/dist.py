@@ -23,7 +23,9 @@ def local_device(device: torch.device | str) -> torch.device:
 
 def setup(device: torch.device | str = "cpu") -> tuple[int, int]:
     """Joins the process group when launched by torchrun; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from hprune.env import world_size as env_world_size
+
+    world = env_world_size()  # HpruneError for WORLD_SIZE=abc, or WORLD_SIZE=2 without torchrun
     if world > 1 and dist.is_available() and not dist.is_initialized():
         device = local_device(device)
         if device.type == "cuda":  # before the process group, so NCCL binds this rank's GPU

@@ -278,35 +278,53 @@ def _latest_checkpoint(root: Path) -> Path | None:
 
 
 def _save_checkpoint(root: Path, step: int, student: nn.Module, opt: torch.optim.Optimizer,
-                     history: list[dict[str, float]], cfg: DistillConfig, keep: int) -> Path:
+                     history: list[dict[str, float]], cfg: DistillConfig, keep: int,
+                     identity: dict[str, str] | None = None) -> Path:
+    """Writes checkpoint `step` into `root` (a folder claimed with hprune.owned.claim_folder) as a
+    temporary folder renamed into place, recorded in root's manifest; removes the older ones beyond
+    `keep` (only what hprune wrote). A full disk is an OutputError with no temporary left."""
     from hprune.io import save_safetensors, write_json
+    from hprune.owned import add_to_manifest, remove_owned, write_error
 
     r, w = dist.rank(), dist.world_size()
     final, tmp = root / f"step-{step:07d}", root / f".step-{step:07d}.tmp"
-    if r == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in student.named_parameters():
-        tensors[f"param/{name}"] = dist.local(p).detach().cpu().contiguous()
-        st = opt.state.get(p)
-        if st:
-            for k in ("step", "exp_avg", "exp_avg_sq"):
-                tensors[f"optim/{name}/{k}"] = dist.local(st[k]).detach().cpu().contiguous()
-    for name, b in student.named_buffers():
-        tensors[f"buffer/{name}"] = dist.local(b).detach().cpu().contiguous()
-    save_safetensors(tensors, tmp / f"rank{r}-of-{w}.safetensors")
-    dist.barrier()
-    if r == 0:
-        write_json(tmp / "state.json", {"step": step, "world_size": w, "student": student_signature(student),
-                                        "history": history, "config": _cfg_json(cfg)})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        older = sorted(p for p in root.glob("step-*") if p != final)
-        for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if r == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's: hprune's own temporary name
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in student.named_parameters():
+            tensors[f"param/{name}"] = dist.local(p).detach().cpu().contiguous()
+            st = opt.state.get(p)
+            if st:
+                for k in ("step", "exp_avg", "exp_avg_sq"):
+                    tensors[f"optim/{name}/{k}"] = dist.local(st[k]).detach().cpu().contiguous()
+        for name, b in student.named_buffers():
+            tensors[f"buffer/{name}"] = dist.local(b).detach().cpu().contiguous()
+        save_safetensors(tensors, tmp / f"rank{r}-of-{w}.safetensors")
+        dist.barrier()
+        if r == 0:
+            write_json(tmp / "state.json", {"step": step, "world_size": w, "student": student_signature(student),
+                                            "history": history, "config": _cfg_json(cfg), "identity": identity})
+            if final.exists():
+                remove_owned(root, under=final.name)
+                if final.exists():
+                    from hprune.errors import OutputError
+
+                    raise OutputError(f"{final} holds files hprune did not write; move them and resume")
+            add_to_manifest(root, {f"{final.name}/{f.name}": f for f in tmp.iterdir()}, dirs=[final.name])
+            tmp.rename(final)
+            older = sorted(p for p in root.glob("step-*") if p != final)
+            for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
+                remove_owned(root, under=old.name)
+    except OSError as exc:
+        if r == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        err = write_error(exc, f"checkpoint {final}")
+        if err is None:
+            raise
+        raise err from None
     dist.barrier()
     return final
 
@@ -335,7 +353,17 @@ def student_signature(student: nn.Module) -> dict[str, Any]:
     return {"digest": h.hexdigest()[:16], "numel": n}
 
 
-def check_checkpoint(path: Path, cfg: DistillConfig, student: nn.Module | None = None) -> dict[str, Any]:
+def run_identity(teacher: nn.Module, data: "CalibrationSet | DistillData") -> dict[str, str]:
+    """What a checkpoint's run was trained from: the teacher's weights and the calibration set's
+    contents (content fingerprints), so that a resume with another teacher or set is refused."""
+    from hprune.models.registry import weights_fingerprint
+
+    calib = data.calib if isinstance(data, DistillData) else data
+    return {"teacher": weights_fingerprint(teacher), "calib": calib.fingerprint()}
+
+
+def check_checkpoint(path: Path, cfg: DistillConfig, student: nn.Module | None = None,
+                     identity: dict[str, str] | None = None) -> dict[str, Any]:
     """Reads checkpoint `path`'s state.json and checks that `cfg` (and `student`, when given) can
     resume from it: same number of processes, same settings, a step in [1, cfg.steps], the same
     student structure. Returns the state; HpruneError naming the first mismatch. Cheap: callers run
@@ -363,6 +391,12 @@ def check_checkpoint(path: Path, cfg: DistillConfig, student: nn.Module | None =
     if bad:
         raise HpruneError(f"{path}: cannot resume with different settings: "
                           f"{', '.join(f'{k} {was[k]} -> {now.get(k)}' for k in bad)}")
+    if identity is not None:
+        was_id = state.get("identity") or {}
+        for key, what in (("teacher", "teacher (its weights)"), ("calib", "calibration set (its contents)")):
+            if was_id.get(key) != identity[key]:
+                raise HpruneError(f"{path}: the checkpoint was trained with another {what}: resume with the run's "
+                                  f"{key}, or start afresh without --resume")
     if student is not None and "student" in state and state["student"] != student_signature(student):
         raise HpruneError(f"{path}: the checkpoint was trained on another student ({state['student']['numel']} "
                           f"parameter values, this one has {student_signature(student)['numel']}): the plan or ratio "
@@ -447,11 +481,16 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
     Returns (student, result). Under torchrun the returned student is unsharded (full weights)."""
     cfg = config or DistillConfig()
     cfg.validate()
+    identity = run_identity(teacher, data) if (cfg.resume or cfg.checkpoint_every) else None
     if cfg.resume and (last := latest_checkpoint(cfg.checkpoint_dir)) is not None:
-        check_checkpoint(last, cfg, student)  # a mismatch stops here, before any work
+        check_checkpoint(last, cfg, student, identity)  # a mismatch stops here, before any work
     device = next(p for p in student.parameters()).device
     dist.setup(device)
     rank, world = dist.rank(), dist.world_size()
+    if cfg.checkpoint_every and cfg.checkpoint_dir and rank == 0:
+        from hprune.owned import claim_folder
+
+        claim_folder(cfg.checkpoint_dir, "checkpoint folder")  # a user's folder of that name is refused
     if cfg.batch_size % world:
         raise HpruneError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     if isinstance(data, CalibrationSet):
@@ -530,7 +569,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
             bar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
             bar.update(1)
             if root is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save_checkpoint(root, step + 1, student, opt, history, cfg, cfg.keep_checkpoints)
+                _save_checkpoint(root, step + 1, student, opt, history, cfg, cfg.keep_checkpoints, identity)
             if on_step is not None:
                 on_step(step, rec)
     finally:

@@ -144,7 +144,13 @@ def plan_bksdm(table: SensitivityTable, ratio: float, *, protect: int = 0) -> Pr
 
 def plan_koala(table: SensitivityTable, ratio: float, *, protect: int = 0) -> PrunePlan:
     """KOALA-style: whole blocks ranked by the cosine similarity of their image-stream input and
-    output (a block that changes its input least goes first)."""
+    output (a block that changes its input least goes first). PlanError for a similarity that is not
+    a number in [-1, 1] (a NaN would rank its block first, silently)."""
+    for b in table.blocks:
+        s = b.get("similarity")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or abs(s) > 1 + 1e-3:
+            raise PlanError(f"sensitivity table: the similarity of block {b.get('index')} is {s!r}, not a number in "
+                            f"[-1, 1]; probe again (`hprune probe`) or fix the table")
     cands = [(-b["similarity"], b["index"], "block", {"similarity": b["similarity"]})
              for b in table.blocks if b["index"] >= protect and "block" not in b.get("removed", [])]
     return _greedy(table, ratio, cands, protect, "koala", {"granularity": "block"})

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import torch
 
 from hprune.errors import CheckpointError, OutputError, OutputExistsError
+from hprune.owned import (MANIFEST, foreign_entries, output_lock, read_manifest, remove_owned, tmp_sibling,
+                           write_error, write_manifest)
 
 _ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -193,7 +195,8 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from None
 
 
-def check_finite(state: dict[str, torch.Tensor], source: str, chunk_elems: int = 1 << 21) -> None:
+def check_finite(state: dict[str, torch.Tensor], source: str, chunk_elems: int = 1 << 21,
+                 consequence: str = "the file is corrupted (or was saved from a diverged model)") -> None:
     """Refuses NaN or inf in any floating-point tensor (weights, scales, zeros): a model built from
     them would give non-finite outputs everywhere. Checks each tensor `chunk_elems` elements at a
     time: torch.isfinite makes temporaries of several bytes per element (a whole-tensor check
@@ -209,8 +212,8 @@ def check_finite(state: dict[str, torch.Tensor], source: str, chunk_elems: int =
                 if not bool(ok.all()):
                     bad += piece.numel() - int(ok.sum())
         if bad:
-            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the "
-                                  f"file is corrupted (or was saved from a diverged model)")
+            raise CheckpointError(f"{source}: tensor {name} holds NaN/inf values ({bad} of {t.numel()}); "
+                                  f"{consequence}")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -223,17 +226,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise CheckpointError(f"{path}: corrupted {what} ({exc})") from None
 
 
-def _tmp_sibling(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
-
-
-# Every folder hprune writes carries this file, listing what it wrote; `overwrite` replaces only
-# such folders, and only while they hold nothing else (a user's own files are never deleted).
-OUTPUT_MARKER = ".hprune-output"
-# Folders written before the marker existed: recognised when they hold only these names and an
-# hprune JSON document (an artifact recipe, at the top or under artifact/).
-_LEGACY_NAMES = {"artifact", "hprune.json", "model.safetensors", "report.json", "report.md", "sensitivity.json",
-                 "sensitivity.png", "plan.json", "distill_loss.png", "images.png", "eval.json", "samples.png"}
+# Every folder hprune writes carries a manifest of what it wrote (hprune.owned): `overwrite`
+# replaces a folder only while it holds nothing but those files, unchanged.
+OUTPUT_MARKER = MANIFEST
+_tmp_sibling = tmp_sibling
 
 
 def _hprune_format(path: Path) -> str | None:
@@ -252,22 +248,15 @@ def _hprune_format(path: Path) -> str | None:
 
 
 def _foreign_entry(folder: Path) -> str | None:
-    """None if `folder` is an hprune output holding only what hprune wrote (or is empty); else the
-    name of the first entry hprune did not write (or a reason)."""
+    """None if `folder` is empty or holds only what hprune's manifest lists, unchanged; else why
+    not, naming the first entry hprune may not delete (a file it did not write, or one changed since)."""
     names = sorted(p.name for p in folder.iterdir())
-    marker = folder / OUTPUT_MARKER
-    if marker.is_file():
-        try:
-            wrote = set(json.loads(marker.read_text()).get("files", []))
-        except (OSError, ValueError, AttributeError):
-            return f"{OUTPUT_MARKER} (unreadable)"
-        wrote.add(OUTPUT_MARKER)
-    else:
-        legacy = (folder / "hprune.json", folder / "artifact" / "hprune.json")
-        if names and not any(p.is_file() and _hprune_format(p) for p in legacy):
-            return names[0]
-        wrote = _LEGACY_NAMES
-    return next((n for n in names if n not in wrote), None)
+    if not names:
+        return None
+    if read_manifest(folder) is None:
+        return f"holds {names[0]!r}, which hprune did not write (no {OUTPUT_MARKER} manifest of hprune's files there)"
+    bad = foreign_entries(folder)
+    return f"holds {bad[0]!r}, which hprune did not write (or which changed since)" if bad else None
 
 
 def _check_writable(path: Path) -> None:
@@ -309,8 +298,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, kind: str = "
                                   f"another output")
             foreign = _foreign_entry(path)
             if foreign is not None:
-                raise OutputError(f"--overwrite: {shown} holds {foreign!r}, which hprune did not write; hprune "
-                                  f"replaces only its own outputs (remove it or choose another folder)")
+                raise OutputError(f"--overwrite: {shown} {foreign}; hprune replaces only its own outputs (remove "
+                                  f"it or choose another folder)")
         else:
             if not path.is_file():
                 raise OutputError(f"--overwrite: {shown} is a folder; this output is a file")
@@ -326,38 +315,50 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yields a temporary sibling folder; on success it is renamed to `path` in one step, on any
     failure it is deleted, so `path` is either absent, the old content, or complete. An existing
     `path` is replaced only with `overwrite` and only if it is an output hprune wrote (check_output);
-    the folder gets a marker listing what was written."""
-    path = check_output(path, overwrite)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(path, "tmp")
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        yield tmp
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"producer": "hprune", "files": files}) + "\n")
-        if path.exists():
-            check_output(path, overwrite)  # still ours: nothing was added while we worked
-            old = _tmp_sibling(path, "old")
-            os.replace(path, old)
-            try:
+    the folder gets a manifest of what was written (hprune.owned). Holds the output's lock
+    throughout; a write that fails for lack of room or rights is an OutputError."""
+    with output_lock(path):
+        path = check_output(path, overwrite)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _tmp_sibling(path, "tmp")
+            tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            yield tmp
+            write_manifest(tmp)
+            if path.exists():
+                check_output(path, overwrite)  # still ours: nothing was added while we worked
+                old = _tmp_sibling(path, "old")
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)
+                    raise
+                left = remove_owned(old)  # only what the manifest lists, unchanged
+                if left:
+                    import warnings
+
+                    warnings.warn(f"{path}: {len(left)} file(s) hprune did not write appeared while it worked "
+                                  f"(e.g. {left[0]}); they are kept in {old}", UserWarning, stacklevel=3)
+            else:
                 os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
+        except OSError as exc:
+            err = write_error(exc, path)
+            if err is None:
                 raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            raise err from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, overwrite: bool = True, mode: str = "w") -> Iterator[Any]:
-    """Opens a temporary sibling file for writing; renamed over `path` only when the block succeeds."""
+    """Opens a temporary sibling file for writing; renamed over `path` only when the block succeeds.
+    A write that fails for lack of room or rights (disk full) is an OutputError, with no temporary left."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; this output is a file")
@@ -375,6 +376,11 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True, mode: str = "w"
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        err = write_error(exc, path)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if tmp.exists():
             tmp.unlink()

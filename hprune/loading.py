@@ -175,10 +175,24 @@ def open_pipeline(folder: str | os.PathLike, *, device: str | torch.device = "cp
     from hprune.artifacts import PIPELINE_INDEX
     from hprune.io import read_json
 
+    from hprune.errors import CheckpointError
+
     index = read_json(Path(folder) / PIPELINE_INDEX, PIPELINE_INDEX)
+    if not isinstance(index, dict):
+        raise ModelNotFoundError(f"{Path(folder) / PIPELINE_INDEX}: not a pipeline index")
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None and k not in components}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **components,
-                                             **({"torch_dtype": dtype} if dtype is not None else {}))
+    for name, v in index.items():  # a component the index names but the folder lacks: say which
+        if (isinstance(v, list) and v and v[0] is not None and name not in components and name not in absent
+                and not (Path(folder) / name).is_dir()):
+            raise CheckpointError(f"{folder}: the pipeline index names a {name} ({v[-1]}) but there is no {name}/ "
+                                  f"folder; copy the whole pipeline folder")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **components,
+                                                 **({"torch_dtype": dtype} if dtype is not None else {}))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # a corrupt or missing component config (scheduler_config.json ...) reaches diffusers' parsers
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{folder}: cannot load the pipeline ({detail})") from None
     from hprune.pipelines import require_prompt_embeds
 
     return require_prompt_embeds(pipe.to(device))

@@ -140,11 +140,14 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
             raise CheckpointError(f"LoRA not found: {p}")
         if p.is_file() and p.suffix != ".safetensors":
             raise CheckpointError(f"{p}: hprune reads LoRAs from .safetensors files only")
-        kw: dict[str, Any] = {"weight_name": p.name} if p.is_file() else {}
+        if p.is_dir():  # never a pickle (.bin) beside or instead of it: name the safetensors file
+            p = _safetensors_in(p)
+        # use_safetensors=True: diffusers' pickle fallback off
+        kw: dict[str, Any] = {"weight_name": p.name, "use_safetensors": True}
         label = str(p)
-        source = str(p.parent if p.is_file() else p)
+        source = str(p.parent)
     else:
-        source, kw, label = dict(source), {}, "the LoRA state dict"
+        source, kw, label = _check_mapping(source), {}, "the LoRA state dict"
     alphas: dict[str, float] = {}
     try:
         if family == "flux":
@@ -160,7 +163,85 @@ def read_lora(source: str | os.PathLike | Mapping[str, torch.Tensor], family: st
                               f"keys or shapes do not match FLUX.1's layers ({_one_line(exc) or type(exc).__name__})"
                               ) from None
     check_lora_kind(state, label, family)
-    return dict(state), dict(alphas or {}), _own_metadata(meta)
+    state, alphas, meta = dict(state), dict(alphas or {}), _own_metadata(meta)
+    check_lora_values(state, alphas, meta, label)
+    return state, alphas, meta
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+MAX_LORA_VALUE = 1e6  # |weight| beyond this overflows the layer's output (black images), not a real LoRA
+
+
+def _safetensors_in(folder: Path) -> Path:
+    """The LoRA file in a folder: pytorch_lora_weights.safetensors, else its only .safetensors file.
+    A folder with only pickles (.bin / .pt / .ckpt) is refused: hprune never unpickles a LoRA."""
+    if (folder / LORA_FILE).is_file():
+        return folder / LORA_FILE
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CheckpointError(f"{folder}: {len(found)} .safetensors files and none named {LORA_FILE}; give the LoRA "
+                              f"file itself")
+    pickles = sorted(q.name for q in folder.iterdir() if q.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    extra = f" ({pickles[0]} is a pickle, which hprune never reads)" if pickles else ""
+    raise CheckpointError(f"{folder}: no .safetensors LoRA in the folder{extra}; hprune reads LoRAs from "
+                          f".safetensors files only")
+
+
+def _check_mapping(source: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoRA given as a state dict: str keys, tensor values (an alpha may be a number)."""
+    out = dict(source)
+    for k, v in out.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"LoRA state dict: key {k!r} is not a string")
+        if torch.is_tensor(v):
+            continue
+        if k.endswith(".alpha") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            continue
+        raise CheckpointError(f"LoRA state dict: {k} is a {type(v).__name__}, not a tensor")
+    return out
+
+
+def check_lora_values(state: Mapping[str, Any], alphas: Mapping[str, Any], meta: Mapping[str, Any],
+                      source: str) -> None:
+    """CheckpointError naming the first LoRA tensor that is not floating point (int8: quantised,
+    hprune would apply its codes as numbers), or that holds NaN / inf / values beyond
+    MAX_LORA_VALUE, and the first non-finite alpha: each would give black images, silently."""
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            continue
+        if not v.is_floating_point():
+            if k.endswith(".alpha") and v.numel() == 1:
+                continue
+            raise CheckpointError(f"{source}: LoRA tensor {k} is {str(v.dtype).replace('torch.', '')}; hprune "
+                                  f"applies floating-point LoRA weights only (dequantise it first)")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: LoRA tensor {k} holds NaN/inf values (a diverged training run?)")
+        if v.numel() and float(v.abs().max()) > MAX_LORA_VALUE:
+            raise CheckpointError(f"{source}: LoRA tensor {k} holds values up to {float(v.abs().max()):.3g}, beyond "
+                                  f"{MAX_LORA_VALUE:g}: the layers' outputs would overflow")
+    named = [(k, v) for k, v in alphas.items()] + [(k, v) for k, v in state.items() if k.endswith(".alpha")]
+    named += [("lora_alpha", meta["lora_alpha"])] if "lora_alpha" in meta else []
+    named += [(f"alpha_pattern {k}", v) for k, v in (meta.get("alpha_pattern") or {}).items()]
+    for k, v in named:
+        try:
+            x = float(v.item() if torch.is_tensor(v) else v)
+        except (TypeError, ValueError, RuntimeError):
+            raise CheckpointError(f"{source}: LoRA alpha {k} is {v!r}, not a number") from None
+        if not math.isfinite(x):
+            raise CheckpointError(f"{source}: LoRA alpha {k} is {x}; it must be a finite number")
+
+
+def check_scale(scale: Any, what: str = "LoRA scale") -> float:
+    """A LoRA scale as a float; HpruneError unless it is a finite number."""
+    try:
+        x = float(scale)
+    except (TypeError, ValueError):
+        raise HpruneError(f"{what} must be a number, got {scale!r}") from None
+    if not math.isfinite(x):
+        raise HpruneError(f"{what} must be a finite number, got {x}")
+    return x
 
 
 def _one_line(exc: BaseException) -> str:
@@ -343,6 +424,7 @@ def apply_lora(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.
 def _apply_source(model: nn.Module, source: Any, scale: float, adapter_name: str, warn: bool,
                   returned_by: str | None) -> LoraReport:
     _check_name(model, adapter_name)
+    scale = check_scale(scale)
     state, alphas, meta = read_lora(source, get_adapter(model).family)
     return _apply(model, state, alphas, meta, scale, adapter_name, warn, returned_by)
 
@@ -377,6 +459,9 @@ def _apply(model: nn.Module, state: Mapping[str, torch.Tensor], alphas: Mapping[
         A, B, bias = entry["A"], entry["B"], entry.get("B_bias")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             report.dropped[path] = f"not a linear LoRA (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)})"
+            continue
+        if A.shape[0] == 0:
+            report.dropped[path] = "rank 0 (lora_A has no rows): it changes nothing"
             continue
         sliced = (layer.out_features, layer.in_features) != (B.shape[0], A.shape[1])
         if sliced:
@@ -424,6 +509,7 @@ def set_lora_scale(model: nn.Module, scale: float, adapter_name: str | None = No
     adapters: dict[str, _Adapter] = getattr(model, _ATTR, {})
     if adapter_name is not None and adapter_name not in adapters:
         raise HpruneError(f"no LoRA named {adapter_name!r} on this model (have: {sorted(adapters) or 'none'})")
+    scale = check_scale(scale)
     for name, a in adapters.items():
         if adapter_name in (None, name):
             a.scale = float(scale)
@@ -492,8 +578,10 @@ def _load_lora_adapter(model: nn.Module, pretrained_model_name_or_path_or_dict: 
     name = adapter_name or "default"
     _check_name(model, name)
     if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
-        state, alphas, meta = pretrained_model_name_or_path_or_dict, network_alphas or {}, _own_metadata(metadata)
+        state, alphas, meta = (_check_mapping(pretrained_model_name_or_path_or_dict), network_alphas or {},
+                               _own_metadata(metadata))
         check_lora_kind(state, "the LoRA state dict", get_adapter(model).family)
+        check_lora_values(state, alphas, meta, "the LoRA state dict")
     else:
         state, alphas, meta = read_lora(pretrained_model_name_or_path_or_dict, get_adapter(model).family)
     _apply(model, state, alphas, meta, 1.0, name, warn=True, returned_by=None)

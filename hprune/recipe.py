@@ -42,13 +42,23 @@ def get_recipe(model: nn.Module) -> list[dict[str, Any]]:
 def replay(model: nn.Module, steps: list[dict[str, Any]]) -> nn.Module:
     """Applies a recorded recipe to a freshly built base model (typically on meta), with the ops
     registered so far. `hprune.rebuild.replay` first imports every stage that provides one."""
-    from hprune.errors import CheckpointError
+    from hprune.errors import CheckpointError, HpruneError
 
     for i, step in enumerate(steps):
         op = step.get("op") if isinstance(step, dict) else None
-        if op not in _OPS:
+        if not isinstance(op, str) or op not in _OPS:
             raise CheckpointError(f"recipe step {i}: unknown operation {op!r} (this hprune knows {sorted(_OPS)}; "
                                   f"was the artifact written by a newer version?)")
         spec = {k: v for k, v in step.items() if k != "op"}
-        model = _OPS[op](model, spec)
+        try:
+            model = _OPS[op](model, spec)
+        except HpruneError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError,
+                AssertionError, RuntimeError) as exc:
+            # the spec comes from a file (an artifact's hprune.json): a field missing, of the wrong type or
+            # out of range is a corrupted recipe, not a bug
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise CheckpointError(f"recipe step {i} ({op}): corrupted or edited spec ({type(exc).__name__}"
+                                  f"{': ' + detail if detail else ''})") from None
     return model

@@ -151,10 +151,13 @@ def tqdm(*args: Any, **kwargs: Any) -> Any:
 
     from tqdm.auto import tqdm as _tqdm
 
+    from hprune.env import flag
+
     mode = os.environ.get("HPRUNE_PROGRESS", "")
-    if mode == "0":
+    forced = flag("HPRUNE_PROGRESS") if mode.strip() else None  # 1/true: the bar; 0/false: nothing
+    if forced is False:
         kwargs["disable"] = True
-    if kwargs.get("disable") or mode == "1" or sys.stderr.isatty():
+    if kwargs.get("disable") or forced or sys.stderr.isatty():
         return _tqdm(*args, **kwargs)
     kwargs.pop("disable", None)
     return LogProgress(*args, **kwargs)

@@ -160,7 +160,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(Killed):
         distill(teacher, student_copy(), cal, DistillConfig(**cfg, checkpoint_dir=str(tmp_path / "b")),
                 table=table, progress=False, on_step=kill)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-0000002", "step-0000004"]
+    # the manifest lists what hprune wrote there (hprune.owned): only that is ever removed
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".hprune-output", "step-0000002", "step-0000004"]
     b, res_b = distill(teacher, student_copy(), cal,
                        DistillConfig(**cfg, checkpoint_dir=str(tmp_path / "b"), resume=True), table=table,
                        progress=False)
@@ -169,7 +170,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), n
     # only the newest checkpoints are kept
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000004", "step-0000006"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".hprune-output", "step-0000004", "step-0000006"]
 
 
 def test_resume_of_a_checkpoint_older_than_sgd_budget(tmp_path):

@@ -96,11 +96,14 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_output(tmp_path)
     assert check_output(tmp_path / "new") == tmp_path / "new"
 
 
-def test_an_artifact_written_before_the_marker_is_still_recognised(tmp_path):
+def test_a_folder_without_a_manifest_is_never_replaced(tmp_path):
+    """A recipe alone proves nothing (it may be a copy beside the user's files): without the
+    manifest of what hprune wrote, --overwrite refuses (issue 24)."""
     from hprune.artifacts import save_compressed
     from util import fresh
 
     path = save_compressed(fresh("tiny-sd3"), tmp_path / "art")
     (path / OUTPUT_MARKER).unlink()
-    save_compressed(fresh("tiny-sd3"), path, overwrite=True)
-    assert (path / OUTPUT_MARKER).is_file()
+    with pytest.raises(OutputError, match="no .hprune-output manifest"):
+        save_compressed(fresh("tiny-sd3"), path, overwrite=True)
+    assert sorted(os.listdir(path)) == ["hprune.json", "model.safetensors"]

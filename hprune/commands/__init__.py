@@ -36,6 +36,32 @@ def device_and_dtype(args: argparse.Namespace):
     return device, (getattr(torch, args.dtype) if args.dtype else None)
 
 
+def check_size(pipe, size: int | None, *, only_max: bool = False) -> None:
+    """HpruneError unless `size` pixels (height = width) fit the pipeline: a multiple of the VAE's
+    downscale times the transformer's patch (FLUX packs 2x2 latents), and within what its position
+    embedding covers (SD3: pos_embed_max_size patches; FLUX: 4x its default size)."""
+    from hprune.errors import HpruneError
+
+    if size is None:
+        return
+    t = pipe.transformer
+    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
+    patch = int(getattr(t.config, "patch_size", 1) or 1)
+    flux = type(pipe).__name__.startswith("Flux")
+    step = vae_scale * (2 if flux else patch)
+    pos_max = getattr(t.config, "pos_embed_max_size", None)
+    if pos_max:
+        most = int(pos_max) * patch * vae_scale
+    else:
+        most = 4 * int(getattr(pipe, "default_sample_size", 128)) * vae_scale
+    most -= most % step
+    least = step * -(-8 // step)  # at least 8 pixels
+    if only_max and size <= most:  # the caller checks the multiple (hprune.calib.check_image_size)
+        return
+    if size % step or not least <= size <= most:
+        raise HpruneError(f"--size {size}: this model makes images of {least} to {most} pixels, in steps of {step}")
+
+
 def load_weighted_model(name: str, device=None, dtype=None, *, config=None, random_ok: bool = False,
                         hint: str = "give a local checkpoint (diffusers folder or .safetensors)"):
     """hprune.loading.load_model for a command that needs weights. A real-size built-in name is an
@@ -74,6 +100,7 @@ def read_prompts(path: str, what: str = "prompts") -> list[str]:
         raise HpruneError(f"{p}: cannot read the {what} file ({exc.strerror or exc})") from None
     if "\x00" in text:
         raise HpruneError(f"{p}: a binary file, not {what} (one per line)")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors) is not part of the first prompt
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise HpruneError(f"{p}: no {what} in the file")

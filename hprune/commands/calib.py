@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model, read_prompts
+from hprune.commands import add_device_arguments, check_size, device_and_dtype, load_weighted_model, read_prompts
 
 HELP = "capture a calibration set (transformer inputs over denoising steps)"
+MAX_STEPS, MAX_PROMPTS = 1000, 100_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, kind="file")
     if args.steps < 1 or args.n < 1:
         raise HpruneError("--steps and --num-prompts must be at least 1")
+    # bounds before allocating: a calibration set holds num-prompts x steps samples
+    if args.steps > MAX_STEPS:
+        raise HpruneError(f"--steps must be at most {MAX_STEPS} (the schedulers' training timesteps), got {args.steps}")
+    if args.n > MAX_PROMPTS:
+        raise HpruneError(f"--num-prompts must be at most {MAX_PROMPTS}, got {args.n}")
+    if args.size is not None and not 1 <= args.size <= 16384:
+        raise HpruneError(f"--size must be between 1 and 16384 pixels, got {args.size}")
+    if not 0 <= args.seed < 2**63 - args.n:
+        raise HpruneError(f"--seed must be between 0 and {2**63 - 1 - args.n}, got {args.seed}")
     device, dtype = device_and_dtype(args)
     main = dist.setup(device)[0] == 0  # under torchrun: the prompts are dealt out, rank 0 writes
     kind, what = resolve(args.model)
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds
             raise HpruneError(f"cannot load the pipeline in {pipeline_dir}: {exc}") from None
         pipe.set_progress_bar_config(disable=True)
+        check_size(pipe, args.size, only_max=True)
         cal = capture(pipe, prompts=prompts, num_steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
                       height=args.size, width=args.size, meta={"source": "pipeline"})
         patch = 2 if cal.family == "flux" else int(getattr(pipe.transformer.config, "patch_size", 1) or 1)
@@ -72,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         if args.size is not None and args.model in BUILTINS and BUILTINS[args.model].calibration:
             raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
         model = load_weighted_model(args.model, device, dtype)
+        if args.size is not None:
+            from hprune.pipelines import build_pipeline
+
+            check_size(build_pipeline(model), args.size, only_max=True)  # the pipeline builtin_calibration runs
         cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
                                   progress=True, size=args.size)
     if not main:

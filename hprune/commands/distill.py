@@ -54,7 +54,6 @@ _MAKE = {"calibration set": " (make one with `hprune calib`)", "sensitivity tabl
 
 def run(args: argparse.Namespace) -> int:
     import copy
-    import shutil
     from pathlib import Path
 
     from hprune import dist
@@ -79,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--steps must be at least 1, got {args.steps}")
     if args.eval_samples < 0:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    claimed = bool(args.checkpoint_every or args.resume)
+    if claimed:  # before any work: a file or a user's folder named OUT-checkpoints is refused, never removed
+        from hprune.owned import claim_folder
+
+        claim_folder(ckpt, "checkpoint folder")
     last = latest_checkpoint(ckpt)
     if last is not None and not args.resume:
         raise HpruneError(f"{ckpt} holds checkpoints of an earlier run ({last.name}): pass --resume to continue it, "
@@ -131,13 +135,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"velocity rel_mse vs the teacher on {after['samples']} calibration samples: "
               f"{before['rel_mse']:.4g} -> {after['rel_mse']:.4g}")
     print(f"distilled {args.steps} steps ({res.seconds:.1f} s); wrote {Path(args.out)}")
-    if ckpt.is_dir():
+    if claimed and ckpt.is_dir():
         if args.keep_checkpoints:
             print(f"checkpoints kept in {ckpt}")
         else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            print(f"removed the checkpoints ({ckpt}); keep them with --keep-checkpoints")
+            print(remove_checkpoints(ckpt))
     return 0
+
+
+def remove_checkpoints(ckpt) -> str:
+    """Removes what hprune wrote in a checkpoint folder (hprune.owned.remove_owned); the line to print."""
+    from hprune.owned import remove_owned
+
+    left = remove_owned(ckpt)
+    if left:
+        return (f"removed hprune's checkpoints from {ckpt}; kept {len(left)} file(s) hprune did not write there "
+                f"(e.g. {left[0]})")
+    return f"removed the checkpoints ({ckpt}); keep them with --keep-checkpoints"
 
 
 def _fingerprint(model) -> str:

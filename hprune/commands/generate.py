@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from hprune.commands import add_device_arguments
+from hprune.commands import add_device_arguments, check_size
 
 HELP = "prompts -> images (PNGs and a contact sheet), optionally next to the original and with LoRAs"
 TINY_STEPS, PIPELINE_STEPS = 8, 28
+MAX_STEPS = 1000  # the flow-matching schedulers' training timesteps: more steps revisit the same ones
+MAX_SIZE = 16384  # pixels; the model's own bound (position embeddings, latent grid) is checked later
+MAX_SEED = 2**63 - 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,12 +56,18 @@ def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH' or 'PATH:SCALE' -> (path, scale)."""
     from hprune.errors import HpruneError
 
+    import math
+
     path, sep, tail = spec.rpartition(":")
     if sep:
         try:
-            return path, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            scale = None
+        if scale is not None:
+            if not math.isfinite(scale):
+                raise HpruneError(f"--lora {spec}: the scale must be a finite number, got {scale}")
+            return path, scale
     if not spec:
         raise HpruneError("--lora: empty path")
     return spec, 1.0
@@ -81,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from hprune.commands import device_and_dtype, read_prompts
@@ -92,10 +102,15 @@ def _run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise HpruneError("give at least one --prompt or a --prompts file")
-    if args.steps is not None and args.steps < 1:
-        raise HpruneError(f"--steps must be at least 1, got {args.steps}")
-    if args.size is not None and args.size < 8:
-        raise HpruneError(f"--size must be at least 8 pixels, got {args.size}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise HpruneError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    if args.size is not None and not 8 <= args.size <= MAX_SIZE:
+        raise HpruneError(f"--size must be between 8 and {MAX_SIZE} pixels, got {args.size}")
+    if not 0 <= args.seed <= MAX_SEED - len(prompts):
+        raise HpruneError(f"--seed must be between 0 and {MAX_SEED - len(prompts)} (image i uses seed + i), "
+                          f"got {args.seed}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise HpruneError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     loras = [parse_lora(s) for s in args.lora]
     for path, _ in loras:
         if not Path(path).exists():
@@ -213,6 +228,14 @@ def _builtin_makers(args: argparse.Namespace, name: str, artifact: str | None, d
 
     if artifact is None and args.compare:
         raise HpruneError("--compare needs a compressed model: add --artifact")
+    if artifact is not None:  # an artifact of another model would run "from the same noise", silently wrong
+        from hprune.artifacts import find_artifact, read_recipe
+
+        base = _builtin_base(read_recipe(find_artifact(artifact)))
+        if base != name:
+            raise HpruneError(f"--artifact {artifact} was compressed from "
+                              f"{base or 'a model that is not a built-in'}, not {name}; give the model it was "
+                              f"compressed from")
     compressed = (load_compressed(artifact, device=device, dtype=dtype) if artifact
                   else load_model(name, device=device, dtype=dtype))
     models = {"compressed" if artifact else "original": compressed}
@@ -230,6 +253,7 @@ def _tiny_maker(args: argparse.Namespace, model: Any, pipe: Any = None) -> _Make
 
     pipe = pipe if pipe is not None else build_pipeline(model)
     steps = args.steps or TINY_STEPS
+    check_size(pipe, args.size)
 
     def make(prompt: str, seed: int) -> Any:
         emb = stand_in_prompts(model, 1, seed=zlib.crc32(prompt.encode()))  # the same text, the same embedding
@@ -285,6 +309,7 @@ def _pipeline_maker(args: argparse.Namespace, pipe: Any, device: Any) -> _Maker:
     import torch
 
     pipe.set_progress_bar_config(disable=True)
+    check_size(pipe, args.size)
     kw: dict[str, Any] = {"num_inference_steps": args.steps or PIPELINE_STEPS, "output_type": "pt"}
     if args.size:
         kw["height"] = kw["width"] = args.size

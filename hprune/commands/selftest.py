@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise BackendUnavailableError(f"--jobs {args.jobs}: give a number >= 1")
     results = selftest.run_all(device, ops=args.op, isolate=False if args.in_process else None, jobs=args.jobs)
+    if not results:
+        # nothing ran: "0 of 0 passed" with exit 0 would read as success in a CI log
+        raise BackendUnavailableError(f"nothing to check on {dispatch.device_name(device)}: no kernel besides the "
+                                      f"reference runs here for {', '.join(args.op or known)} (build the extension, "
+                                      f"or set TRITON_INTERPRET=1 to check the Triton kernels on the CPU)")
     rows = selftest.as_rows(results)
     failed = [r for r in results if not r.ok]
     if args.json:

@@ -361,10 +361,11 @@ def device_name(device: torch.device | str) -> str:
 
 
 def _first_call_checks_on(device: torch.device) -> bool:
-    mode = os.environ.get("HPRUNE_SELFTEST", "")
-    if mode == "0":
-        return False
-    return mode == "1" or device.type == "cuda"
+    from hprune.env import flag
+
+    if os.environ.get("HPRUNE_SELFTEST", "").strip() == "":  # unset: on GPUs only
+        return device.type == "cuda"
+    return flag("HPRUNE_SELFTEST")  # on (1 / true / yes / on): every device; off: none
 
 
 def capturing_or_tracing(device: torch.device) -> bool:

@@ -423,7 +423,9 @@ def _m_bucket(m: int) -> int:
 def _autotune_enabled(device: torch.device) -> bool:
     if device.type != "cuda" or dispatch.triton_interpret():
         return False
-    if os.environ.get("HPRUNE_TRITON_AUTOTUNE", "1") == "0":
+    from hprune.env import flag
+
+    if not flag("HPRUNE_TRITON_AUTOTUNE", True):
         return False
     return not torch.cuda.is_current_stream_capturing()
 

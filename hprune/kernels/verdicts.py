@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from hprune._version import __version__
+from hprune.env import flag
 from hprune.errors import HpruneError
 from hprune.io import write_json
 
@@ -42,18 +43,9 @@ _lock = threading.Lock()
 
 
 def _flag(name: str) -> Optional[bool]:
-    """An HPRUNE_* on/off variable: True for 1/true/yes/on, False for 0/false/no/off, None unset
-    or empty; HpruneError naming it for anything else. (The same values as the project's boolean
-    flags; this module keeps the unset state apart, which picks the per-device default.)"""
-    raw = os.environ.get(name)
-    v = (raw or "").strip().lower()
-    if v == "":
-        return None
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise HpruneError(f"{name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
+    """The project's boolean flag (hprune.env.flag), with unset or empty kept apart as None: that
+    picks the per-device default."""
+    return flag(name) if os.environ.get(name, "").strip() else None
 
 
 def isolation_on(device: torch.device) -> bool:

@@ -306,6 +306,15 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """Identifies a model's weights, not only its structure: fingerprint(model) plus a content
+    digest of every tensor of its state dict (hprune.owned.tensor_digest: sampled elements and
+    each tensor's sum, cheap at any size). Two checkpoints of one architecture differ here."""
+    from hprune.owned import tensor_digest
+
+    return fingerprint(model) + "-" + tensor_digest(model.state_dict().items())
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The diffusers config of a transformer as plain JSON-able data (tuples become lists)."""
     cfg = dict(model.config)
