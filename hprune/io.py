@@ -212,7 +212,7 @@ def check_finite(state: dict[str, torch.Tensor], source: str, chunk_elems: int =
                 if not bool(ok.all()):
                     bad += piece.numel() - int(ok.sum())
         if bad:
-            raise CheckpointError(f"{source}: tensor {name} holds NaN/inf values ({bad} of {t.numel()}); "
+            raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; "
                                   f"{consequence}")
 
 
