@@ -115,3 +115,13 @@ def test_gptq_sequential_sees_quantised_prefix_and_restores_model():
     later = [k for k in sa if k.startswith("transformer_blocks.3.") and sa[k].dtype == torch.uint8]
     assert all(torch.equal(sa[k], sb[k]) for k in first)  # block 0 sees the same inputs
     assert any(not torch.equal(sa[k], sb[k]) for k in later)  # later blocks see quantised inputs
+
+
+def test_cli_quantize_offload_writes_the_same_artifact(tmp_path):
+    from hprune.cli import main
+
+    assert main(["quantize", "tiny-flux", "--out", str(tmp_path / "a"), "--device", "cpu", "--eval-samples", "0"]) == 0
+    assert main(["quantize", "tiny-flux", "--out", str(tmp_path / "b"), "--device", "cpu", "--eval-samples", "0",
+                 "--offload"]) == 0
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
