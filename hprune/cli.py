@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "dry_run", False):  # every verb with --device: the memory / time plan instead
+            from hprune.commands.plan_memory import print_plan
+
+            return print_plan(args, args.command)
         return int(args._run(args) or 0)
     except HpruneError as exc:
         print(f"hprune: error: {exc}", file=sys.stderr)

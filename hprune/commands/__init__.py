@@ -10,6 +10,10 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored; the tiny models are float32)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's predicted peak device / host memory and time, whether it fits the "
+                        "device(s) found (or --device-memory) and what would make it fit; reads no weights")
+    p.add_argument("--device-memory", metavar="SIZE", help="--dry-run: plan for devices of this size (e.g. 24GB)")
 
 
 def device_and_dtype(args: argparse.Namespace):

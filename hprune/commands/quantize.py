@@ -43,9 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block by block: the weights stay on the host (memory-mapped), one block at a time on "
                         "--device (automatic when the model does not fit the GPU, and for 16-bit weights on a CPU, "
                         "which then computes in float32); gptq then needs ONE calibration pass")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the predicted peak memory and time of each stage, and whether it fits; load nothing")
-    p.add_argument("--device-memory", metavar="SIZE", help="--dry-run: plan for a device of this size (e.g. 24GB)")
     p.add_argument("--eval-samples", type=int, default=8,
                    help="calibration samples to measure fidelity on (0 = skip; default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -69,10 +66,6 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--groups must be >= 1, got {args.groups}")
     if args.eval_samples < 0:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    if args.dry_run:
-        from hprune.commands.plan_memory import print_plan
-
-        return print_plan(args, "quantize")
     check_output(args.out, args.overwrite)
     if args.calib and not Path(args.calib).is_file():
         raise HpruneError(f"calibration set not found: {args.calib}")
