@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ACT_INFER = 12.0  # live activations of one block forward, in units of S·D values
-ACT_TRAIN = 34.0  # activations autograd keeps per block (no checkpointing), in units of S·D values
+ACT_TRAIN = 22.0  # activations autograd keeps per block (no checkpointing), in units of S·D values
 THROUGHPUT = {"cpu": 10e9, "cuda": 300e12}  # FLOP/s: per CPU thread (fp32); per GPU (bf16)
 RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's measurement)
 GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
@@ -97,21 +97,16 @@ def model_shape(spec: str) -> ModelShape:
     with config.json beside it) from configs and safetensors headers only."""
     import json
 
-    import torch
-
     from hprune.errors import ModelNotFoundError
-    from hprune.models.registry import BUILTINS, build_from_config, read_config, resolve
+    from hprune.models.registry import read_config, resolve
 
     kind, what = resolve(spec)
     mapped, quantised = True, False
     if kind == "builtin":
-        cfg, cls = dict(what.config), what.class_name
-        model = build_from_config(cls, cfg, meta=True)
-        b = 4 if what.tiny else 2
-        tensors = {k: ("F32" if b == 4 else "BF16", list(t.shape)) for k, t in model.state_dict().items()}
-        mapped = not what.tiny  # a real-size name stands for its checkpoint folder (memory-mapped)
-        txt = what.sample.get("text_len", 16)
-        lat = what.sample.get("latent_size", 32)
+        # a real-size name stands for its checkpoint folder (bf16, memory-mapped)
+        return config_shape(what.class_name, dict(what.config), store_bytes=4 if what.tiny else 2,
+                            latent_size=what.sample.get("latent_size", 32), text_len=what.sample.get("text_len", 16),
+                            mapped=not what.tiny, name=spec)
     else:
         if kind == "artifact":
             doc = json.loads((Path(what) / "hprune.json").read_text())
@@ -136,6 +131,23 @@ def model_shape(spec: str) -> ModelShape:
         b = max(set(floats), key=floats.count) if floats else 2
         txt = 333 if cls.startswith("SD3") else (512 if cfg.get("guidance_embeds") else 256)
         lat = int(cfg.get("sample_size") or 128) if cls.startswith("SD3") else 128
+    return _shape(spec, cls, cfg, tensors, b, lat, txt, quantised, mapped)
+
+
+def config_shape(class_name: str, config: dict[str, Any], *, store_bytes: int = 4, latent_size: int = 32,
+                 text_len: int = 16, mapped: bool = False, name: str = "") -> ModelShape:
+    """The ModelShape of a transformer config (its tensors built on the meta device: no memory),
+    stored in `store_bytes`-byte floats, for samples of latent_size² latents and text_len tokens."""
+    from hprune.models.registry import build_from_config
+
+    model = build_from_config(class_name, config, meta=True)
+    dt = {4: "F32", 2: "BF16"}[store_bytes]
+    tensors = {k: (dt if t.is_floating_point() else "I64", list(t.shape)) for k, t in model.state_dict().items()}
+    return _shape(name or class_name, class_name, config, tensors, store_bytes, latent_size, text_len, False, mapped)
+
+
+def _shape(spec: str, cls: str, cfg: dict[str, Any], tensors: dict[str, tuple[str, list[int]]], b: int, lat: int,
+           txt: int, quantised: bool, mapped: bool) -> ModelShape:
     family = "sd3" if cls.startswith("SD3") else "flux"
     lists = ("transformer_blocks",) if family == "sd3" else ("transformer_blocks", "single_transformer_blocks")
     counts = {"transformer_blocks": int(cfg.get("num_layers", 0)),
@@ -165,7 +177,6 @@ def model_shape(spec: str) -> ModelShape:
             key = parent if k.rsplit(".", 2)[1] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
                                                     "add_v_proj") else k
             lin_in[i][key] = int(shape[1])
-    del torch
     return ModelShape(spec, family, n_blocks, hidden, total_p, total_b, block_bytes, block_params,
                       [list(d.values()) for d in lin_in], b, img, txt, quantised, mapped)
 
@@ -285,30 +296,38 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         return StagePlan(stage, dev, whost if o.device == "cuda" else dev, secs,
                          f"~{passes} block passes per sample ({pieces} pieces x {o.probe_samples} samples)")
     if stage == "distill":
-        c = _compute_bytes(m, o)
+        t = training_step_bytes(m, o)
+        dev = sum(t.values())
         p_s = int(m.params * (1 - o.ratio))
-        n = max(1, o.devices)
-        wb = 4  # the student trains in fp32 master weights on a CPU, its storage dtype on a GPU
-        wb = m.store_bytes if o.device == "cuda" else 4
-        states = 2 * p_s + 2 * 4 * p_s // 256 if o.optimizer == "adamw8bit" else 2 * p_s * wb
-        student = (p_s * wb + p_s * wb + states) // n
-        per = max(1, o.batch_size // n)
-        blocks = int(m.num_blocks * (1 - o.ratio))
-        if o.grad_checkpointing:
-            act = per * m.tokens * m.hidden * c * (2 * blocks + ACT_TRAIN)
-        else:
-            act = int(per * m.tokens * m.hidden * c * ACT_TRAIN * blocks)
-        teacher = m.weight_bytes if o.device == "cuda" else m.params * c
-        dev = teacher + student + act + _act_infer(m, o, per)
-        secs = o.steps * (4 * (1 - o.ratio) + 1) * fwd * per / rate
-        note = (f"student {p_s / 1e9:.2f} B params: weights+grads+{o.optimizer} states "
-                f"{student / 1e9:.2f} GB/device; activations {act / 1e9:.2f} GB"
-                f"{' (checkpointed)' if o.grad_checkpointing else ''}")
+        secs = o.steps * (4 * (1 - o.ratio) + 1) * fwd * max(1, o.batch_size // max(1, o.devices)) / rate
+        note = (f"student {p_s / 1e9:.2f} B params: weights {t['student'] / 1e9:.2f} + grads {t['grads'] / 1e9:.2f} + "
+                f"{o.optimizer} states {t['states'] / 1e9:.2f} GB/device; activations {t['activations'] / 1e9:.2f} GB"
+                f"{' (checkpointed)' if o.grad_checkpointing else ''}; teacher {t['teacher'] / 1e9:.2f} GB")
         return StagePlan(stage, dev, dev if o.device == "cpu" else int(m.other_bytes), secs, note)
     if stage == "save":
         return StagePlan(stage, 0, packed + max(m.block_bytes, default=0), packed / 0.5e9,
                          "written tensor by tensor (after the issue-32 writer)")
     raise ValueError(stage)
+
+
+def training_step_bytes(m: ModelShape, o: Options) -> dict[str, int]:
+    """Bytes per device of one distillation step, by kind: teacher weights (replicated), student
+    weights / grads / optimizer states (÷ devices under FSDP2), the activations autograd keeps and
+    the teacher's no-grad forward (whichever is larger). The student trains in fp32 on a CPU, in its storage dtype on a
+    GPU (bf16 autocast); 8-bit AdamW keeps 2 bytes per value + an fp32 absmax per 256."""
+    c = _compute_bytes(m, o)
+    n = max(1, o.devices)
+    p_s = int(m.params * (1 - o.ratio))
+    wb = m.store_bytes if o.device == "cuda" else 4
+    states = 2 * p_s + 2 * 4 * p_s // 256 if o.optimizer == "adamw8bit" else 2 * p_s * wb
+    per = max(1, o.batch_size // n)
+    blocks = max(1, round(m.num_blocks * (1 - o.ratio)))
+    unit = per * m.tokens * m.hidden * c
+    act = unit * (2 * blocks + ACT_TRAIN) if o.grad_checkpointing else unit * ACT_TRAIN * blocks
+    # the teacher's no-grad forward runs (and frees its activations) before the student's
+    act = max(int(act), _act_infer(m, o, per))
+    return {"teacher": m.weight_bytes if o.device == "cuda" else m.params * c, "student": p_s * wb // n,
+            "grads": p_s * wb // n, "states": states // n, "activations": act}
 
 
 VERB_STAGES = {
