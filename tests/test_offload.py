@@ -125,3 +125,18 @@ def test_cli_quantize_offload_writes_the_same_artifact(tmp_path):
                  "--offload"]) == 0
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_probe_offloaded_equals_resident_and_states_its_cost(capsys):
+    from hprune.probe import probe_block_passes, probe_sensitivity
+
+    m = load_model("tiny-flux")
+    calib = builtin_calibration("tiny-flux", m, n_prompts=1, num_steps=2)
+    ref = probe_sensitivity(m, calib, granularity="block", progress=False)
+    with offloaded(m, "cpu"):
+        got = probe_sensitivity(m, calib, granularity="block", progress=True, device="cpu", dtype=torch.float32)
+    assert [b["delta"] for b in got.blocks] == [b["delta"] for b in ref.blocks]
+    n = get_adapter(m).num_blocks(m)
+    passes = probe_block_passes(n, [(i, "block") for i in range(n)])
+    assert passes == n + n * (n + 1) // 2
+    assert f"= {passes} block passes per sample" in capsys.readouterr().out
