@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default): gptq for int4 / int4-fp8")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
                    help="adamw: fp32 moments (8 bytes/param); adamw8bit: bitsandbytes 8-bit moments (~2 bytes/param; "
-                        "no checkpoints, one process)")
+                        "no checkpoints, one process; default: %(default)s)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each student block's activations in the backward pass (less memory, ~1/3 more time)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mean: the scaled units keep lr as their mean rate; fixed: lr · s as it is")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
                    help="adamw: fp32 moments (8 bytes/param); adamw8bit: bitsandbytes 8-bit moments (~2 bytes/param; "
-                        "no checkpoints, one process)")
+                        "no checkpoints, one process; default: %(default)s)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each student block's activations in the backward pass (less memory, ~1/3 more time)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval in steps (0: none)")
