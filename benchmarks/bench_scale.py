@@ -99,7 +99,7 @@ def run_stage(cmd: list[str], timeout: float) -> dict:
     r1 = os.times()
     return {"wall_s": round(time.perf_counter() - t0, 2),
             "cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 2),
-            "peak_anon": peak[0], "rc": rc, "tail": (out or "")[-600:]}
+            "peak_anon": peak[0], "rc": rc, "tail": (out or "")[-600:], "out": out or ""}
 
 
 def stage_cmd(stage: str, folder: Path, out: Path) -> list[str]:
@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                     info = {"blocks": n}
                 for stage in args.stages.split(","):
                     r = run_stage(stage_cmd(stage, folder, work / f"{name}-{n}-out"), args.timeout)
+                    text = r.pop("out")
                     row = {"model": name, "stage": stage, **info, **r}
-                    if stage == "dry-run" and r["rc"] == 0:
-                        plan = json.loads(r["tail"][r["tail"].index("{"):]) if "{" in r["tail"] else None
-                        row["predicted"] = plan
+                    if stage == "dry-run" and r["rc"] == 0 and "{" in text:
+                        row["predicted"] = json.loads(text[text.index("{"):])
+                        row.pop("tail")
                     results.append(row)
                     print(f"{name} {n} blocks {stage}: {r['wall_s']} s wall, {r['cpu_s']} s CPU, "
                           f"peak anon {r['peak_anon'] / 1e9:.2f} GB, rc {r['rc']}", flush=True)

@@ -140,3 +140,15 @@ def test_probe_offloaded_equals_resident_and_states_its_cost(capsys):
     passes = probe_block_passes(n, [(i, "block") for i in range(n)])
     assert passes == n + n * (n + 1) // 2
     assert f"= {passes} block passes per sample" in capsys.readouterr().out
+
+
+def test_cli_calib_offload_captures_the_same_set(tmp_path):
+    from hprune.calib import CalibrationSet
+    from hprune.cli import main
+
+    for name, extra in (("a", []), ("b", ["--offload"])):
+        assert main(["calib", "tiny-flux", "--out", str(tmp_path / f"{name}.safetensors"), "--device", "cpu",
+                     "--num-prompts", "1", "--steps", "2", *extra]) == 0
+    a, b = (CalibrationSet.load(tmp_path / f"{n}.safetensors") for n in "ab")
+    assert a.inputs.keys() == b.inputs.keys()
+    assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs) and torch.equal(a.final, b.final)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model, read_prompts
+from hprune.commands import add_device_arguments, device_and_dtype, load_for_offload, offload_context, read_prompts
 
 HELP = "capture a calibration set (transformer inputs over denoising steps)"
 
@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--offload", action="store_true",
+                   help="transformer-only folders and built-ins: run the transformer block by block (weights on the "
+                        "host; automatic when it does not fit the GPU, and for 16-bit weights on a CPU)")
     add_device_arguments(p)
 
 
@@ -68,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
         if args.size is not None and args.model in BUILTINS and BUILTINS[args.model].calibration:
             raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
-        model = load_weighted_model(args.model, device, dtype)
-        cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
-                                  progress=True, size=args.size)
+        model, offload = load_for_offload(args.model, device, dtype, args.offload)
+        with offload_context(model, device, offload):
+            cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
+                                      progress=True, size=args.size)
     if not main:
         return 0
     cal.save(args.out, overwrite=args.overwrite)
