@@ -73,11 +73,12 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def placed(modules: Sequence[nn.Module] | nn.Module, device: torch.device | str,
-           dtype: torch.dtype | None = None) -> Iterator[None]:
+           dtype: torch.dtype | None = None, writeback: bool = False) -> Iterator[None]:
     """Moves every parameter and buffer of `modules` to `device` (floating-point ones to `dtype`
     if given) for the duration of the context, then puts the original tensors back. The modules
     stay the same objects (hooks and references keep working); a tensor already where it should
-    be is not copied. Only for inference (the copies do not carry gradients back)."""
+    be is not copied. Only for inference (the copies do not carry gradients back). writeback:
+    values changed in place meanwhile (e.g. pruned weights) are copied back into the originals."""
     mods = [modules] if isinstance(modules, nn.Module) else list(modules)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
@@ -88,6 +89,10 @@ def placed(modules: Sequence[nn.Module] | nn.Module, device: torch.device | str,
                     saved.append((t, t.data))
                     t.data = t.data.to(device=device, dtype=want)
         yield
+        if writeback:
+            with torch.no_grad():
+                for t, data in saved:
+                    data.copy_(t.data.to(device=data.device, dtype=data.dtype))
     finally:
         for t, data in reversed(saved):
             t.data = data
@@ -240,12 +245,14 @@ class BlockStream:
         dtype: compute dtype (default: `compute_dtype` of the storage on `device`).
         activations: "device", "host" or "auto" (host when the activations of all batches would
             take more than about a quarter of the device's free memory).
-        progress: a progress line per block with an ETA (hprune.report.tqdm)."""
+        progress: a progress line per block with an ETA (hprune.report.tqdm).
+        writeback: weights a consumer changes in place on the device go back to the host copy."""
 
     def __init__(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str,
                  dtype: torch.dtype | None = None, activations: str = "auto", progress: bool = False,
-                 desc: str = "blocks") -> None:
+                 desc: str = "blocks", writeback: bool = False) -> None:
         self.model = model
+        self.writeback = writeback
         self.device = torch.device(device)
         self.dtype = dtype or compute_dtype(storage_dtype(model), self.device)
         self.batches = list(batches)
@@ -273,7 +280,7 @@ class BlockStream:
         with torch.no_grad():
             for i in tqdm(range(n), desc=self.desc, disable=not self.progress, unit="block"):
                 block = ad.get_block(self.model, i)
-                with placed(block, self.device):
+                with placed(block, self.device, writeback=self.writeback):
                     step = StreamStep(self, i, block, states)
                     yield step
                     if step.outputs is None:

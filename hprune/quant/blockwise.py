@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from hprune.errors import HpruneError
 from hprune.models.adapters import get_adapter
-from hprune.models.offload import BlockStream, placed
+from hprune.models.offload import placed
 from hprune.quant.linear import quantize_linear, set_module
 
 
@@ -66,21 +66,6 @@ def rtn_blockwise(model: nn.Module, names: list[str], device: torch.device | str
     return [(n, new[n]) for n in names]
 
 
-def calibration_batches(calib: Any) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """The set's samples as the transformer calls that produced them (the rows of one trajectory at
-    one step: [uncond, cond] under classifier-free guidance), in capture order, with each call's
-    denoising step."""
-    traj, step = calib.trajectory.tolist(), calib.step.tolist()
-    groups: list[list[int]] = []
-    for r in range(len(traj)):
-        if groups and traj[groups[-1][0]] == traj[r] and step[groups[-1][0]] == step[r]:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    batches = [next(calib.batches(len(g), indices=g)) for g in groups]
-    return batches, [step[g[0]] for g in groups]
-
-
 def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch.device | str, *, group_size: int,
                    fmt: str, scale_dtype: torch.dtype | None, refine: bool, act: str | None,
                    weighting: str | None = None, act_order: bool = True, sequential: bool = False,
@@ -89,7 +74,8 @@ def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch
     over the calibration samples (see the module docstring). Linears outside the blocks and the
     AdaLN modulation Linears round to nearest, as in gptq.gptq_linears. The model is unchanged on
     return, also on error."""
-    from hprune.obs.hessian import DEFAULT_WEIGHTING, HessianCollector, step_weights
+    from hprune.obs.blockwise import block_hessians
+    from hprune.obs.hessian import DEFAULT_WEIGHTING, step_weights
     from hprune.obs.sequential import find_linear_units
     from hprune.quant.gptq import gptq_quantize
 
@@ -105,35 +91,13 @@ def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch
     kw = dict(group_size=group_size, fmt=fmt, scale_dtype=scale_dtype, refine=refine, act=act)
     new: dict[str, nn.Module] = dict(rtn_blockwise(model, [p for p in names if p not in in_units], device, **kw))
     weights = step_weights(weighting or DEFAULT_WEIGHTING, calib.num_steps)
-    batches, steps = calibration_batches(calib)
-    stream = BlockStream(model, batches, device, activations=activations, progress=progress, desc="GPTQ")
+    sites = {b: {n: [l for _, l in ms] for n, ms in us} for b, us in units.items()}
     swapped: list[tuple[str, nn.Module]] = []
     try:
-        for step in stream:
-            block_units = units.get(step.index)
-            if not block_units:
-                continue
-            collector = HessianCollector({n: [l for _, l in ms] for n, ms in block_units}, weights)
-            alpha = [0.0]
-
-            def before(k: int) -> None:
-                alpha[0] = weights[steps[k]]
-
-            def hook(site: str):
-                def pre(_m: nn.Module, args: tuple) -> None:
-                    collector.add(site, args[0], alpha[0])
-                return pre
-
-            handles = [ms[0][1].register_forward_pre_hook(hook(n)) for n, ms in block_units]
-            try:
-                step.run(before)  # dense outputs: the next block's inputs unless sequential
-            finally:
-                for h in handles:
-                    h.remove()
-            hs = collector.hessians()
+        for step, hs in block_hessians(model, calib, device, sites, weights, activations=activations,
+                                       progress=progress, desc="GPTQ"):
+            block_units = units[step.index]
             for name, members in block_units:
-                if name not in hs:
-                    raise HpruneError(f"layer {name} never ran on the calibration inputs")
                 for p, lin in members:  # lin is on the device, in its storage dtype
                     qw = gptq_quantize(lin.weight, hs[name].to(lin.weight.device), group_size, fmt,
                                        scale_dtype=scale_dtype, refine=refine, act_order=act_order)
