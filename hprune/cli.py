@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_threads(args.threads)
         check_environment()
+        if getattr(args, "dry_run", False):  # every verb with --device: the memory / time plan instead
+            from hprune.commands.plan_memory import print_plan
+
+            return print_plan(args, args.command)
         out = getattr(args, "out", None)
         if out and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes, and locks
             from hprune.owned import output_lock

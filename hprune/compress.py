@@ -62,6 +62,8 @@ class CompressOptions:
     resume: bool = False
     keep_checkpoints: bool = False  # keep OUT-checkpoints after a successful run (a given checkpoint_dir is kept)
     seed: int = 0
+    optimizer: str = "adamw"  # distillation: "adamw" | "adamw8bit" (hprune.distill.DistillConfig)
+    grad_checkpointing: bool = False  # distillation: recompute the student's block activations
 
     @property
     def resolved_quant_method(self) -> str:
@@ -105,7 +107,8 @@ class CompressOptions:
         DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, pwp=self.pwp, sgd=self.sgd,
                       sgd_scale=self.sgd_scale, sgd_budget=self.sgd_budget, lambda_feat=self.lambda_feat,
                       checkpoint_every=self.checkpoint_every, checkpoint_dir=self.checkpoint_dir or "checkpoints",
-                      resume=self.resume, seed=self.seed).validate()
+                      resume=self.resume, seed=self.seed, optimizer=self.optimizer,
+                      grad_checkpointing=self.grad_checkpointing).validate()
 
 
 RUN_FORMAT = "hprune.run/1"
@@ -195,7 +198,8 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     cfg = DistillConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, pwp=opts.pwp, sgd=opts.sgd,
                         sgd_scale=opts.sgd_scale, sgd_budget=opts.sgd_budget,
                         lambda_feat=opts.lambda_feat, checkpoint_every=opts.checkpoint_every,
-                        checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed)
+                        checkpoint_dir=ckpt, resume=opts.resume, seed=opts.seed, optimizer=opts.optimizer,
+                        grad_checkpointing=opts.grad_checkpointing)
     run_key = _run_key(opts, weights_fingerprint(teacher), train_cal)
     record = None
     last = latest_checkpoint(ckpt) if ckpt and opts.steps > 0 else None

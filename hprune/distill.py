@@ -100,6 +100,9 @@ class DistillConfig:
     resume: bool = False
     seed: int = 0
     backend: str | None = None  # optimizer kernel backend (None: automatic)
+    # "adamw": SensitivityAdamW (moments in the parameters' dtype, 8 bytes/param in fp32);
+    # "adamw8bit": bitsandbytes AdamW8bit (8-bit moments, ~2 bytes/param), one group per scale
+    optimizer: str = "adamw"
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -124,6 +127,32 @@ class DistillConfig:
             raise HpruneError("checkpoint_every needs checkpoint_dir")
         if self.resume and not self.checkpoint_dir:
             raise HpruneError("resume needs checkpoint_dir")
+        if self.optimizer not in OPTIMIZERS:
+            raise HpruneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.optimizer == "adamw8bit" and (self.checkpoint_every or self.resume):
+            raise HpruneError("optimizer adamw8bit: its 8-bit states are not checkpointed (yet); use optimizer "
+                              "adamw to checkpoint or resume")
+
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def adamw8bit(student: nn.Module, scales: dict[str, float], lr: float, betas: tuple[float, float], eps: float,
+              weight_decay: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit for the student with SensitivityAdamW's semantics: parameter p
+    steps with learning rate lr · s_p (weight decay included, as torch AdamW does per group) and
+    s_p = 0 leaves p out. Moments are 8-bit (block-wise dynamic quantisation) for tensors of
+    4096 values or more, fp32 below (bitsandbytes' min_8bit_size). Runs on CPU and CUDA."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise HpruneError(f"optimizer adamw8bit needs bitsandbytes ({exc})") from None
+    groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in student.named_parameters():
+        if scales.get(n, 0.0) > 0:
+            groups.setdefault(float(scales[n]), []).append(p)
+    return bnb.optim.AdamW8bit([{"params": ps, "lr": lr * s} for s, ps in sorted(groups.items())], lr=lr,
+                               betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 @dataclass
@@ -519,8 +548,14 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
                and any(True for _ in ad.get_block(student, i).parameters())]
     if world > 1:
         dist.shard(student, device)
-    opt = SensitivityAdamW(list(student.named_parameters()), lr=cfg.lr * schedule["lr_scale"], betas=cfg.betas,
-                           eps=cfg.eps, weight_decay=cfg.weight_decay, scales=scales, backend=cfg.backend)
+    if cfg.optimizer == "adamw8bit":
+        if world > 1:
+            raise HpruneError("optimizer adamw8bit does not run under torchrun (FSDP2 shards are DTensors, which "
+                              "bitsandbytes' 8-bit optimizer does not take); use adamw")
+        opt = adamw8bit(student, scales, cfg.lr * schedule["lr_scale"], cfg.betas, cfg.eps, cfg.weight_decay)
+    else:
+        opt = SensitivityAdamW(list(student.named_parameters()), lr=cfg.lr * schedule["lr_scale"], betas=cfg.betas,
+                               eps=cfg.eps, weight_decay=cfg.weight_decay, scales=scales, backend=cfg.backend)
     trainable = [p for p in student.parameters() if p.requires_grad]
 
     start, history, resumed = 0, [], None

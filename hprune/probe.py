@@ -147,11 +147,19 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
             "params": param_count(model)}
 
 
+def probe_block_passes(n_blocks: int, probes: list[tuple[int, str]], reuse: bool = True) -> int:
+    """Block forwards per calibration sample that probing `probes` costs: the unpruned reference
+    (n_blocks) plus, per probe (i, c), the blocks from i to the end when the prefix's activations
+    are reused (else all n_blocks). The cost to state before a probe starts (a full-size SD3.5
+    Medium at the default granularity: ~1,750 per sample)."""
+    return n_blocks + sum((n_blocks - i) if reuse else n_blocks for i, _ in probes)
+
+
 @torch.no_grad()
 def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: str = "both",
                       metric: str | Metric = "rel_mse", batch_size: int = 4, blocks: Iterable[int] | None = None,
                       reuse: bool = True, progress: bool = True, max_samples: int | None = None,
-                      dtype: torch.dtype | None = None) -> SensitivityTable:
+                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> SensitivityTable:
     """Measures ΔP of every block and/or removable component of `model` on `calib`.
 
     Args:
@@ -161,6 +169,8 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
         reuse: run only the tail from cached block inputs (default) instead of the whole model
             per probe; both give the same numbers (tested), reuse is faster.
         max_samples: use an evenly spaced subset of the calibration samples.
+        dtype, device: of the inputs and activations (default: the model's first parameter's);
+            give them when the model runs block by block (hprune.models.offload.offloaded).
     Returns a SensitivityTable; deterministic for the same inputs. Collective under torchrun:
     every rank must call it (see the module docstring)."""
     from hprune.report import tqdm
@@ -198,8 +208,13 @@ def probe_sensitivity(model: nn.Module, calib: CalibrationSet, *, granularity: s
     chunks = [indices[s:s + batch_size] for s in range(0, n_samples, batch_size)]
     mine = [j for k, chunk in enumerate(chunks) if k % world == rank for j in chunk]
     p = next(model.parameters())
-    device = p.device
+    device = torch.device(device) if device is not None else p.device
     dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+    if progress and rank == 0:
+        passes = probe_block_passes(n_blocks, probes, reuse)
+        print(f"ΔP probe: {len(probes)} pieces on {n_samples} samples = {passes} block passes per sample "
+              f"({passes * n_samples} in all; {passes / max(1, n_blocks):.1f} full forwards per sample)"
+              + ("" if reuse else "; reuse=True would cut this"), flush=True)
 
     sums = {pc: 0.0 for pc in probes}
     base_sum, sim_sum = 0.0, torch.zeros(n_blocks, dtype=torch.float64)

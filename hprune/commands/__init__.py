@@ -10,6 +10,10 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored; the tiny models are float32)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's predicted peak device / host memory and time, whether it fits the "
+                        "device(s) found (or --device-memory) and what would make it fit; reads no weights")
+    p.add_argument("--device-memory", metavar="SIZE", help="--dry-run: plan for devices of this size (e.g. 24GB)")
 
 
 def device_and_dtype(args: argparse.Namespace):
@@ -81,6 +85,42 @@ def load_weighted_model(name: str, device=None, dtype=None, *, config=None, rand
         where = "" if torch.cuda.is_available() else " on the CPU"
         raise HpruneError(f"{name} has no weights here (a real-size architecture{where}); {hint}")
     return model
+
+
+def load_for_offload(name: str, device, dtype, offload: bool, **kw):
+    """(model, offload): the model of `load_weighted_model`, and whether the command runs it block
+    by block (hprune.models.offload). With --offload, or when its weights would not fit the GPU
+    (then said on stderr), the model stays on the host (memory-mapped), else it goes to `device`.
+    16-bit weights on a CPU run block by block too, computing in float32 (several times faster
+    than bf16 on CPUs without native bf16; the stored weights are unchanged)."""
+    import torch
+
+    from hprune.models.offload import HALF, should_offload, storage_dtype
+    from hprune.models.stats import weight_bytes
+
+    host = torch.device("cpu")
+    model = load_weighted_model(name, host if (offload or device.type == "cuda") else device, dtype, **kw)
+    if not offload and device.type == "cuda":
+        need = weight_bytes(model)
+        if should_offload(need, device):
+            free = torch.cuda.mem_get_info(device)[0]
+            print(f"the model's {need / 1e9:.1f} GB of weights do not fit {device} ({free / 1e9:.1f} GB free with "
+                  f"room for activations): running block by block (--offload)", file=sys.stderr)
+            offload = True
+        else:
+            model = model.to(device)
+    if not offload and device.type == "cpu" and storage_dtype(model) in HALF:
+        offload = True  # fp32 compute, block by block (see the docstring)
+    return model, offload
+
+
+def offload_context(model, device, offload: bool):
+    """hprune.models.offload.offloaded(model, device) when `offload`, else a no-op context."""
+    import contextlib
+
+    from hprune.models.offload import offloaded
+
+    return offloaded(model, device) if offload else contextlib.nullcontext(model)
 
 
 def read_prompts(path: str, what: str = "prompts") -> list[str]:

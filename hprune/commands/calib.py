@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hprune.commands import add_device_arguments, check_size, device_and_dtype, load_weighted_model, read_prompts
+from hprune.commands import (add_device_arguments, check_size, device_and_dtype, load_for_offload, offload_context,
+                             read_prompts)
 
 HELP = "capture a calibration set (transformer inputs over denoising steps)"
 MAX_STEPS, MAX_PROMPTS = 1000, 100_000
@@ -31,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--offload", action="store_true",
+                   help="transformer-only folders and built-ins: run the transformer block by block (weights on the "
+                        "host; automatic when it does not fit the GPU, and for 16-bit weights on a CPU)")
     add_device_arguments(p)
 
 
@@ -82,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.size is not None and args.model in BUILTINS and BUILTINS[args.model].calibration:
             raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
-        model = load_weighted_model(args.model, device, dtype)
+        model, offload = load_for_offload(args.model, device, dtype, args.offload)
         if args.size is not None:
             from hprune.pipelines import build_pipeline
 
             check_size(build_pipeline(model), args.size, only_max=True)  # the pipeline builtin_calibration runs
-        cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
-                                  progress=True, size=args.size)
+        with offload_context(model, device, offload):
+            cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
+                                      progress=True, size=args.size)
     if not main:
         return 0
     cal.save(args.out, overwrite=args.overwrite)

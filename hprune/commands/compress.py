@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int4 codes: gptq (chosen with each layer's timestep-aware input Hessian from the "
                         "calibration set) or rtn (round to nearest with a scale search, the paper's); auto "
                         "(default): gptq for int4 / int4-fp8")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw: fp32 moments (8 bytes/param); adamw8bit: bitsandbytes 8-bit moments (~2 bytes/param; "
+                        "no checkpoints, one process; default: %(default)s)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each student block's activations in the backward pass (less memory, ~1/3 more time)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="distillation checkpoint interval (steps)")
     p.add_argument("--resume", action="store_true",
                    help="resume distillation from the latest checkpoint in OUT-checkpoints, reusing the ΔP table "
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                            sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,
                            checkpoint_every=args.checkpoint_every, resume=args.resume,
                            max_probe_samples=args.max_probe_samples or None,
-                           keep_checkpoints=args.keep_checkpoints, seed=args.seed)
+                           keep_checkpoints=args.keep_checkpoints, seed=args.seed, optimizer=args.optimizer,
+                           grad_checkpointing=args.grad_checkpointing)
     opts.validate()
     check_output(args.out, args.overwrite)
     device, dtype = device_and_dtype(args)

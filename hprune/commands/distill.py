@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sgd-scale", default="inverse", choices=["inverse", "log"], help="SGDistill update scale")
     p.add_argument("--sgd-budget", default="mean", choices=["mean", "fixed"],
                    help="mean: the scaled units keep lr as their mean rate; fixed: lr · s as it is")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw: fp32 moments (8 bytes/param); adamw8bit: bitsandbytes 8-bit moments (~2 bytes/param; "
+                        "no checkpoints, one process; default: %(default)s)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each student block's activations in the backward pass (less memory, ~1/3 more time)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval in steps (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT-checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints after a successful run")
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                         pwp=not args.no_pwp, sgd={"auto": "auto", "on": True, "off": False}[args.sgd],
                         sgd_scale=args.sgd_scale, sgd_budget=args.sgd_budget,
                         checkpoint_every=args.checkpoint_every, checkpoint_dir=str(ckpt), resume=args.resume,
-                        seed=args.seed)
+                        seed=args.seed, optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing)
     cfg.validate()
     if args.steps < 1:
         raise HpruneError(f"--steps must be at least 1, got {args.steps}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
+from hprune.commands import add_device_arguments, device_and_dtype, load_for_offload, offload_context
 
 DEFAULT_MAX_SAMPLES = 32  # hprune.probe.DEFAULT_MAX_SAMPLES, the cap compress uses (tests/test_cli.py checks)
 HELP = "measure each block's and component's sensitivity (ΔP); writes a table and a heatmap"
@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probe an evenly spaced subset of this many calibration samples, as `hprune compress` "
                         "does (0: all)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--offload", action="store_true",
+                   help="block by block: weights stay on the host, one block at a time on --device (automatic when "
+                        "the model does not fit the GPU, and for 16-bit weights on a CPU, which computes in float32)")
     add_device_arguments(p)
 
 
@@ -42,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
         raise HpruneError(f"--max-samples must be >= 0 (0: all), got {args.max_samples}")
     check_output(args.out, args.overwrite)  # before the probe, not after it
     device, dtype = device_and_dtype(args)
-    model = load_weighted_model(args.model, device, dtype)
+    model, offload = load_for_offload(args.model, device, dtype, args.offload)
     if args.calib:
         cal = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS:
-        cal = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
+        with offload_context(model, device, offload):
+            cal = builtin_calibration(args.model, model, n_prompts=4, num_steps=8)
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
     main = dist.setup(device)[0] == 0
@@ -54,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
     n = min(len(cal), cap or len(cal))
     if main:
         print(f"probing ΔP on {n} calibration samples" + (f" (of {len(cal)})" if n < len(cal) else ""))
-    table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,
-                              batch_size=args.batch_size, max_samples=cap, progress=main)
+    from hprune.models.offload import compute_dtype, storage_dtype
+
+    with offload_context(model, device, offload):
+        table = probe_sensitivity(model, cal, granularity=args.granularity, metric=args.metric,
+                                  batch_size=args.batch_size, max_samples=cap, progress=main,
+                                  device=device if offload else None,
+                                  dtype=compute_dtype(storage_dtype(model), device) if offload else None)
     if not main:
         return 0
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:

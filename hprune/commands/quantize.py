@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
+from hprune.commands import add_device_arguments, device_and_dtype, load_for_offload, offload_context
 
 HELP = "4-bit weights (int4 / nf4; round-to-nearest or GPTQ), optionally FP8 activations"
 
@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of Linear names to keep dense (repeatable), e.g. '*.norm1.linear'")
     add_device_arguments(p)
+    p.add_argument("--offload", action="store_true",
+                   help="block by block: the weights stay on the host (memory-mapped), one block at a time on "
+                        "--device (automatic when the model does not fit the GPU, and for 16-bit weights on a CPU, "
+                        "which then computes in float32); gptq then needs ONE calibration pass")
     p.add_argument("--eval-samples", type=int, default=8,
                    help="calibration samples to measure fidelity on (0 = skip; default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -77,27 +81,30 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = device_and_dtype(args)
     main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
-    model = load_weighted_model(args.model, device, dtype)
+    model, offload = load_for_offload(args.model, device, dtype, args.offload)
     from hprune.quant.model import linears_to_quantize
 
     linears_to_quantize(model, skip=args.skip)  # an already quantised model is refused before any work
-    if args.method == "gptq" or args.calib:
-        calib = calibration_for(args.model, model, args.calib, what="--method gptq")
-    elif args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny:
-        calib = calibration_for(args.model, model, None, what="the fidelity check")
-    else:
-        calib = None  # rtn needs no data; without a calibration set there is no fidelity check
-    check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
+    with offload_context(model, device, offload):
+        if args.method == "gptq" or args.calib:
+            calib = calibration_for(args.model, model, args.calib, what="--method gptq")
+        elif args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny:
+            calib = calibration_for(args.model, model, None, what="the fidelity check")
+        else:
+            calib = None  # rtn needs no data; without a calibration set there is no fidelity check
+        check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
     bytes_before = bytes_at(model)
     t = time.perf_counter()
     rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
                          method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
-                         act_order=not args.natural_order, progress=main)
+                         act_order=not args.natural_order, progress=main, offload=device if offload else None)
     report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
               "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
     if args.method == "gptq":
         report["act_order"] = not args.natural_order
-    fid = check.measure(model)
+    report["offload"] = offload
+    with offload_context(model, device, offload):
+        fid = check.measure(model)
     if fid:
         report["fidelity"] = fid
     if not main:

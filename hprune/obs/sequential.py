@@ -186,11 +186,38 @@ def _structured_group(model: nn.Module, names: list[str], blocks: Iterable[int] 
     return entries
 
 
+def _prune_blockwise(model: nn.Module, units: list[LinearUnit], calib: Any, device: Any, weights: list[float] | None,
+                     method: str, sparsity: float, pattern: Pattern, blocksize: int, percdamp: float,
+                     sequential: bool, progress: bool) -> list[dict[str, Any]]:
+    """The unstructured / N:M path of obs_prune_model, block by block (see its `offload`)."""
+    from hprune.models.offload import placed
+    from hprune.obs.blockwise import block_hessians
+
+    by_block: dict[int, list[LinearUnit]] = {}
+    for u in units:
+        by_block.setdefault(u.block, []).append(u)
+    rows: list[dict[str, Any]] = []
+    if method == "magnitude":  # no data: each unit on the device, pruned, written back
+        for us in by_block.values():
+            for u in us:
+                with placed([l for _, l in u.linears], device, writeback=True):
+                    rows += _prune_unit(u, None, method, sparsity, pattern, blocksize, percdamp)
+        return rows
+    sites = {b: {u.name: [l for _, l in u.linears] for u in us} for b, us in by_block.items()}
+    for step, hs in block_hessians(model, calib, device, sites, weights, progress=progress, desc="OBS-Diff",
+                                   writeback=True):
+        for u in by_block[step.index]:
+            rows += _prune_unit(u, hs.pop(u.name), method, sparsity, pattern, blocksize, percdamp)
+        if sequential:
+            step.run()  # the next block's inputs come from the pruned block
+    return rows
+
+
 def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None = None,
                     pattern: str = "unstructured", groups: int = 1, weighting: str = DEFAULT_WEIGHTING,
                     method: str = "obs", *, blocks: Iterable[int] | None = None,
                     alpha: tuple[float, float] = (0.8, 1.2), blocksize: int = 128, percdamp: float = 0.01,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, offload: Any = None, sequential: bool = False) -> dict[str, Any]:
     """Prunes `model` in place with OBS-Diff (or a baseline) and records it in the model's recipe.
 
     Args:
@@ -209,6 +236,10 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
         blocks: block indices to prune (default all), e.g. to spare the first and last.
         alpha: (α_min, α_max) of the step weights.
         blocksize, percdamp: OBS solver settings (see prune_linear).
+        offload: a device: block by block there (weights on the host), the Hessians of one block
+            at a time from ONE pass over the set's stored inputs (hprune.obs.blockwise; `groups`
+            unused; `sequential`: later blocks see the pruned earlier ones). Unstructured and N:M
+            patterns only.
     Returns a JSON-able report: settings, per-layer or per-site results, parameter counts, time.
     Everything is validated before the model changes.
     """
@@ -242,6 +273,8 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
     report: dict[str, Any] = {"method": method, "pattern": pat.name, "sparsity": s, "groups": groups,
                               "weighting": weighting if method != "magnitude" else None,
                               "alpha": list(alpha), "blocks": blocks, "percdamp": percdamp, "blocksize": blocksize}
+    if offload is not None and pat.kind == "structured":
+        raise HpruneError("structured OBS-Diff does not run block by block yet (offload): use it without offload")
     if pat.kind == "structured":
         sites = S.find_sites(model, blocks)
         if not sites:
@@ -276,8 +309,12 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             raise HpruneError("no prunable Linear layers in the selected blocks")
         for u in units_l:
             check_nm_fits(u.in_features, pat, what=u.name)
-        parts = split_groups([u.numel for u in units_l], groups)
+        parts = split_groups([u.numel for u in units_l], groups) if offload is None else []
         layers: list[dict[str, Any]] = []
+        if offload is not None:
+            layers = _prune_blockwise(model, units_l, calib, offload, weights, method, s, pat, blocksize, percdamp,
+                                      sequential, progress)
+            report["offload"] = {"device": str(offload), "sequential": sequential}
         for gi, part in enumerate(tqdm(parts, desc="groups", disable=not progress or len(parts) == 1)):
             group = [units_l[i] for i in part]
             hs = (_collect(model, calib, {u.name: [l for _, l in u.linears] for u in group}, weights, progress,

@@ -95,7 +95,8 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
                    backend: str = "hprune", scale_dtype: torch.dtype | None = None, refine: bool = True,
                    compress_statistics: bool = False, act: str | None = None, method: str = "rtn",
                    calib: Any = None, groups: int | None = None, weighting: str | None = None,
-                   act_order: bool = True, progress: bool = False) -> QuantReport:
+                   act_order: bool = True, progress: bool = False, offload: Any = None,
+                   sequential: bool = False) -> QuantReport:
     """Replaces every eligible nn.Linear of `model` in place and returns a QuantReport.
 
     Args:
@@ -119,6 +120,11 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
             memory to one group's Hessians; None = as few as keep them under 2 GiB), the step
             weighting (hprune.obs.WEIGHTINGS), the column order (hprune.quant.gptq).
         progress: progress report (hprune.report.tqdm: a bar on a terminal, plain lines in a log).
+        offload: a device (e.g. "cuda"): quantise block by block there, the weights staying where
+            they are (the host); see hprune.quant.blockwise. RTN gives the same codes as without;
+            GPTQ takes the Hessians of one block at a time from ONE pass over the set's stored
+            inputs (`groups` is then unused; `sequential`: later blocks see the quantised earlier
+            ones). hprune backend only.
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
@@ -146,7 +152,20 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
     # every layer is quantised before any is swapped in: a layer that fails (e.g. non-finite
     # weights) leaves the model untouched, never half-quantised with no recipe step (the packed
     # layers held meanwhile are about a quarter of the originals' size)
-    if method == "gptq":
+    if offload is not None and backend != "hprune":
+        raise HpruneError("offload (block-by-block quantisation) needs backend='hprune'")
+    if offload is not None and method == "gptq":
+        from hprune.quant.blockwise import gptq_blockwise
+
+        new_layers = gptq_blockwise(model, names, calib, offload, group_size=group_size, fmt=fmt,
+                                    scale_dtype=scale_dtype, refine=refine, act=act, weighting=weighting,
+                                    act_order=act_order, sequential=sequential, progress=progress)
+    elif offload is not None:
+        from hprune.quant.blockwise import rtn_blockwise
+
+        new_layers = rtn_blockwise(model, names, offload, progress=progress, group_size=group_size, fmt=fmt,
+                                   scale_dtype=scale_dtype, refine=refine, act=act)
+    elif method == "gptq":
         from hprune.quant.gptq import gptq_linears
 
         new_layers = gptq_linears(model, names, calib, group_size=group_size, fmt=fmt, scale_dtype=scale_dtype,

@@ -1,0 +1,192 @@
+"""Real-shape scale benchmark: random-weight folders with the real SD3.5-Medium / SD3.5-Large /
+FLUX.1 block shapes (diffusers' own classes, `save_pretrained`, bf16 safetensors), fewer blocks
+than the real models where this machine cannot hold them, and each CLI stage timed with its peak
+anonymous memory (RssAnon of the child process and its children, sampled from /proc every 20 ms;
+memory-mapped weights are file pages and do not count). Each stage runs at two block counts so a
+per-block slope extrapolates to the full depth:
+
+    value(L) = value(n2) + (value(n2) - value(n1)) / (n2 - n1) * (L - n2)
+
+Writes benchmarks/results/scale-<host>.json and prints a Markdown table (docs/scale.md holds the
+measured one). Times on a busy shared CPU are upper bounds.
+
+    python benchmarks/bench_scale.py --models sd3.5-medium --blocks 1,2 --stages info,dry-run,rtn
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("info", "dry-run", "rtn")
+
+
+def build_folder(name: str, blocks: int, out: Path) -> dict:
+    """A diffusers folder with `name`'s real config but `blocks` blocks (FLUX: double and single
+    blocks in the real 19:38 proportion, at least one of each), random bf16 weights."""
+    import torch
+
+    from hprune.models.registry import BUILTINS, build_from_config, randomize_
+
+    b = BUILTINS[name]
+    cfg = dict(b.config)
+    if b.class_name == "FluxTransformer2DModel":
+        double = max(1, round(blocks / 3))
+        cfg.update(num_layers=double, num_single_layers=max(1, blocks - double))
+        full = b.config["num_layers"] + b.config["num_single_layers"]
+    else:
+        cfg["num_layers"] = blocks
+        cfg["dual_attention_layers"] = tuple(i for i in b.config.get("dual_attention_layers", ()) if i < blocks)
+        full = b.config["num_layers"]
+    model = build_from_config(b.class_name, cfg, meta="params")
+    randomize_(model, "cpu", torch.bfloat16, seed=0)
+    model.save_pretrained(out, safe_serialization=True)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    return {"blocks": blocks, "full_blocks": full, "bytes": size, "params": params}
+
+
+def _anon(pid: int) -> int:
+    total = 0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total + sum(_anon(int(k)) for k in kids)
+
+
+def run_stage(cmd: list[str], timeout: float) -> dict:
+    """Runs `cmd`; wall seconds, CPU seconds, peak RssAnon (sampled), return code, output tail."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    r0 = os.times()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon(proc.pid))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        rc = "timeout"
+    done.set()
+    th.join()
+    r1 = os.times()
+    return {"wall_s": round(time.perf_counter() - t0, 2),
+            "cpu_s": round((r1.children_user - r0.children_user) + (r1.children_system - r0.children_system), 2),
+            "peak_anon": peak[0], "rc": rc, "tail": (out or "")[-600:], "out": out or ""}
+
+
+def stage_cmd(stage: str, folder: Path, out: Path) -> list[str]:
+    hp = [sys.executable, "-m", "hprune"]
+    if stage == "info":
+        return hp + ["info", str(folder)]
+    if stage == "dry-run":
+        return hp + ["quantize", str(folder), "--out", str(out), "--device", "cpu", "--dry-run", "--json"]
+    if stage == "rtn":
+        return hp + ["quantize", str(folder), "--out", str(out), "--device", "cpu", "--method", "rtn",
+                     "--eval-samples", "0", "--overwrite"]
+    raise ValueError(stage)
+
+
+def extrapolate(rows: list[dict], full: int, key: str) -> float | None:
+    pts = sorted((r["blocks"], r[key]) for r in rows if r.get(key) is not None and r.get("rc") == 0)
+    if len(pts) < 2:
+        return None
+    (n1, v1), (n2, v2) = pts[0], pts[-1]
+    return v2 + (v2 - v1) / (n2 - n1) * (full - n2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="sd3.5-medium", help="comma list of sd3.5-medium, sd3.5-large, flux.1-dev")
+    ap.add_argument("--blocks", default="1,2", help="block counts to build (two or more give the per-block slope)")
+    ap.add_argument("--stages", default="info,dry-run,rtn", help=f"comma list of {', '.join(STAGES)}")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    ap.add_argument("--workdir", default=None, help="where folders are built (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="hprune-scale-"))
+    results = []
+    try:
+        for name in args.models.split(","):
+            for n in [int(b) for b in args.blocks.split(",")]:
+                folder = work / f"{name}-{n}"
+                if not folder.exists():
+                    info = build_folder(name, n, folder)
+                else:
+                    info = {"blocks": n}
+                for stage in args.stages.split(","):
+                    r = run_stage(stage_cmd(stage, folder, work / f"{name}-{n}-out"), args.timeout)
+                    text = r.pop("out")
+                    row = {"model": name, "stage": stage, **info, **r}
+                    if stage == "dry-run" and r["rc"] == 0 and "{" in text:
+                        row["predicted"] = json.loads(text[text.index("{"):])
+                        row.pop("tail")
+                    results.append(row)
+                    print(f"{name} {n} blocks {stage}: {r['wall_s']} s wall, {r['cpu_s']} s CPU, "
+                          f"peak anon {r['peak_anon'] / 1e9:.2f} GB, rc {r['rc']}", flush=True)
+                shutil.rmtree(work / f"{name}-{n}-out", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = []
+    for name in args.models.split(","):
+        for stage in args.stages.split(","):
+            rows = [r for r in results if r["model"] == name and r["stage"] == stage]
+            if not rows:
+                continue
+            full = rows[0].get("full_blocks")
+            summary.append({"model": name, "stage": stage, "full_blocks": full,
+                            "measured": [{k: r.get(k) for k in ("blocks", "wall_s", "cpu_s", "peak_anon", "rc")}
+                                         for r in rows],
+                            "full_wall_s": extrapolate(rows, full, "wall_s") if full else None,
+                            "full_cpu_s": extrapolate(rows, full, "cpu_s") if full else None,
+                            "full_peak_anon": extrapolate(rows, full, "peak_anon") if full else None})
+    doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
+    out = ROOT / "benchmarks" / "results" / f"scale-{platform.node() or 'host'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str))
+    print("| model | stage | blocks | wall s | CPU s | peak anon GB | full depth: wall s | CPU s | peak anon GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        for m in s["measured"]:
+            print(f"| {s['model']} | {s['stage']} | {m['blocks']} | {m['wall_s']} | {m['cpu_s']} | "
+                  f"{m['peak_anon'] / 1e9:.2f} | | | |")
+        if s["full_wall_s"] is not None:
+            print(f"| {s['model']} | {s['stage']} | {s['full_blocks']} (extrapolated) | | | | {s['full_wall_s']:.0f} | "
+                  f"{s['full_cpu_s']:.0f} | {s['full_peak_anon'] / 1e9:.2f} |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`--dry-run` of the verbs that load a model: the plan of hprune.models.memory, printed (no weight
+is read, nothing is written)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def print_plan(args: argparse.Namespace, verb: str) -> int:
+    """Prints the predicted peak device / host memory and time of each stage of `verb` for
+    args.model and the run's options, whether each fits, and the options that would make it fit."""
+    import dataclasses
+
+    from hprune.models import memory as M
+    from hprune.report import format_table, human_bytes, human_count
+
+    device = (getattr(args, "device", None) or ("cuda" if _cuda() else "cpu")).split(":")[0]
+    if device not in ("cpu", "cuda"):
+        from hprune.errors import HpruneError
+
+        raise HpruneError(f"--device {args.device}: hprune runs on cpu or cuda")
+    shape = M.model_shape(args.model)
+    opts = M.Options(device=device, devices=int(os.environ.get("WORLD_SIZE", "1")), threads=M.cpu_threads(),
+                     offload=bool(getattr(args, "offload", False)),
+                     batch_size=int(getattr(args, "batch_size", 4) or 4), steps=int(getattr(args, "steps", 200) or 0),
+                     ratio=float(getattr(args, "ratio", None) if getattr(args, "ratio", None) is not None else 0.0),
+                     optimizer=getattr(args, "optimizer", "adamw") or "adamw",
+                     grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)))
+    if verb == "quantize" and getattr(args, "method", "rtn") == "gptq":
+        verb = "quantize-gptq"
+    if verb == "compress" and getattr(args, "steps", 200) == 0:
+        stages = [s for s in M.VERB_STAGES["compress"] if s != "distill"]
+    else:
+        stages = M.VERB_STAGES.get(verb, ["load"])
+    if getattr(args, "device_memory", None):
+        mem, what = M.parse_size(args.device_memory), "--device-memory"
+    else:
+        mem, what = M.device_memory_found(device)
+    plans = M.plan(shape, stages, opts, mem or None)
+    rows = []
+    for p in plans:
+        fix = ", ".join(_flag(k, v) for k, v in p.options.items()) if p.options else ""
+        rows.append({"stage": p.stage, "device peak": human_bytes(p.device_bytes), "host anon peak": human_bytes(p.host_bytes),
+                     "time": _duration(p.seconds), "fits": "?" if p.fits is None else ("yes" if p.fits else "NO"),
+                     "would fit with": fix if p.fits is False else "", "note": p.note})
+    if getattr(args, "json", False):
+        print(json.dumps({"model": dataclasses.asdict(shape), "options": dataclasses.asdict(opts),
+                          "device_memory": mem, "stages": [dataclasses.asdict(p) for p in plans]}, indent=2))
+        return 0
+    print(f"{args.model}: {shape.family}, {shape.num_blocks} blocks, {human_count(shape.params)} params, "
+          f"{human_bytes(shape.weight_bytes)} of weights (largest block {human_bytes(max(shape.block_bytes, default=0))}), "
+          f"{shape.tokens} tokens per sample")
+    print(f"plan for {opts.devices} x {device}{' (offload: block by block)' if opts.offload else ''}, "
+          f"{human_bytes(mem) + ' each (' + what + ')' if mem else 'device memory unknown'}; "
+          f"times assume {M.THROUGHPUT[device] / 1e9:.0f} GFLOP/s per {'GPU' if device == 'cuda' else 'CPU thread'}"
+          f"{f' x {opts.threads} threads' if device == 'cpu' else ''} (estimates; hprune.models.memory)")
+    print(format_table(rows, ["stage", "device peak", "host anon peak", "time", "fits", "would fit with", "note"]))
+    bad = [p for p in plans if p.fits is False]
+    if bad:
+        print(f"{len(bad)} stage(s) do not fit: " + "; ".join(
+            f"{p.stage}: " + (", ".join(_flag(k, v) for k, v in p.options.items()) if p.options else "nothing tried fits")
+            for p in bad))
+    return 0
+
+
+def _flag(key: str, value) -> str:
+    if key == "devices":
+        return f"torchrun --nproc-per-node {value} (FSDP2)"
+    if key == "optimizer":
+        return f"--optimizer {value}"
+    if value is True:
+        return "--" + key.replace("_", "-")
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,416 @@
+"""Predicting what a run needs before it starts: peak device and host memory and time per stage,
+from a model's config and safetensors headers (no weight is read).
+
+The arithmetic (P = parameters, b = bytes per stored weight, S = tokens per sample (image + text),
+D = hidden width, L = blocks, N = devices of an FSDP2 run):
+
+- weights: Σ of the tensors' bytes from the headers; a block's bytes from its tensors' names.
+- inference activations of one block forward, per sample: ACT_INFER · S · D · c bytes (c = compute
+  dtype bytes): the two streams, q/k/v, the attention output and the 4·D MLP hidden are alive at
+  once (attention itself is a fused SDPA kernel on CPU and GPU: no S² matrix).
+- training (distillation): the student's weights (P·b), gradients (P·b) and AdamW's two moments
+  (2·P·b; 8-bit AdamW: 2·P bytes plus one fp32 absmax per 256 values), all ÷ N under FSDP2, plus
+  the activations autograd keeps: ACT_TRAIN · S · D · c per block and sample, or with gradient
+  checkpointing only each block's input (2 streams) plus one block's full set during its
+  recompute. The teacher's weights (replicated under FSDP2) and its no-grad forward are added.
+- block-by-block (offload): the non-block modules + the largest block in the compute dtype + its
+  activations on the device; the host holds the memory-mapped weights (file pages, not anonymous
+  memory) and what the stage produces.
+- GPTQ: one block's Hessians, in² · 4 bytes per group of Linears that share an input (offload), or
+  Hessian groups of ≤ 2 GiB (resident, one calibration pass per group).
+
+Time: forward FLOPs per sample and block = 2 · P_block · S + 4 · S² · D (attention), at an
+assumed sustained rate (THROUGHPUT: fp32 GEMM on one CPU thread as measured on this project's
+AVX2 machine; bf16 on an H100-class GPU at ~40 % of its dense peak). Training costs 3x the
+student's forward + the teacher's forward. RTN rounds RTN_RATE weights/s per CPU thread (measured
+with the scale search) and GPU_RTN_RATE on a GPU. These are estimates to plan with, not promises;
+ACT_INFER / ACT_TRAIN were fitted on CPU measurements of a medium SD3 shape and checked on the
+tiny built-ins (tests/test_memory_plan.py).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACT_INFER = 12.0  # live activations of one block forward, in units of S·D values
+ACT_TRAIN = 22.0  # activations autograd keeps per block (no checkpointing), in units of S·D values
+THROUGHPUT = {"cpu": 10e9, "cuda": 300e12}  # FLOP/s: per CPU thread (fp32); per GPU (bf16)
+RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's measurement)
+GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
+HESSIAN_BUDGET = 2 << 30
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about a model, read from its config and tensor headers."""
+
+    name: str
+    family: str  # "sd3" | "flux"
+    num_blocks: int
+    hidden: int
+    params: int
+    weight_bytes: int  # stored bytes of every tensor
+    block_bytes: list[int]  # per block, execution order
+    block_params: list[int]
+    linear_in: list[list[int]]  # per block: in_features of its Linears that share no input (Hessians)
+    store_bytes: int  # bytes per stored float weight (2 for bf16, 4 for fp32)
+    tokens_img: int
+    tokens_txt: int
+    quantised: bool = False
+    mapped: bool = True  # weights memory-mapped from files (False: built in memory, e.g. tiny built-ins)
+
+    @property
+    def other_bytes(self) -> int:
+        return self.weight_bytes - sum(self.block_bytes)
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_img + self.tokens_txt
+
+
+def _header_tensors(files: list[str]) -> dict[str, tuple[str, list[int]]]:
+    from hprune.io import check_safetensors
+
+    out = {}
+    for f in files:
+        for k, v in check_safetensors(f).items():
+            if k != "__metadata__":
+                out[k] = (v["dtype"], list(v["shape"]))
+    return out
+
+
+def _block_key(name: str, lists: tuple[str, ...], counts: dict[str, int]) -> int | None:
+    for li, ln in enumerate(lists):
+        if name.startswith(ln + "."):
+            j = int(name[len(ln) + 1:].split(".", 1)[0])
+            return sum(counts[x] for x in lists[:li]) + j
+    return None
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The ModelShape of a MODEL argument (built-in name, diffusers folder, artifact, .safetensors
+    with config.json beside it) from configs and safetensors headers only."""
+    import json
+
+    from hprune.errors import ModelNotFoundError
+    from hprune.models.registry import read_config, resolve
+
+    kind, what = resolve(spec)
+    mapped, quantised = True, False
+    if kind == "builtin":
+        # a real-size name stands for its checkpoint folder (bf16, memory-mapped)
+        return config_shape(what.class_name, dict(what.config), store_bytes=4 if what.tiny else 2,
+                            latent_size=what.sample.get("latent_size", 32), text_len=what.sample.get("text_len", 16),
+                            mapped=not what.tiny, name=spec)
+    else:
+        if kind == "artifact":
+            doc = json.loads((Path(what) / "hprune.json").read_text())
+            cfg, cls = dict(doc["base_config"]), doc["class_name"]
+            files = sorted(glob.glob(str(Path(what) / "*.safetensors")))
+            quantised = any(st.get("op") == "quantize" for st in doc.get("recipe", []) if isinstance(st, dict))
+        elif kind == "diffusers":
+            cfg = read_config(Path(what) / "config.json")
+            cls = cfg["_class_name"]
+            files = sorted(glob.glob(str(Path(what) / "*.safetensors")))
+        else:
+            cfg_path = Path(what).parent / "config.json"
+            if not cfg_path.is_file():
+                raise ModelNotFoundError(f"{what}: no config.json beside it")
+            cfg = read_config(cfg_path)
+            cls = cfg["_class_name"]
+            files = [str(what)]
+        if not files:
+            raise ModelNotFoundError(f"{spec}: no .safetensors weights")
+        tensors = _header_tensors(files)
+        floats = [_DTYPE_BYTES.get(d, 2) for k, (d, s) in tensors.items() if d.startswith(("F", "BF"))]
+        b = max(set(floats), key=floats.count) if floats else 2
+        txt = 333 if cls.startswith("SD3") else (512 if cfg.get("guidance_embeds") else 256)
+        lat = int(cfg.get("sample_size") or 128) if cls.startswith("SD3") else 128
+    return _shape(spec, cls, cfg, tensors, b, lat, txt, quantised, mapped)
+
+
+def config_shape(class_name: str, config: dict[str, Any], *, store_bytes: int = 4, latent_size: int = 32,
+                 text_len: int = 16, mapped: bool = False, name: str = "") -> ModelShape:
+    """The ModelShape of a transformer config (its tensors built on the meta device: no memory),
+    stored in `store_bytes`-byte floats, for samples of latent_size² latents and text_len tokens."""
+    from hprune.models.registry import build_from_config
+
+    model = build_from_config(class_name, config, meta=True)
+    dt = {4: "F32", 2: "BF16"}[store_bytes]
+    tensors = {k: (dt if t.is_floating_point() else "I64", list(t.shape)) for k, t in model.state_dict().items()}
+    return _shape(name or class_name, class_name, config, tensors, store_bytes, latent_size, text_len, False, mapped)
+
+
+def _shape(spec: str, cls: str, cfg: dict[str, Any], tensors: dict[str, tuple[str, list[int]]], b: int, lat: int,
+           txt: int, quantised: bool, mapped: bool) -> ModelShape:
+    family = "sd3" if cls.startswith("SD3") else "flux"
+    lists = ("transformer_blocks",) if family == "sd3" else ("transformer_blocks", "single_transformer_blocks")
+    counts = {"transformer_blocks": int(cfg.get("num_layers", 0)),
+              "single_transformer_blocks": int(cfg.get("num_single_layers", 0) if family == "flux" else 0)}
+    n_blocks = sum(counts[x] for x in lists)
+    hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    patch = int(cfg.get("patch_size") or 1)
+    img = (lat // patch) ** 2 if family == "sd3" else (lat // 2) ** 2
+    block_bytes, block_params = [0] * n_blocks, [0] * n_blocks
+    lin_in: list[dict[str, int]] = [dict() for _ in range(n_blocks)]
+    total_b = total_p = 0
+    for k, (dt, shape) in tensors.items():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        nb = n * _DTYPE_BYTES.get(dt, 2)
+        total_b += nb
+        total_p += n
+        i = _block_key(k, lists, counts)
+        if i is None or i >= n_blocks:
+            continue
+        block_bytes[i] += nb
+        block_params[i] += n
+        if k.endswith(".weight") and len(shape) == 2 and ".norm" not in k:
+            # q/k/v (and add_*) read one input: one Hessian per distinct (module parent, in) pair
+            parent = k.rsplit(".", 2)[0]
+            key = parent if k.rsplit(".", 2)[1] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                    "add_v_proj") else k
+            lin_in[i][key] = int(shape[1])
+    return ModelShape(spec, family, n_blocks, hidden, total_p, total_b, block_bytes, block_params,
+                      [list(d.values()) for d in lin_in], b, img, txt, quantised, mapped)
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    """What the run would use (the CLI flags of the plan)."""
+
+    device: str = "cpu"  # "cpu" | "cuda"
+    devices: int = 1  # FSDP2 ranks (torchrun)
+    threads: int = 1  # CPU threads (time estimates on a CPU)
+    offload: bool = False
+    batch_size: int = 4  # distillation batch (per step, all ranks)
+    calib_samples: int = 64  # calibration transformer calls (prompts x steps) for GPTQ / probe
+    probe_samples: int = 32
+    steps: int = 200
+    ratio: float = 0.3
+    optimizer: str = "adamw"  # "adamw" | "adamw8bit"
+    grad_checkpointing: bool = False
+    groups_auto: bool = True
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    device_bytes: int
+    host_bytes: int
+    seconds: float
+    note: str = ""
+    fits: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _flops_block(m: ModelShape, i: int) -> float:
+    return 2.0 * m.block_params[i] * m.tokens + 4.0 * m.tokens ** 2 * m.hidden
+
+
+def _rate(o: Options) -> float:
+    return THROUGHPUT["cuda"] if o.device == "cuda" else THROUGHPUT["cpu"] * max(1, o.threads)
+
+
+def _compute_bytes(m: ModelShape, o: Options) -> int:
+    return 4 if o.device == "cpu" else m.store_bytes  # CPUs compute 16-bit storage in fp32
+
+
+def _act_infer(m: ModelShape, o: Options, batch: int = 1) -> int:
+    return int(ACT_INFER * m.tokens * m.hidden * _compute_bytes(m, o) * batch)
+
+
+def _resident_weights(m: ModelShape, o: Options) -> tuple[int, int]:
+    """(device, host) anonymous bytes of the weights during an inference stage. Memory-mapped
+    weights are file pages (0 here); a CPU that computes 16-bit storage in fp32 holds fp32 copies
+    of the non-block modules and of one block."""
+    c = _compute_bytes(m, o)
+    big = max(m.block_bytes, default=0)
+    upcast = (m.other_bytes + big) * c // m.store_bytes
+    base = 0 if m.mapped else m.weight_bytes
+    if o.device == "cpu":
+        extra = upcast if (o.offload or c != m.store_bytes) else 0
+        return base + extra, base + extra
+    return (upcast if o.offload else m.weight_bytes), base
+
+
+def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
+    """Predicted peak device / host bytes and seconds of one stage (see the module docstring)."""
+    fwd = sum(_flops_block(m, i) for i in range(m.num_blocks))
+    rate = _rate(o)
+    wdev, whost = _resident_weights(m, o)
+    linear_w = sum(m.block_params)  # ~ the Linear weights (norms are tiny)
+    packed = int(linear_w * 0.5625)  # 4 bits + a 16-bit scale and zero per 64 weights
+    if stage == "load":
+        return StagePlan(stage, wdev, whost, m.weight_bytes / 2e9, "read (mapped) at ~2 GB/s")
+    if stage == "quantize-rtn":
+        tmp = min(max((b // m.store_bytes for b in m.block_bytes), default=0), 1 << 22) * 9 * 4
+        dev = wdev + tmp + (packed if o.device == "cuda" and not o.offload else 0)
+        host = whost + packed  # the packed output accumulates on the host
+        if o.device == "cpu":
+            dev = host = whost + packed + tmp
+        secs = linear_w / (GPU_RTN_RATE if o.device == "cuda" else RTN_RATE * max(1, o.threads))
+        return StagePlan(stage, dev, host, secs, f"{linear_w / 1e9:.2f} B weights rounded")
+    if stage in ("calib", "fidelity", "quantize-gptq", "obs"):
+        calls = o.calib_samples
+        act = _act_infer(m, o)
+        dev, host = wdev + act, whost
+        secs = calls * fwd / rate
+        note = f"{calls} transformer calls"
+        if stage in ("quantize-gptq", "obs"):
+            hess = [sum(4 * k * k for k in ins) for ins in m.linear_in]
+            state = 2 * m.tokens * m.hidden * _compute_bytes(m, o) * calls  # both streams, every call
+            if o.offload:
+                h = max(hess, default=0)
+                passes = 1
+                keep_dev = o.device == "cpu" or 2 * state < 0.25 * 80e9
+                dev += h + (2 * state if keep_dev else 0)
+                host += (0 if keep_dev or o.device == "cpu" else 2 * state) + packed
+                if o.device == "cpu":
+                    host = dev
+            else:
+                total = sum(hess)
+                passes = max(1, -(-total // HESSIAN_BUDGET)) if o.groups_auto else 1
+                dev += min(total, HESSIAN_BUDGET) if passes > 1 else total
+                host += packed if o.device == "cuda" else 0
+            solve = sum(2.0 * k * k * k for ins in m.linear_in for k in ins)  # ~ Cholesky + sweep
+            secs = passes * calls * fwd / rate + solve / rate
+            note = f"{passes} calibration pass(es) of {calls} calls, Hessians of " + \
+                   ("one block" if o.offload else f"{passes} group(s)")
+        return StagePlan(stage, dev, host, secs, note)
+    if stage == "probe":
+        pieces = m.num_blocks * 5  # "both": the block + up to ~4 components each
+        passes = sum((m.num_blocks - i) * 5 for i in range(m.num_blocks)) + m.num_blocks
+        per_sample = passes / max(1, m.num_blocks)
+        states = (m.num_blocks + 1) * 2 * m.tokens * m.hidden * _compute_bytes(m, o)
+        dev = wdev + _act_infer(m, o) + states
+        secs = o.probe_samples * per_sample * fwd / rate
+        return StagePlan(stage, dev, whost if o.device == "cuda" else dev, secs,
+                         f"~{passes} block passes per sample ({pieces} pieces x {o.probe_samples} samples)")
+    if stage == "distill":
+        t = training_step_bytes(m, o)
+        dev = sum(t.values())
+        p_s = int(m.params * (1 - o.ratio))
+        secs = o.steps * (4 * (1 - o.ratio) + 1) * fwd * max(1, o.batch_size // max(1, o.devices)) / rate
+        note = (f"student {p_s / 1e9:.2f} B params: weights {t['student'] / 1e9:.2f} + grads {t['grads'] / 1e9:.2f} + "
+                f"{o.optimizer} states {t['states'] / 1e9:.2f} GB/device; activations {t['activations'] / 1e9:.2f} GB"
+                f"{' (checkpointed)' if o.grad_checkpointing else ''}; teacher {t['teacher'] / 1e9:.2f} GB")
+        return StagePlan(stage, dev, dev if o.device == "cpu" else int(m.other_bytes), secs, note)
+    if stage == "save":
+        return StagePlan(stage, 0, packed + max(m.block_bytes, default=0), packed / 0.5e9,
+                         "written tensor by tensor (after the issue-32 writer)")
+    raise ValueError(stage)
+
+
+def training_step_bytes(m: ModelShape, o: Options) -> dict[str, int]:
+    """Bytes per device of one distillation step, by kind: teacher weights (replicated), student
+    weights / grads / optimizer states (÷ devices under FSDP2), the activations autograd keeps and
+    the teacher's no-grad forward (whichever is larger). The student trains in fp32 on a CPU, in its storage dtype on a
+    GPU (bf16 autocast); 8-bit AdamW keeps 2 bytes per value + an fp32 absmax per 256."""
+    c = _compute_bytes(m, o)
+    n = max(1, o.devices)
+    p_s = int(m.params * (1 - o.ratio))
+    wb = m.store_bytes if o.device == "cuda" else 4
+    states = 2 * p_s + 2 * 4 * p_s // 256 if o.optimizer == "adamw8bit" else 2 * p_s * wb
+    per = max(1, o.batch_size // n)
+    blocks = max(1, round(m.num_blocks * (1 - o.ratio)))
+    unit = per * m.tokens * m.hidden * c
+    act = unit * (2 * blocks + ACT_TRAIN) if o.grad_checkpointing else unit * ACT_TRAIN * blocks
+    # the teacher's no-grad forward runs (and frees its activations) before the student's
+    act = max(int(act), _act_infer(m, o, per))
+    return {"teacher": m.weight_bytes if o.device == "cuda" else m.params * c, "student": p_s * wb // n,
+            "grads": p_s * wb // n, "states": states // n, "activations": act}
+
+
+VERB_STAGES = {
+    "quantize": ["load", "quantize-rtn", "save"],
+    "quantize-gptq": ["load", "calib", "quantize-gptq", "save"],
+    "compress": ["load", "calib", "probe", "distill", "quantize-gptq", "save"],
+    "calib": ["load", "calib"],
+    "probe": ["load", "probe"],
+    "obs": ["load", "obs", "save"],
+    "prune": ["load", "save"],
+    "distill": ["load", "distill", "save"],
+    "eval": ["load", "fidelity"],
+    "generate": ["load", "fidelity"],
+}
+
+
+def plan(m: ModelShape, stages: list[str], o: Options, device_memory: int | None) -> list[StagePlan]:
+    """Every stage's plan with `fits` set (None when no device memory is known), and, for a stage
+    that does not fit, the cheapest options found that make it fit (`options`)."""
+    import dataclasses
+
+    out = []
+    for s in stages:
+        p = plan_stage(s, m, o)
+        if device_memory:
+            p.fits = p.device_bytes <= device_memory
+            if not p.fits:
+                for trial in _remedies(s, o):
+                    q = plan_stage(s, m, dataclasses.replace(o, **trial))
+                    if q.device_bytes <= device_memory:
+                        p.options = trial
+                        break
+        out.append(p)
+    return out
+
+
+def _remedies(stage: str, o: Options) -> list[dict[str, Any]]:
+    """Options to try, cheapest first."""
+    if stage == "distill":
+        base: list[dict[str, Any]] = [{"grad_checkpointing": True}, {"optimizer": "adamw8bit"},
+                                      {"grad_checkpointing": True, "optimizer": "adamw8bit"}]
+        out = list(base)
+        for n in (2, 4, 8, 16, 32, 64):
+            if n > o.devices:
+                out += [{"devices": n, **b} for b in [{}] + base]
+        out += [{"batch_size": 1, "grad_checkpointing": True, "optimizer": "adamw8bit", "devices": n}
+                for n in (1, 2, 4, 8, 16, 32, 64)]
+        return out
+    return [{"offload": True}, {"offload": True, "calib_samples": max(1, o.calib_samples // 4)}]
+
+
+def device_memory_found(device: str) -> tuple[int, str]:
+    """(bytes, description) of the memory of one device here: a GPU's total, or the host's
+    available memory (MemAvailable) for the CPU."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return int(p.total_memory), f"{p.name}, {torch.cuda.device_count()} found"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "host memory available"
+    except OSError:
+        pass
+    return 0, "unknown"
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '24GiB', '512MB', '80G' -> bytes; HpruneError otherwise."""
+    from hprune.errors import HpruneError
+
+    import re
+
+    mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not mt:
+        raise HpruneError(f"--device-memory {text!r}: give a size like 24GB, 80GiB or 512MB")
+    value, unit, binary = float(mt.group(1)), mt.group(2).upper(), mt.group(3)
+    mult = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
+    if value <= 0:
+        raise HpruneError(f"--device-memory {text!r}: must be positive")
+    return int(value * mult)
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
