@@ -10,7 +10,10 @@ hprune.obs.solver with "set to the nearest code" in place of "set to zero").
 Column order. By default ("act-order") the columns are rounded in order of decreasing H_jj, the
 inputs with the most energy first, while they can still be compensated by every other column;
 each group's scale and zero are then fitted (with `quantize`'s clipping search) to the group's
-original weights ("static groups"), since its columns are visited out of order. With
+original weights ("static groups"), since its columns are visited out of order. The clipped
+ranges can lose to min-max ones once compensation has moved the weights (large K, few tokens),
+so with refine both grids are swept and each output row keeps the one with the lower GPTQ
+error on H. With
 act_order=False the columns go left to right and a group's scale is fitted to its weights as they
 stand when the solver reaches its first column (after compensation). On the block Linears of the
 ShapesBench teacher and tiny-sd3, with their calibration Hessians, act-order has the lower
@@ -47,8 +50,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
             least one, so a group's scale is fitted to weights that are already fully compensated).
         percdamp: damping λ = percdamp · mean(diag H) added to the diagonal.
         act_order: round the columns in order of decreasing diag(H), with static group scales
-            (default); False: left to right, scales fitted to the compensated weights.
-    Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly (either order).
+            (default; with refine, per row the searched or the min-max static grid, whichever
+            gives the lower error tr(ΔW H ΔWᵀ)); False: left to right, scales fitted to the
+            compensated weights.
+    Returns a QuantizedWeight. With H ∝ I it equals `quantize(weight, ...)` exactly (natural
+    order, or refine off; act-order + refine: per row quantize()'s or min-max's, the better).
     """
     from hprune.obs.solver import damped_hessian, hessian_factor, obs_sweep
 
@@ -75,19 +81,49 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     if act_order:
         # static groups: round-to-nearest's scales of the original weights, columns by energy
         static = F.quantize(W, g, fmt, scale_dtype=scale_dtype, refine=refine)
+        minmax = F.quantize(W, g, fmt, scale_dtype=scale_dtype, refine=False) if refine else None
         s_all, z_all = static.scales, static.zeros  # (G, N) in scale_dtype
-        enc = _Encoder(s_all.float(), z_all.float() if z_all is not None else None, fmt)
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # H ∝ I: natural order
         group_of = (perm // g).tolist()
+        lam = float(torch.diagonal(H).mean()) * percdamp / (1 + percdamp)  # the damping damped_hessian added
         R = hessian_factor(H, perm)
         del H
         WT = W.t()[perm].contiguous()
         del W
+        if refine:
+            # The search clips each group's range to minimise the round-to-nearest error of the
+            # ORIGINAL weights; the sweep's compensation then pushes weights past the clipped
+            # range, and at large K (strong compensation) that loses to min-max scales. Rows are
+            # independent in GPTQ (same R, own scales), so sweep both grids side by side (rows
+            # N..2N-1: min-max) and keep, per row, the one whose GPTQ error is lower: never worse
+            # than either. Shares the factorisation; the sweep does twice the rows.
+            s_all = torch.cat([s_all, minmax.scales], 1)
+            z_all = torch.cat([z_all, minmax.zeros], 1) if z_all is not None else None
+            orig = WT
+            WT = torch.cat([WT, WT], 1)
+            codesT = torch.empty(k, 2 * n, dtype=torch.uint8, device=WT.device)
+            rd2 = torch.diagonal(R).square().tolist()  # GPTQ error = Σ_j R_jj² (w̃_j - q_j)² per row
+            err = torch.zeros(2 * n, dtype=torch.float64, device=WT.device)
+            tmp = torch.empty(2 * n, dtype=torch.float32, device=WT.device)
+        enc = _Encoder(s_all.float(), z_all.float() if z_all is not None else None, fmt)
 
         def column(W1: torch.Tensor, b0: int, i: int, ahead: Any) -> torch.Tensor:
-            return enc(W1[i], group_of[b0 + i], codesT[b0 + i])
+            q = enc(W1[i], group_of[b0 + i], codesT[b0 + i])
+            if refine:
+                torch.sub(W1[i], q, out=tmp)
+                err.add_(tmp.square_(), alpha=rd2[b0 + i])
+            return q
 
         obs_sweep(WT, R, blocksize, column)
+        if refine:
+            # the error on the calibration inputs themselves, tr(ΔW H ΔWᵀ) without the damping λI:
+            # Σ_j R_jj² (w̃_j - q_j)² - λ Σ_j (q_j - w_j)² per row (WT now holds the dequantised Q)
+            err.add_(WT.view(k, 2, n).sub_(orig.unsqueeze(1)).square_().sum(0).view(2 * n), alpha=-lam)
+            use_mm = err[n:] < err[:n]  # ties keep the searched grid
+            codesT = torch.where(use_mm, codesT[:, n:], codesT[:, :n])
+            s_all = torch.where(use_mm, s_all[:, n:], s_all[:, :n]).contiguous()
+            if z_all is not None:
+                z_all = torch.where(use_mm, z_all[:, n:], z_all[:, :n]).contiguous()
         codes = torch.empty_like(codesT)
         codes[perm] = codesT
         codes = codes.t()
