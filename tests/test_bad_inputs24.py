@@ -15,21 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hprune.cli import main
 from hprune.errors import CheckpointError, HpruneError, PlanError
-from util import fresh
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, match):
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("hprune:")]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("hprune: error:") and match in lines[0], err
-    assert "Traceback" not in err
+from util import fresh, one_line_error, run
 
 
 @pytest.fixture(scope="module")

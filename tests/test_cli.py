@@ -8,12 +8,7 @@ import sys
 import pytest
 
 from hprune.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from util import run
 
 
 def test_help_lists_commands(capsys):

@@ -5,15 +5,8 @@ import pytest
 import torch
 
 from hprune.artifacts import load_compressed
-from hprune.cli import main
 from hprune.loading import load_model
-from util import TINY, inputs, out
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from util import TINY, inputs, out, run
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -6,20 +6,9 @@ import os
 
 import pytest
 
-from hprune.cli import main
 from hprune.errors import OutputError
 from hprune.io import OUTPUT_MARKER, atomic_dir, check_output
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, match):
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("hprune: error:") and match in lines[0], err
+from util import one_line_error, run
 
 
 @pytest.fixture
@@ -35,13 +24,13 @@ def test_overwrite_replaces_its_own_folder_and_refuses_a_users(capsys, tmp_path,
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's")
     code, _, err = run(capsys, "prune", "tiny-sd3", "--plan", str(plan), "--out", "mine", "--overwrite")
-    one_line_error(code, err, "holds 'notes.txt', which hprune did not write")
+    one_line_error(code, err, "holds 'notes.txt', which hprune did not write", alone=True)
     assert os.listdir(mine) == ["notes.txt"]
     (tmp_path / "afile").write_text("the user's")
     code, _, err = run(capsys, "prune", "tiny-sd3", "--plan", str(plan), "--out", "afile", "--overwrite")
-    one_line_error(code, err, "afile is a file, not a folder hprune wrote")
+    one_line_error(code, err, "afile is a file, not a folder hprune wrote", alone=True)
     code, _, err = run(capsys, "prune", "tiny-sd3", "--plan", str(plan), "--out", ".", "--overwrite")
-    one_line_error(code, err, "is the current folder")
+    one_line_error(code, err, "is the current folder", alone=True)
     for _ in range(2):  # written, then replaced: its own output
         assert run(capsys, "prune", "tiny-sd3", "--plan", str(plan), "--out", "art/", "--overwrite")[0] == 0
     assert sorted(os.listdir(tmp_path / "art")) == [OUTPUT_MARKER, "hprune.json", "model.safetensors"]
@@ -61,7 +50,7 @@ def test_unwritable_outputs_are_one_line(capsys, tmp_path, plan, where, match):
                  ["plan", "--method", "manual", "--blocks", "3", "--model", "tiny-sd3", "--out", out],
                  ["calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2", "--out", out]):
         code, _, err = run(capsys, *argv)
-        one_line_error(code, err, match)
+        one_line_error(code, err, match, alone=True)
 
 
 def test_file_outputs_replace_only_hprune_files(capsys, tmp_path, plan):
@@ -75,7 +64,7 @@ def test_file_outputs_replace_only_hprune_files(capsys, tmp_path, plan):
         for argv in (["plan", "--method", "manual", "--blocks", "3", "--model", "tiny-sd3"],
                      ["calib", "tiny-sd3", "--num-prompts", "1", "--steps", "2"]):
             code, _, err = run(capsys, *argv, "--out", str(out), "--overwrite")
-            one_line_error(code, err, match)
+            one_line_error(code, err, match, alone=True)
     assert readme.read_text() == "the user's" and os.listdir(folder) == []
 
 

@@ -16,17 +16,7 @@ from hprune.errors import OutputError
 from hprune.io import OUTPUT_MARKER
 from hprune.owned import (claim_folder, clean_stale_temps, foreign_entries, output_lock, remove_owned,
                           write_manifest)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_line_error(code, err, match):
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("hprune:")]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("hprune: error:") and match in lines[0], err
+from util import one_line_error, run
 
 
 @pytest.fixture(scope="module")

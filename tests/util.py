@@ -13,6 +13,24 @@ from hprune.models import get_adapter, sample_inputs
 TINY = ["tiny-sd3", "tiny-sd35", "tiny-flux"]
 
 
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """`hprune ARGV...` in this process: (exit code, stdout, stderr)."""
+    from hprune.cli import main
+
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line_error(code: int, err: str, match: str, alone: bool = False) -> None:
+    """The CLI failed with exit 1 and exactly one `hprune: error: ...` line containing `match`, no
+    traceback; `alone`: that line is all of stderr (no warning beside it either)."""
+    lines = err.strip().splitlines()
+    lines = lines if alone else [ln for ln in lines if ln.startswith("hprune:")]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("hprune: error:") and match in lines[0], err
+    assert "Traceback" not in err
+
+
 @functools.lru_cache(maxsize=None)
 def _base(name: str) -> nn.Module:
     return load_model(name)
