@@ -80,12 +80,10 @@ def _from_headers(kind: str, what: Path, config: str | os.PathLike | None) -> nn
     shapes and dtypes (from the safetensors headers; names and shapes checked as a load would)."""
     state: dict[str, torch.Tensor] = {}
     if kind == "artifact":
-        from hprune import rebuild
-        from hprune.artifacts import read_recipe, weights_path
+        from hprune.artifacts import artifact_structure
 
-        doc = read_recipe(what)
-        model = rebuild.replay(build_from_config(doc["class_name"], doc["base_config"], meta=True), doc["recipe"])
-        files = [weights_path(what, doc)]
+        model, _, wfile = artifact_structure(what)
+        files = [wfile]
     elif kind == "diffusers":
         cfg = read_config(what / "config.json")
         model = build_from_config(cfg["_class_name"], cfg, meta=True)
