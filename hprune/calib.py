@@ -314,17 +314,26 @@ def synthetic(model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: in
     return cal
 
 
+def size_vae_scale(name: str) -> int | None:
+    """The pixels per latent pixel that a `size` for model `name` assumes when calibrated without
+    its pipeline: a tiny built-in's VAE is the stand-in (None: the stand-in pipeline's own), any
+    other transformer's is the SD3 / FLUX one."""
+    from hprune.models.registry import BUILTINS
+    from hprune.pipelines import FAMILY_VAE_SCALE
+
+    b = BUILTINS.get(name)
+    return None if b is not None and b.tiny else FAMILY_VAE_SCALE
+
+
 def builtin_calibration(name: str, model: nn.Module, n_prompts: int = 4, num_steps: int = 8, seed: int = 0,
                         **synthetic_kw: Any) -> CalibrationSet:
     """The calibration set a command makes for built-in `name` when none is given: the built-in's
     own (real prompts, e.g. the ShapesBench teacher's captions) where it has a calibration hook,
     else `synthetic` stand-in prompts."""
     from hprune.models.registry import BUILTINS, hook
-    from hprune.pipelines import FAMILY_VAE_SCALE
 
     b = BUILTINS.get(name)
     if b is not None and b.calibration:
         return hook(b.calibration)(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed)
-    # a tiny built-in's VAE is the stand-in; any other transformer's is the SD3/FLUX one
-    synthetic_kw.setdefault("vae_scale", None if b is not None and b.tiny else FAMILY_VAE_SCALE)
+    synthetic_kw.setdefault("vae_scale", size_vae_scale(name))
     return synthetic(model, n_prompts=n_prompts, num_steps=num_steps, seed=seed, **synthetic_kw)

@@ -318,7 +318,7 @@ def test_selftest_extension_off_and_selftest_yes_accepted(monkeypatch):
 def test_selftest_with_nothing_to_check_fails(capsys, monkeypatch):
     from hprune.kernels import selftest
 
-    monkeypatch.setattr(selftest, "run_all", lambda device, ops=None: [])
+    monkeypatch.setattr(selftest, "run_all", lambda device, ops=None, **kw: [])
     code, out, err = run(capsys, "selftest", "--device", "cpu")
     one_line_error(code, err, "nothing to check on cpu")
     assert "0 of 0" not in out

@@ -40,16 +40,18 @@ def device_and_dtype(args: argparse.Namespace):
     return device, (getattr(torch, args.dtype) if args.dtype else None)
 
 
-def check_size(pipe, size: int | None, *, only_max: bool = False) -> None:
+def check_size(pipe, size: int | None, *, only_max: bool = False, vae_scale: int | None = None) -> None:
     """HpruneError unless `size` pixels (height = width) fit the pipeline: a multiple of the VAE's
     downscale times the transformer's patch (FLUX packs 2x2 latents), and within what its position
-    embedding covers (SD3: pos_embed_max_size patches; FLUX: 4x its default size)."""
+    embedding covers (SD3: pos_embed_max_size patches; FLUX: 4x its default size). `vae_scale`:
+    the pixels per latent pixel that `size` assumes, when not the pipeline's own VAE (calibration
+    of a real transformer through the stand-in pipeline reads sizes at the real VAE's scale)."""
     from hprune.errors import HpruneError
 
     if size is None:
         return
     t = pipe.transformer
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
+    vae_scale = int(vae_scale or getattr(pipe, "vae_scale_factor", 8))
     patch = int(getattr(t.config, "patch_size", 1) or 1)
     flux = type(pipe).__name__.startswith("Flux")
     step = vae_scale * (2 if flux else patch)

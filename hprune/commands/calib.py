@@ -88,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
             raise HpruneError(f"--size does not apply to {args.model}: its calibration set uses its own image size")
         model, offload = load_for_offload(args.model, device, dtype, args.offload)
         if args.size is not None:
+            from hprune.calib import size_vae_scale
             from hprune.pipelines import build_pipeline
 
-            check_size(build_pipeline(model), args.size, only_max=True)  # the pipeline builtin_calibration runs
+            # the pipeline builtin_calibration runs, at the VAE scale it reads the size with
+            check_size(build_pipeline(model), args.size, only_max=True, vae_scale=size_vae_scale(args.model))
         with offload_context(model, device, offload):
             cal = builtin_calibration(args.model, model, n_prompts=args.n, num_steps=args.steps, seed=args.seed,
                                       progress=True, size=args.size)
