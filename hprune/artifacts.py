@@ -219,13 +219,15 @@ def check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
                               f"is {str(b).replace('torch.', '')}); an artifact stores one floating-point dtype")
 
 
-def artifact_structure(path: Path) -> tuple[nn.Module, dict[str, Any], Path]:
-    """(the artifact's model on the meta device with its recipe replayed, the recipe, the weights
-    file): every number of hprune.json checked against the weights file's header before anything
-    is built, and a base_config that does not build refused in one line. What load_compressed and
-    a header-only look (hprune info) both start from."""
+def artifact_structure(path: str | os.PathLike) -> tuple[Path, nn.Module, dict[str, Any], Path]:
+    """(the artifact folder (find_artifact: a temporary folder of a killed save is refused), its
+    model on the meta device with the recipe replayed, the recipe, the weights file): every number
+    of hprune.json checked against the weights file's header before anything is built, and a
+    base_config that does not build refused in one line. What load_compressed and a header-only
+    look (hprune info) both start from."""
     from hprune.models.registry import build_from_config
 
+    path = find_artifact(path)
     doc = read_recipe(path)
     wfile = weights_path(path, doc)
     check_config_bounds(path, doc, check_safetensors(wfile))  # before anything is built
@@ -236,7 +238,7 @@ def artifact_structure(path: Path) -> tuple[nn.Module, dict[str, Any], Path]:
         raise CheckpointError(f"{path / RECIPE_FILE}: base_config does not build a {doc['class_name']} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
                               f"recipe was edited or corrupted") from None
-    return rebuild.replay(model, doc["recipe"]), doc, wfile
+    return path, rebuild.replay(model, doc["recipe"]), doc, wfile
 
 
 def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -256,8 +258,7 @@ def load_compressed(path: str | os.PathLike, *, device: str | torch.device = "cp
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise HpruneError(f"load_compressed: dtype must be a floating-point torch dtype (float32, bfloat16, "
                           f"float16), got {dtype}")
-    path = find_artifact(path)
-    model, doc, wfile = artifact_structure(path)
+    path, model, doc, wfile = artifact_structure(path)
     if verify and doc["weights"].get("sha256") and _sha256(wfile) != doc["weights"]["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch (the weights file is corrupted or was replaced)")
     state = load_safetensors(wfile, device=device)

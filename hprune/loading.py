@@ -82,7 +82,7 @@ def _from_headers(kind: str, what: Path, config: str | os.PathLike | None) -> nn
     if kind == "artifact":
         from hprune.artifacts import artifact_structure
 
-        model, _, wfile = artifact_structure(what)
+        _, model, _, wfile = artifact_structure(what)
         files = [wfile]
     elif kind == "diffusers":
         cfg = read_config(what / "config.json")

@@ -153,6 +153,6 @@ def run(args: argparse.Namespace) -> int:
              "what it counts": "the same 4-bit Linears; the other floating-point tensors at 2 bytes each"}]
     print(format_table(byte_rows, ["format", "bytes", "what it counts"]))
     print()
-    print(describe_build())
     print(current().describe())
+    print(describe_build())  # the last line: which build this is (scripts read it)
     return 0
