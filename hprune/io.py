@@ -229,7 +229,6 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 # Every folder hprune writes carries a manifest of what it wrote (hprune.owned): `overwrite`
 # replaces a folder only while it holds nothing but those files, unchanged.
 OUTPUT_MARKER = MANIFEST
-_tmp_sibling = tmp_sibling
 
 
 def _hprune_format(path: Path) -> str | None:
@@ -321,7 +320,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         path = check_output(path, overwrite)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _tmp_sibling(path, "tmp")
+            tmp = tmp_sibling(path, "tmp")
             tmp.mkdir()
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -330,7 +329,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             write_manifest(tmp)
             if path.exists():
                 check_output(path, overwrite)  # still ours: nothing was added while we worked
-                old = _tmp_sibling(path, "old")
+                old = tmp_sibling(path, "old")
                 os.replace(path, old)
                 try:
                     os.replace(tmp, path)
@@ -364,7 +363,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True, mode: str = "w"
         raise OutputError(f"{path} is a folder; this output is a file")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output path exists: {path} (choose another, or pass --overwrite to replace it)")
-    tmp = _tmp_sibling(path, "tmp")
+    tmp = tmp_sibling(path, "tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(tmp, mode)
