@@ -148,6 +148,22 @@ def _structured_group(model: nn.Module, names: list[str], blocks: Iterable[int] 
     lin = {c: model.get_submodule(c) for c in consumers}
     hs = _collect(model, calib, {c: [lin[c]] for c in consumers}, weights, progress, desc) \
         if method != "magnitude" else {}
+    return _prune_sites(model, sites, lin, hs, method, sparsity, percdamp)
+
+
+def _prune_sites(model: nn.Module, sites: list[S.StructuredSite], lin: dict[str, nn.Linear],
+                 hs: dict[str, torch.Tensor], method: str, sparsity: float, percdamp: float,
+                 host: torch.device | None = None) -> list[dict[str, Any]]:
+    """Chooses the heads / neurons to remove at every site (greedy OBS, wanda or magnitude), with
+    OBS compensating the consumers, and applies the shrinks; returns their entries in the order
+    they were applied. lin: {consumer path: Linear}; hs: {consumer path: (in, in) Hessian} (empty
+    for magnitude); `hs` is emptied as the consumers are done.
+
+    host: None (resident): the compensated weights are written into the consumers in place and
+    the shrunk Linears made where the old ones are. A device (block by block: the block is on the
+    compute device, its weights stay on `host`): the compensated consumers are replaced by new
+    Linears on `host`, and the shrunk Linears are made there, so neither the device copies nor
+    the host's (memory-mapped) originals are written."""
     # Sites that share a consumer (a FLUX single block's heads and neurons: proj_out) are pruned
     # together; the float64 OBS states live only while their cluster is processed.
     clusters: dict[str, list[S.StructuredSite]] = {}
@@ -174,15 +190,53 @@ def _structured_group(model: nn.Module, names: list[str], blocks: Iterable[int] 
             keeps.append((site, keep))
         with torch.no_grad():  # compensated consumer weights go back in before the columns are sliced
             for c, st in states.items():
-                lin[c].weight.copy_(st.W.to(lin[c].weight.dtype))
+                if host is None:
+                    lin[c].weight.copy_(st.W.to(lin[c].weight.dtype))
+                else:
+                    model.set_submodule(c, S._sliced_linear(lin[c], weight=st.W, device=host))
         del states
         for c in used:
             hs.pop(c, None)
         # Higher column offsets first, so a shared consumer's lower offsets stay valid.
         for site, keep in sorted(keeps, key=lambda sk: -max(off for _, off in sk[0].consumers)):
             entry = S.shrink_entry(site, keep)
-            S.apply_shrink(model, entry, keep)
+            S.apply_shrink(model, entry, keep, device=host)
             entries.append(entry)
+    return entries
+
+
+def _structured_blockwise(model: nn.Module, sites: list[S.StructuredSite], calib: Any, device: Any,
+                          weights: list[float] | None, method: str, sparsity: float, percdamp: float,
+                          sequential: bool, progress: bool) -> list[dict[str, Any]]:
+    """The structured path of obs_prune_model, block by block (see its `offload`): per block, the
+    consumers' Hessians from one pass over the set's stored inputs, then the block's sites pruned
+    and shrunk as `_structured_group` does (the new Linears on the host). Returns the shrink
+    entries in the order they were applied."""
+    from hprune.models import get_adapter
+    from hprune.models.offload import placed
+    from hprune.obs.blockwise import block_hessians
+    from hprune.report import tqdm
+
+    ad = get_adapter(model)
+    by_block: dict[int, list[S.StructuredSite]] = {}
+    for site in sites:
+        by_block.setdefault(site.block, []).append(site)
+    # Where each block's weights live (the host); the stream moves the block away while it is pruned.
+    host = {b: next(ad.get_block(model, b).parameters()).device for b in by_block}
+    lin = {b: {c: model.get_submodule(c) for site in ss for c, _ in site.consumers} for b, ss in by_block.items()}
+    entries: list[dict[str, Any]] = []
+    if method == "magnitude":  # no data: each block on the device, its sites chosen and shrunk
+        for b in tqdm(list(by_block), desc="OBS-Diff structured", unit="block", disable=not progress):
+            with torch.no_grad(), placed(ad.get_block(model, b), device):
+                entries += _prune_sites(model, by_block[b], lin[b], {}, method, sparsity, percdamp, host[b])
+        return entries
+    hsites = {b: {c: [m] for c, m in ls.items()} for b, ls in lin.items()}
+    for step, hs in block_hessians(model, calib, device, hsites, weights, progress=progress,
+                                   desc="OBS-Diff structured"):
+        entries += _prune_sites(model, by_block[step.index], lin[step.index], hs, method, sparsity, percdamp,
+                                host[step.index])
+        if sequential:
+            step.run()  # the next block's inputs come from the shrunk block
     return entries
 
 
@@ -238,8 +292,10 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
         blocksize, percdamp: OBS solver settings (see prune_linear).
         offload: a device: block by block there (weights on the host), the Hessians of one block
             at a time from ONE pass over the set's stored inputs (hprune.obs.blockwise; `groups`
-            unused; `sequential`: later blocks see the pruned earlier ones). Unstructured and N:M
-            patterns only.
+            unused; `sequential`: later blocks see the pruned earlier ones). Every pattern:
+            unstructured / N:M weights are written back to the host; structured sites are chosen
+            and compensated on the device and their shrunk Linears made on the host, recorded in
+            the recipe as the resident path records one group.
     Returns a JSON-able report: settings, per-layer or per-site results, parameter counts, time.
     Everything is validated before the model changes.
     """
@@ -273,8 +329,6 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
     report: dict[str, Any] = {"method": method, "pattern": pat.name, "sparsity": s, "groups": groups,
                               "weighting": weighting if method != "magnitude" else None,
                               "alpha": list(alpha), "blocks": blocks, "percdamp": percdamp, "blocksize": blocksize}
-    if offload is not None and pat.kind == "structured":
-        raise HpruneError("structured OBS-Diff does not run block by block yet (offload): use it without offload")
     if pat.kind == "structured":
         sites = S.find_sites(model, blocks)
         if not sites:
@@ -294,9 +348,15 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
                 units.append([site.name])
                 unit_sizes.append(size)
             last_key = key
-        parts = split_groups(unit_sizes, groups)
+        parts = split_groups(unit_sizes, groups) if offload is None else []
         entries_all = []
-        for gi, part in enumerate(tqdm(parts, desc="groups", disable=not progress or len(parts) == 1)):
+        if offload is not None:  # recorded as the resident path records one group
+            entries_all = _structured_blockwise(model, sites, calib, offload, weights, method, s, percdamp,
+                                                sequential, progress)
+            S.record_shrink(model, entries_all, {"method": method, "sparsity": s, "group": 0})
+            report["offload"] = {"device": str(offload), "sequential": sequential}
+        for gi, part in enumerate(tqdm(parts, desc="groups", unit="group",
+                                       disable=not progress or len(parts) == 1)):
             names = [n for u in part for n in units[u]]
             entries = _structured_group(model, names, blocks, calib, weights, method, s, percdamp, progress,
                                         f"calibration {gi + 1}/{len(parts)}")
@@ -315,11 +375,12 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             layers = _prune_blockwise(model, units_l, calib, offload, weights, method, s, pat, blocksize, percdamp,
                                       sequential, progress)
             report["offload"] = {"device": str(offload), "sequential": sequential}
-        for gi, part in enumerate(tqdm(parts, desc="groups", disable=not progress or len(parts) == 1)):
+        for gi, part in enumerate(tqdm(parts, desc="groups", unit="group", disable=not progress or len(parts) == 1)):
             group = [units_l[i] for i in part]
             hs = (_collect(model, calib, {u.name: [l for _, l in u.linears] for u in group}, weights, progress,
                            f"calibration {gi + 1}/{len(parts)}") if method != "magnitude" else {})
-            for u in tqdm(group, desc=f"pruning {gi + 1}/{len(parts)}", disable=not progress, leave=False):
+            for u in tqdm(group, desc=f"pruning {gi + 1}/{len(parts)}", unit="unit", disable=not progress,
+                          leave=False):
                 layers += _prune_unit(u, hs.get(u.name), method, s, pat, blocksize, percdamp)
                 hs.pop(u.name, None)  # free the Hessian as soon as its layers are done
         zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)

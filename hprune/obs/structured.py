@@ -239,12 +239,15 @@ def greedy_obs_removal(states: Sequence[ColumnOBS], cols: Sequence[torch.Tensor]
 
 # -- physical shrinking ---------------------------------------------------------------------------
 def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                   weight: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear holding `lin`'s rows and/or columns (index tensors), on lin's device/dtype;
-    `weight` (full shape of lin) replaces lin.weight's values first. Meta stays meta."""
+                   weight: torch.Tensor | None = None, device: torch.device | str | None = None) -> nn.Linear:
+    """A new Linear holding `lin`'s rows and/or columns (index tensors), in lin's dtype, on `device`
+    (default lin's: block by block, a block's layers are sliced on the compute device and the new
+    ones made on the host); `weight` (full shape of lin) replaces lin.weight's values first. Meta
+    stays meta."""
     out_f = lin.out_features if rows is None else len(rows)
     in_f = lin.in_features if cols is None else len(cols)
-    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    where = lin.weight.device if device is None or lin.weight.device.type == "meta" else torch.device(device)
+    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=where, dtype=lin.weight.dtype)
     if lin.weight.device.type != "meta":
         with torch.no_grad():
             w = lin.weight if weight is None else weight.to(lin.weight)
@@ -262,12 +265,14 @@ def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     return new
 
 
-def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | None = None) -> None:
+def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> None:
     """Physically removes groups of one site, in place.
 
     entry: {"site", "kind", "producers": [path], "consumers": [[path, offset]], "group_size",
     "before", "after", optional "attention", "owner"}; keep: (after,) kept group indices (None:
-    the first `after`, enough when weights are loaded afterwards, as on replay)."""
+    the first `after`, enough when weights are loaded afterwards, as on replay); device: where
+    the shrunk Linears are made (default: where the old ones are)."""
     g, before, after = int(entry["group_size"]), int(entry["before"]), int(entry["after"])
     keep = torch.arange(after) if keep is None else torch.as_tensor(keep, dtype=torch.long).sort().values
     if len(keep) != after or not 0 < after <= before:
@@ -277,7 +282,7 @@ def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | N
         lin = _linear(model, path)
         if lin is None or lin.out_features != before * g:
             raise CheckpointError(f"shrink of {entry['site']}: {path} is not a Linear with {before * g} outputs")
-        model.set_submodule(path, _sliced_linear(lin, rows=rows))
+        model.set_submodule(path, _sliced_linear(lin, rows=rows, device=device))
     for path, offset in entry["consumers"]:
         lin = _linear(model, path)
         if lin is None or lin.in_features < offset + before * g:
@@ -285,7 +290,7 @@ def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | N
                                   f"[{offset}, {offset + before * g})")
         cols = torch.cat([torch.arange(offset), offset + rows,
                           torch.arange(offset + before * g, lin.in_features)])
-        model.set_submodule(path, _sliced_linear(lin, cols=cols))
+        model.set_submodule(path, _sliced_linear(lin, cols=cols, device=device))
     if entry["kind"] == HEADS:
         attn = model.get_submodule(entry["attention"])
         attn.heads = after
