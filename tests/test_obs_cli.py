@@ -7,6 +7,7 @@ import torch
 
 from hprune.cli import main
 from hprune.loading import load_model
+from hprune.models.adapters import sample_inputs
 from hprune.recipe import get_recipe
 from util import fresh, inputs, out
 
@@ -76,6 +77,9 @@ def test_cli_tiny_model_without_calib_and_magnitude(capsys, tmp_path):
     (["--blocks", "0,40", "--method", "magnitude"], "block index 40 out of range"),
     (["--pattern", "2:4", "--sparsity", "0.3"], "contradicts"),
     (["--alpha", "1.3", "1.0"], "alpha_min <= alpha_max"),
+    (["--offload", "--groups", "2"], "--groups 2 is for resident runs: block by block (--offload) each"),
+    (["--sequential", "--groups", "3"], "--groups 3 is for resident runs: block by block (--offload, implied by "
+                                        "--sequential)"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, calib_files, argv, match):
     argv = [calib_files["tiny-flux"] if a == "FLUX" else a for a in argv]
@@ -105,3 +109,64 @@ def test_cli_existing_out_and_real_size_without_weights(capsys, tmp_path):
     assert code == 1 and "unknown device 'tpu9'" in err
     code, _, err = run(capsys, "obs", "./no-such-model", "--out", str(tmp_path / "x"))
     assert code == 1 and "model path not found" in err
+
+
+@pytest.mark.parametrize("name,argv", [
+    ("tiny-sd3", ["--pattern", "2:4"]),
+    ("tiny-flux", ["--pattern", "structured", "--sparsity", "0.3"]),  # single blocks share proj_out
+])
+def test_cli_offload_gives_the_resident_artifact(capsys, tmp_path, calib_files, name, argv):
+    """`hprune obs --offload` against the resident run: the same masks, kept heads / neurons and
+    shapes, weights within rtol 1e-4 / atol 1e-6 (block by block replays the set's stored inputs
+    instead of re-running its denoising loop, so the Hessians agree to float rounding; equal on
+    these models), the same fidelity; the artifact loads; progress is per block."""
+    reps, models = [], []
+    for extra in ([], ["--offload"]):
+        dest = tmp_path / ("off" if extra else "res")
+        code, text, err = run(capsys, "obs", name, "--calib", calib_files[name], "--device", "cpu", "--json",
+                              "--out", str(dest), *argv, *extra)
+        assert code == 0, err
+        reps.append(json.loads(text))
+        models.append(load_model(str(dest)))
+        if extra:  # the block-by-block stage reports per block with an ETA, no bar counts "it"
+            stage = [ln for ln in err.splitlines() if ln.startswith("[hprune] OBS-Diff")]
+            assert stage and all(" block" in ln for ln in stage), err
+            assert not [ln for ln in err.splitlines() if ln.startswith("[hprune]") and " it " in ln], err
+    res, off = reps
+    assert res["offload"] is False and off["offload"] == {"device": "cpu", "sequential": False}
+    key = "sites" if "structured" in argv else "pruned_fraction"  # kept heads / neurons, or the zeros
+    assert off[key] == res[key]
+    assert off["params_after"] == res["params_after"]
+    assert off["fidelity"]["rel_mse"] == pytest.approx(res["fidelity"]["rel_mse"], rel=1e-3)
+    assert get_recipe(models[1]) == get_recipe(models[0])
+    sa, sb = models[0].state_dict(), models[1].state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].shape == sb[k].shape
+        assert torch.equal(sa[k] == 0, sb[k] == 0), k  # the same masks
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_offload_automatic_for_bf16_on_cpu_and_sequential(capsys, tmp_path, calib_files):
+    """bf16 weights on a CPU run block by block by themselves (float32 compute); --groups is then
+    said to be unused; --sequential implies --offload (the dry run plans block by block too)."""
+    dest = tmp_path / "bf"
+    code, text, err = run(capsys, "obs", "tiny-flux", "--calib", calib_files["tiny-flux"], "--device", "cpu",
+                          "--dtype", "bfloat16", "--pattern", "structured", "--groups", "2", "--eval-samples", "2",
+                          "--json", "--out", str(dest))
+    assert code == 0, err
+    assert "--groups 2 is unused block by block" in err
+    rep = json.loads(text)
+    assert rep["offload"] == {"device": "cpu", "sequential": False} and rep["groups"] == 1
+    m = load_model(str(dest))
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(out(m, sample_inputs(m, batch=1, dtype=torch.bfloat16))).all()
+    code, text, err = run(capsys, "obs", "tiny-sd3", "--calib", calib_files["tiny-sd3"], "--device", "cpu",
+                          "--pattern", "structured", "--sequential", "--eval-samples", "0", "--json",
+                          "--out", str(tmp_path / "seq"))
+    assert code == 0, err
+    assert json.loads(text)["offload"] == {"device": "cpu", "sequential": True}
+    code, text, err = run(capsys, "obs", "tiny-sd3", "--sequential", "--dry-run", "--device", "cpu",
+                          "--out", str(tmp_path / "plan"))
+    assert code == 0 and "(offload: block by block)" in text, err
+    assert not (tmp_path / "plan").exists()

@@ -10,9 +10,17 @@ ShapesBench teacher's own captions). The printed
 fidelity is how far the pruned model's velocity moves from the original's on calibration
 inputs (relative MSE and cosine distance; 0 = identical).
 
+--offload runs it block by block (as `quantize`): the weights stay on the host (memory-mapped),
+one block at a time on --device, each block's Hessians from ONE pass over the calibration set's
+stored inputs, the pruned block written back to the host (structured: its shrunk layers made
+there). Automatic when the model does not fit the GPU, and for 16-bit weights on a CPU (computed
+in float32). --groups is unused then (one block's Hessians are held at a time); --sequential
+feeds each block the outputs of the already pruned blocks instead of the dense ones.
+
 examples:
   hprune obs tiny-sd3 --sparsity 0.5 --out sd3-obs50
   hprune obs ./sd35-large --calib calib.safetensors --pattern 2:4 --groups 4 --out sd35-24
+  hprune obs ./flux1-dev --calib calib.safetensors --pattern structured --sparsity 0.3 --offload --out flux-s30
   hprune obs tiny-flux --pattern structured --sparsity 0.3 --method wanda --out flux-s30
   torchrun --nproc-per-node 8 -m hprune obs ./sd35-large --calib calib.safetensors --out sd35-obs50
       (the calibration trajectories are dealt out to the ranks, their Hessians summed; rank 0 writes)
@@ -22,8 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
+from hprune.commands import add_device_arguments, device_and_dtype, load_for_offload, offload_context
 
 HELP = "OBS-Diff one-shot pruning (unstructured, 2:4/4:8, structured heads/neurons)"
 
@@ -38,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of weights (unstructured, default 0.5) or of heads and FFN neurons per layer "
                         "(structured); N:M patterns imply 1 - N/M")
     p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M | structured")
-    p.add_argument("--groups", type=int, default=1, help="K of group-wise sequential pruning (default 1); Hessian memory is one group's, "
-                        "so use 4+ on real-size models")
+    p.add_argument("--groups", type=int, default=1,
+                   help="K of group-wise sequential pruning (default 1); Hessian memory is one group's, so use 4+ on "
+                        "real-size models resident; unused block by block (--offload), which holds one block's")
     p.add_argument("--weighting", default=DEFAULT_WEIGHTING, choices=WEIGHTINGS,
                    help=f"timestep weights of the Hessian (default {DEFAULT_WEIGHTING})")
     p.add_argument("--alpha", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"),
@@ -48,11 +58,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="obs (default, with weight compensation) or a baseline mask")
     p.add_argument("--blocks", help="block indices to prune, e.g. '1-36' or '0,2,5-9' (default: all)")
     add_device_arguments(p)
+    p.add_argument("--offload", action="store_true",
+                   help="block by block: the weights stay on the host (memory-mapped), one block at a time on --device "
+                        "(automatic when the model does not fit the GPU, and for 16-bit weights on a CPU, which then "
+                        "computes in float32); the Hessians of one block at a time from ONE calibration pass")
+    p.add_argument("--sequential", action=_Sequential,
+                   help="block by block (implies --offload), each block calibrated on the outputs of the already "
+                        "pruned blocks (what --groups does resident)")
     p.add_argument("--eval-samples", type=int, default=8,
                    help="calibration samples to measure fidelity on (0 = skip; default 8)")
     p.add_argument("--config", help="config.json for a lone .safetensors MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+class _Sequential(argparse.Action):
+    """--sequential: a flag that also sets --offload (so --dry-run plans the block-by-block run)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.sequential = namespace.offload = True
 
 
 def parse_blocks(text: str | None) -> list[int] | None:
@@ -87,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     step_weights(args.weighting, 2, *args.alpha)
     if args.groups < 1:
         raise HpruneError(f"--groups must be >= 1, got {args.groups}")
+    if args.groups > 1 and args.offload:
+        raise HpruneError(f"--groups {args.groups} is for resident runs: block by block (--offload"
+                          f"{', implied by --sequential' if args.sequential else ''}) each block's Hessians come "
+                          f"from one pass; use --sequential there for later blocks to see the pruned earlier ones")
     if args.eval_samples < 0:
         raise HpruneError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     blocks = parse_blocks(args.blocks)
@@ -104,17 +135,24 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = device_and_dtype(args)
     main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
-    model = load_weighted_model(args.model, device, dtype, config=args.config, random_ok=True,
-                                hint="give a checkpoint folder, or run on a GPU for random weights")
-    calib = (None if args.method == "magnitude" and not args.calib
-             else calibration_for(args.model, model, args.calib, what=f"method {args.method!r}"))
-    check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
+    model, offload = load_for_offload(args.model, device, dtype, args.offload, config=args.config, random_ok=True,
+                                      hint="give a checkpoint folder, or run on a GPU for random weights")
+    if offload and args.groups > 1:  # switched on by itself (the model's size or dtype)
+        print(f"--groups {args.groups} is unused block by block: each block's Hessians come from one pass "
+              f"over the calibration set", file=sys.stderr)
+    with offload_context(model, device, offload):
+        calib = (None if args.method == "magnitude" and not args.calib
+                 else calibration_for(args.model, model, args.calib, what=f"method {args.method!r}"))
+        check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
     bytes_before = bytes_at(model)
 
-    report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name, groups=args.groups,
-                             weighting=args.weighting, method=args.method, blocks=blocks,
-                             alpha=tuple(args.alpha), progress=main)
-    fid = check.measure(model)
+    report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name,
+                             groups=1 if offload else args.groups, weighting=args.weighting, method=args.method, blocks=blocks,
+                             alpha=tuple(args.alpha), progress=main, offload=device if offload else None,
+                             sequential=args.sequential)
+    report["offload"] = report.get("offload", False)
+    with offload_context(model, device, offload):
+        fid = check.measure(model)
     if fid:
         report["fidelity"] = fid
     report["bytes_bf16_before"], report["bytes_bf16_after"] = bytes_before, bytes_at(model)
@@ -132,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, ["", "before", "after"]))
     what = (f"{report['pruned_fraction']:.1%} of the pruned layers' weights are zero" if "pruned_fraction" in report
             else f"{len(report['sites'])} attention/FFN sites shrunk")
-    print(f"{args.method} {pat.name} sparsity {sparsity:g}, groups {args.groups}: {what}; {report['seconds']:.1f} s")
+    how = (f"block by block{' (sequential)' if args.sequential else ''}" if offload else f"groups {args.groups}")
+    print(f"{args.method} {pat.name} sparsity {sparsity:g}, {how}: {what}; {report['seconds']:.1f} s")
     if fid:
         print(f"fidelity on {fid['samples']} calibration samples: rel_mse {fid['rel_mse']:.4g}, "
               f"cosine distance {fid['cosine']:.4g}")

@@ -356,7 +356,7 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             S.record_shrink(model, entries_all, {"method": method, "sparsity": s, "group": 0})
             report["offload"] = {"device": str(offload), "sequential": sequential}
         for gi, part in enumerate(tqdm(parts, desc="groups", unit="group",
-                                       disable=not progress or len(parts) == 1)):
+                                       disable=not progress or len(parts) <= 1)):
             names = [n for u in part for n in units[u]]
             entries = _structured_group(model, names, blocks, calib, weights, method, s, percdamp, progress,
                                         f"calibration {gi + 1}/{len(parts)}")
@@ -375,7 +375,7 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             layers = _prune_blockwise(model, units_l, calib, offload, weights, method, s, pat, blocksize, percdamp,
                                       sequential, progress)
             report["offload"] = {"device": str(offload), "sequential": sequential}
-        for gi, part in enumerate(tqdm(parts, desc="groups", unit="group", disable=not progress or len(parts) == 1)):
+        for gi, part in enumerate(tqdm(parts, desc="groups", unit="group", disable=not progress or len(parts) <= 1)):
             group = [units_l[i] for i in part]
             hs = (_collect(model, calib, {u.name: [l for _, l in u.linears] for u in group}, weights, progress,
                            f"calibration {gi + 1}/{len(parts)}") if method != "magnitude" else {})
