@@ -193,7 +193,7 @@ def _prune_sites(model: nn.Module, sites: list[S.StructuredSite], lin: dict[str,
                 if host is None:
                     lin[c].weight.copy_(st.W.to(lin[c].weight.dtype))
                 else:
-                    model.set_submodule(c, S._sliced_linear(lin[c], weight=st.W, device=host))
+                    model.set_submodule(c, S.sliced_linear(lin[c], weight=st.W, device=host))
         del states
         for c in used:
             hs.pop(c, None)
@@ -233,8 +233,9 @@ def _structured_blockwise(model: nn.Module, sites: list[S.StructuredSite], calib
     hsites = {b: {c: [m] for c, m in ls.items()} for b, ls in lin.items()}
     for step, hs in block_hessians(model, calib, device, hsites, weights, progress=progress,
                                    desc="OBS-Diff structured"):
-        entries += _prune_sites(model, by_block[step.index], lin[step.index], hs, method, sparsity, percdamp,
+        entries += _prune_sites(model, by_block[step.index], lin.pop(step.index), hs, method, sparsity, percdamp,
                                 host[step.index])
+        hsites.pop(step.index)  # the replaced Linears are not kept alive to the end
         if sequential:
             step.run()  # the next block's inputs come from the shrunk block
     return entries

@@ -238,8 +238,8 @@ def greedy_obs_removal(states: Sequence[ColumnOBS], cols: Sequence[torch.Tensor]
 
 
 # -- physical shrinking ---------------------------------------------------------------------------
-def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                   weight: torch.Tensor | None = None, device: torch.device | str | None = None) -> nn.Linear:
+def sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None, device: torch.device | str | None = None) -> nn.Linear:
     """A new Linear holding `lin`'s rows and/or columns (index tensors), in lin's dtype, on `device`
     (default lin's: block by block, a block's layers are sliced on the compute device and the new
     ones made on the host); `weight` (full shape of lin) replaces lin.weight's values first. Meta
@@ -282,7 +282,7 @@ def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | N
         lin = _linear(model, path)
         if lin is None or lin.out_features != before * g:
             raise CheckpointError(f"shrink of {entry['site']}: {path} is not a Linear with {before * g} outputs")
-        model.set_submodule(path, _sliced_linear(lin, rows=rows, device=device))
+        model.set_submodule(path, sliced_linear(lin, rows=rows, device=device))
     for path, offset in entry["consumers"]:
         lin = _linear(model, path)
         if lin is None or lin.in_features < offset + before * g:
@@ -290,7 +290,7 @@ def apply_shrink(model: nn.Module, entry: dict[str, Any], keep: torch.Tensor | N
                                   f"[{offset}, {offset + before * g})")
         cols = torch.cat([torch.arange(offset), offset + rows,
                           torch.arange(offset + before * g, lin.in_features)])
-        model.set_submodule(path, _sliced_linear(lin, cols=cols, device=device))
+        model.set_submodule(path, sliced_linear(lin, cols=cols, device=device))
     if entry["kind"] == HEADS:
         attn = model.get_submodule(entry["attention"])
         attn.heads = after
