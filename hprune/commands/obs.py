@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     from hprune.report import format_table, human_bytes, human_count
 
     device, dtype = device_and_dtype(args)
-    main = dist.setup(device)[0] == 0  # under torchrun: calibration shared out, rank 0 writes
+    # under torchrun: calibration shared out (resident; block by block each rank streams it all), rank 0 writes
+    main = dist.setup(device)[0] == 0
     model, offload = load_for_offload(args.model, device, dtype, args.offload, config=args.config, random_ok=True,
                                       hint="give a checkpoint folder, or run on a GPU for random weights")
     if offload and args.groups > 1:  # switched on by itself (the model's size or dtype)
@@ -147,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     bytes_before = bytes_at(model)
 
     report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name,
-                             groups=1 if offload else args.groups, weighting=args.weighting, method=args.method, blocks=blocks,
-                             alpha=tuple(args.alpha), progress=main, offload=device if offload else None,
+                             groups=1 if offload else args.groups, weighting=args.weighting, method=args.method,
+                             blocks=blocks, alpha=tuple(args.alpha), progress=main, offload=device if offload else None,
                              sequential=args.sequential)
     report["offload"] = report.get("offload", False)
     with offload_context(model, device, offload):

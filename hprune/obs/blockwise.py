@@ -70,7 +70,11 @@ def block_hessians(model: nn.Module, calib: Any, device: torch.device | str,
             for h in handles:
                 h.remove()
         hs = collector.hessians()
+        # Only `hs` holds the Hessians: the consumer frees each as it goes, and none of this block's
+        # stay alive while the next block's are collected.
+        del collector
         missing = [s for s in here if s not in hs]
         if missing:
             raise HpruneError(f"layer {missing[0]} never ran on the calibration inputs")
         yield step, hs
+        del hs
