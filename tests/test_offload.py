@@ -227,3 +227,21 @@ def test_obs_structured_sequential_sees_the_shrunk_prefix():
     later = [k for k in sa if k.startswith("transformer_blocks.3.")]
     assert all(torch.equal(sa[k], sb[k]) for k in first)  # block 0 sees the same inputs
     assert any(not torch.equal(sa[k], sb[k]) for k in later)  # later blocks see the pruned ones
+
+
+@pytest.mark.gpu
+def test_obs_structured_offload_to_gpu_leaves_the_model_on_the_host():
+    """Block by block on a GPU: the shrunk and compensated Linears are made on the host in the
+    storage dtype (nothing stays on the GPU), the sizes are those of the CPU run, the model runs."""
+    from hprune.obs.sequential import obs_prune_model
+
+    m0 = load_model("tiny-flux")
+    calib = builtin_calibration("tiny-flux", m0, n_prompts=1, num_steps=2)
+    a, b = load_model("tiny-flux", dtype=torch.bfloat16), load_model("tiny-flux", dtype=torch.bfloat16)
+    ra = obs_prune_model(a, calib, pattern="structured", sparsity=0.3, offload="cpu")
+    rb = obs_prune_model(b, calib, pattern="structured", sparsity=0.3, offload="cuda")
+    assert [s["after"] for s in rb["sites"]] == [s["after"] for s in ra["sites"]]
+    assert {(p.device.type, p.dtype) for p in b.parameters()} == {("cpu", torch.bfloat16)}
+    assert {k: v.shape for k, v in b.state_dict().items()} == {k: v.shape for k, v in a.state_dict().items()}
+    x = sample_inputs(b, batch=1, dtype=torch.bfloat16)
+    assert torch.isfinite(predict(b, x)).all()
