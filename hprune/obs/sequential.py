@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -224,19 +224,24 @@ def _structured_blockwise(model: nn.Module, sites: list[S.StructuredSite], calib
     # Where each block's weights live (the host); the stream moves the block away while it is pruned.
     host = {b: next(ad.get_block(model, b).parameters()).device for b in by_block}
     lin = {b: {c: model.get_submodule(c) for site in ss for c, _ in site.consumers} for b, ss in by_block.items()}
-    entries: list[dict[str, Any]] = []
-    if method == "magnitude":  # no data: each block on the device, its sites chosen and shrunk
-        for b in tqdm(list(by_block), desc="OBS-Diff structured", unit="block", disable=not progress):
-            with torch.no_grad(), placed(ad.get_block(model, b), device):
-                entries += _prune_sites(model, by_block[b], lin[b], {}, method, sparsity, percdamp, host[b])
-        return entries
     hsites = {b: {c: [m] for c, m in ls.items()} for b, ls in lin.items()}
-    for step, hs in block_hessians(model, calib, device, hsites, weights, progress=progress,
-                                   desc="OBS-Diff structured"):
-        entries += _prune_sites(model, by_block[step.index], lin.pop(step.index), hs, method, sparsity, percdamp,
-                                host[step.index])
-        hsites.pop(step.index)  # the replaced Linears are not kept alive to the end
-        if sequential:
+
+    def blocks() -> Iterator[tuple[int, Any, dict[str, torch.Tensor]]]:
+        """(block index, its StreamStep or None, its consumers' Hessians) with the block on the device."""
+        if method == "magnitude":  # no data: only the blocks with sites, no stream
+            for b in tqdm(list(by_block), desc="OBS-Diff structured", unit="block", disable=not progress):
+                with torch.no_grad(), placed(ad.get_block(model, b), device):
+                    yield b, None, {}
+            return
+        for step, hs in block_hessians(model, calib, device, hsites, weights, progress=progress,
+                                       desc="OBS-Diff structured"):
+            yield step.index, step, hs
+
+    entries: list[dict[str, Any]] = []
+    for b, step, hs in blocks():  # one iteration per block, done when its body ends
+        entries += _prune_sites(model, by_block[b], lin.pop(b), hs, method, sparsity, percdamp, host[b])
+        hsites.pop(b)  # the replaced Linears are not kept alive to the end
+        if sequential and step is not None:
             step.run()  # the next block's inputs come from the shrunk block
     return entries
 
