@@ -239,7 +239,7 @@ def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(
 
 
 @pytest.mark.parametrize("steps", [2, 0], ids=["distilled", "pruned-only"])
-def test_compress_offload_equals_resident_bit_for_bit(steps, tmp_path, capsys):
+def test_compress_offload_equals_resident_bit_for_bit(steps, tmp_path, capsys, monkeypatch):
     """`compress --offload`: probe and fidelity checks per call block by block, pruning as host
     surgery (without distillation the student shares the teacher's tensors), the teacher streamed
     during distillation, RTN block by block: the same report numbers and artifact as resident."""
@@ -248,6 +248,7 @@ def test_compress_offload_equals_resident_bit_for_bit(steps, tmp_path, capsys):
     from hprune.calib import builtin_calibration
     from hprune.loading import load_model
 
+    monkeypatch.setenv("HPRUNE_PROGRESS_INTERVAL", "0")  # a progress line per update
     builtin_calibration("tiny-sd3", load_model("tiny-sd3"), n_prompts=3, num_steps=2).save(tmp_path / "c.safetensors")
     common = ["compress", "tiny-sd3", "--calib", tmp_path / "c.safetensors", "--ratio", 0.3, "--quant", "int4",
               "--quant-method", "rtn", "--steps", steps, "--batch-size", 2, "--max-probe-samples", 2, "--device", "cpu"]
@@ -255,6 +256,11 @@ def test_compress_offload_equals_resident_bit_for_bit(steps, tmp_path, capsys):
     for label, extra in (("resident", []), ("offload", ["--offload"])):
         code, _, err = run(capsys, *common, *extra, "--out", tmp_path / label)
         assert code == 0, err
+        # progress with an ETA on stderr (plain lines when it is not a terminal) for each streamed stage
+        lines = [ln for ln in err.splitlines() if ln.startswith("[hprune]") and "ETA" in ln]
+        assert any("probing" in ln for ln in lines)
+        assert any("distilling" in ln and " step" in ln for ln in lines) == (steps > 0)
+        assert any("RTN" in ln and " block" in ln for ln in lines) == bool(extra)  # block by block
         reports.append(json.loads((tmp_path / label / "report.json").read_text()))
         tensors.append(load_file(str(tmp_path / label / "artifact" / "model.safetensors")))
     a, b = reports
