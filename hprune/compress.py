@@ -283,7 +283,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         write_json(Path(ckpt) / RUN_FILE, {"format": RUN_FORMAT, "key": run_key, "table": table.to_dict(),
                                            "plan": plan.to_dict()})
         add_to_manifest(ckpt, [RUN_FILE])
-    from hprune.distill import pruned_student
+    from hprune.distill import pruned_student, stored_like
     from hprune.models.offload import compute_dtype, storage_dtype
 
     stored = storage_dtype(teacher)
@@ -302,8 +302,8 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         t = time.perf_counter()
         student, res = distill(teacher, student, train_cal, cfg, table=table, progress=progress and main,
                                offload_teacher=off is not None)
-        if off is not None:  # back to the host, in the teacher's dtype: the device holds one block at a time again
-            student = student.to(device=p0.device, dtype=stored)
+        if off is not None:  # back to the host, in the teacher's dtypes: the device holds one block at a time again
+            student = stored_like(student, teacher, p0.device)
         history, schedule = res.history, res.schedule
         say(schedule_table(schedule))
         stage("distilled", student, time.perf_counter() - t)

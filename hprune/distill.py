@@ -248,6 +248,27 @@ def pruned_student(teacher: nn.Module, plan: Any, *, device: torch.device | str 
     return student
 
 
+def stored_like(student: nn.Module, teacher: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Puts the student's floating-point tensors back in the dtype the teacher stores under the
+    same name (the teacher's first floating dtype for a name it lacks), on `device` if given: a
+    student trained in the compute dtype (fp32 on a CPU) is saved like its teacher. In place;
+    returns `student`."""
+    from hprune.models.offload import storage_dtype
+
+    want = {n: t.dtype for n, t in teacher.state_dict().items()}
+    default = storage_dtype(teacher)
+    with torch.no_grad():
+        for prefix, m in student.named_modules():
+            for group in (m._parameters, m._buffers):
+                for name, t in group.items():
+                    if t is None:
+                        continue
+                    dt = want.get(f"{prefix}.{name}" if prefix else name, default) if t.is_floating_point() else t.dtype
+                    if t.dtype != dt or (device is not None and t.device != torch.device(device)):
+                        t.data = t.data.to(device=device if device is not None else t.device, dtype=dt)
+    return student
+
+
 # ---- what trains -------------------------------------------------------------------------------
 
 def first_pruned_block(model: nn.Module) -> int | None:

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from hprune.artifacts import save_compressed
     from hprune.commands import FidelityCheck, calibration_for, load_for_offload, offload_context
     from hprune.distill import (DistillConfig, check_checkpoint, distill, latest_checkpoint, pruned_student,
-                                schedule_table)
+                                schedule_table, stored_like)
     from hprune.errors import HpruneError
     from hprune.io import check_output
     from hprune.models import PrunePlan, param_count
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     with offload_context(student, device, offload):
         after = check.measure(student)
     if offload:
-        student = student.to(dtype=stored)
+        stored_like(student, teacher)
     if not main:
         return 0
     print(schedule_table(res.schedule))
