@@ -184,8 +184,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     from hprune.distill import DistillConfig, distill, schedule_table
     from hprune.hpp import plan_bksdm, plan_hpp, plan_koala
     from hprune.io import atomic_dir, check_output, write_json
-    from hprune.distill import check_checkpoint, latest_checkpoint
+    from hprune.distill import check_checkpoint, latest_checkpoint, pruned_student, stored_like
     from hprune.models import PrunePlan
+    from hprune.models.offload import compute_dtype, storage_dtype
     from hprune.models.registry import weights_fingerprint
     from hprune.plots import line_plot
     from hprune.probe import SensitivityTable
@@ -262,8 +263,6 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         n_probe = min(len(train_cal), opts.max_probe_samples or len(train_cal))
         say(f"[1/5] probing ΔP of every block and component on {n_probe} calibration samples"
             + (f" (of {len(train_cal)})" if n_probe < len(train_cal) else ""))
-        from hprune.models.offload import compute_dtype, storage_dtype
-
         with streamed(teacher):
             table = probe_sensitivity(teacher, train_cal, max_samples=opts.max_probe_samples, progress=progress and main,
                                       device=off, dtype=compute_dtype(storage_dtype(teacher), off) if off else None)
@@ -283,9 +282,6 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         write_json(Path(ckpt) / RUN_FILE, {"format": RUN_FORMAT, "key": run_key, "table": table.to_dict(),
                                            "plan": plan.to_dict()})
         add_to_manifest(ckpt, [RUN_FILE])
-    from hprune.distill import pruned_student, stored_like
-    from hprune.models.offload import compute_dtype, storage_dtype
-
     stored = storage_dtype(teacher)
     if off is None:
         student = pruned_student(teacher, plan)  # copies only what the student keeps
