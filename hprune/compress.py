@@ -14,7 +14,7 @@ held-out inputs (calibration trajectories kept out of probing and training). The
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -162,17 +162,31 @@ def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSe
 def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, out: str | Path, *,
              overwrite: bool = False, name: str = "model", progress: bool = True,
              log: Callable[[str], None] = print,
-             extras: Callable[[Path, nn.Module, dict[str, Any]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             extras: Callable[[Path, nn.Module, dict[str, Any]], None] | None = None,
+             offload: torch.device | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Runs the pipeline on `teacher` (left unchanged) and writes the output folder `out`.
     Returns (compressed model, report); the report is also in report.json. Under torchrun only
     rank 0 writes. `extras(folder, model, report)` may add files to the folder before it is
-    committed (the demo adds images)."""
+    committed (the demo adds images).
+
+    offload: a device (e.g. "cuda"): every stage runs block by block there while the teacher's
+    weights stay where they are (the host, memory-mapped; hprune.models.offload). The probe and
+    the fidelity checks run the models per call with one block at a time on the device; pruning
+    is host surgery on a copy that shares the teacher's tensors (hprune.distill.pruned_student);
+    distillation trains the student resident on the device (in the compute dtype: float32 on a
+    CPU for 16-bit weights) with the teacher streamed block by block, then stores it back on the
+    host in the teacher's dtype; hprune int4 quantisation runs quantize_model(offload=device).
+    Without distillation the returned model shares the tensors it kept with the teacher (nothing
+    is copied); clone it before changing it in place. Same results as the resident path where
+    the arithmetic is the same (tiny fp32 models, RTN: bit for bit); GPTQ then takes its Hessians
+    from the set's stored inputs (hprune.quant.blockwise), not from a new denoising loop."""
     from hprune.artifacts import load_compressed, save_compressed
     from hprune.distill import DistillConfig, distill, schedule_table
     from hprune.hpp import plan_bksdm, plan_hpp, plan_koala
     from hprune.io import atomic_dir, check_output, write_json
-    from hprune.distill import check_checkpoint, latest_checkpoint
-    from hprune.models import PrunePlan, apply_plan
+    from hprune.distill import check_checkpoint, latest_checkpoint, pruned_student, stored_like
+    from hprune.models import PrunePlan
+    from hprune.models.offload import compute_dtype, storage_dtype
     from hprune.models.registry import weights_fingerprint
     from hprune.plots import line_plot
     from hprune.probe import SensitivityTable
@@ -186,7 +200,8 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     if opts.protect is not None and not 0 <= opts.protect < n_blocks:
         raise HpruneError(f"protect must be between 0 and {n_blocks - 1} (the model has {n_blocks} blocks), "
                           f"got {opts.protect}: the ratio cannot be met with every block protected")
-    rank = dist.setup(next(teacher.parameters()).device)[0]
+    off = torch.device(offload) if offload is not None else None
+    rank = dist.setup(off or next(teacher.parameters()).device)[0]
     main = rank == 0
     check_output(out, overwrite)
     calib.check_fits(teacher)
@@ -221,8 +236,19 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
 
+    def streamed(*models: nn.Module) -> contextlib.ExitStack:
+        """With offload: the models run block by block on the device (per call), else as they are."""
+        stack = contextlib.ExitStack()
+        if off is not None:
+            from hprune.models.offload import offloaded
+
+            for m in models:
+                stack.enter_context(offloaded(m, off))
+        return stack
+
     def stage(label: str, model: nn.Module, seconds: float) -> None:
-        fid = fidelity(teacher, model, eval_batches)
+        with streamed(teacher, model):
+            fid = fidelity(teacher, model, eval_batches)
         rows.append({"stage": label, "params": param_count(model), "bytes": bytes_at(model, torch.bfloat16),
                      "rel_mse": fid["rel_mse"], "cosine_dist": fid["cosine"], "seconds": round(seconds, 2)})
 
@@ -237,7 +263,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         n_probe = min(len(train_cal), opts.max_probe_samples or len(train_cal))
         say(f"[1/5] probing ΔP of every block and component on {n_probe} calibration samples"
             + (f" (of {len(train_cal)})" if n_probe < len(train_cal) else ""))
-        table = probe_sensitivity(teacher, train_cal, max_samples=opts.max_probe_samples, progress=progress and main)
+        with streamed(teacher):
+            table = probe_sensitivity(teacher, train_cal, max_samples=opts.max_probe_samples, progress=progress and main,
+                                      device=off, dtype=compute_dtype(storage_dtype(teacher), off) if off else None)
     probe_s = time.perf_counter() - t
 
     say(f"[2/5] {opts.method} plan removing {opts.ratio:.0%} of the parameters; pruning")
@@ -254,8 +282,13 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
         write_json(Path(ckpt) / RUN_FILE, {"format": RUN_FORMAT, "key": run_key, "table": table.to_dict(),
                                            "plan": plan.to_dict()})
         add_to_manifest(ckpt, [RUN_FILE])
-    student = copy.deepcopy(teacher)
-    apply_plan(student, plan)
+    stored = storage_dtype(teacher)
+    if off is None:
+        student = pruned_student(teacher, plan)  # copies only what the student keeps
+    elif opts.steps > 0:  # it trains resident on the device, in the compute dtype
+        student = pruned_student(teacher, plan, device=off, dtype=compute_dtype(stored, off))
+    else:  # host surgery only: it shares the teacher's (mapped) tensors until quantisation replaces them
+        student = pruned_student(teacher, plan, share=True)
     stage("pruned", student, probe_s + time.perf_counter() - t)
 
     history: list[dict[str, float]] = []
@@ -263,7 +296,10 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
     if opts.steps > 0:
         say(f"[3/5] distilling {opts.steps} steps (batch {opts.batch_size})")
         t = time.perf_counter()
-        student, res = distill(teacher, student, train_cal, cfg, table=table, progress=progress and main)
+        student, res = distill(teacher, student, train_cal, cfg, table=table, progress=progress and main,
+                               offload_teacher=off is not None)
+        if off is not None:  # back to the host, in the teacher's dtypes: the device holds one block at a time again
+            student = stored_like(student, teacher, p0.device)
         history, schedule = res.history, res.schedule
         say(schedule_table(schedule))
         stage("distilled", student, time.perf_counter() - t)
@@ -281,7 +317,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             fp8 = opts.quant == "int4-fp8"
             quant_report = quantize_model(student, group_size=opts.group_size, fmt="int4", act="fp8" if fp8 else None,
                                           method="gptq" if gptq else "rtn", calib=train_cal if gptq else None,
-                                          progress=progress and main)
+                                          progress=progress and main, offload=off)
             stage("quantised (hprune int4" + (", GPTQ" if gptq else "") + (", fp8 activations)" if fp8 else ")"),
                   student, time.perf_counter() - t)
         else:
@@ -298,6 +334,7 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
                          if quant_report else None),
         "schedule": {k: v for k, v in (schedule or {}).items() if k != "scales"},
         "distill_history": history,
+        "offload": str(off) if off is not None else None,
         "calibration": {"train_samples": len(train_cal), "eval_samples": len(eval_cal),
                         "eval_is_train": eval_cal is train_cal},
     }
@@ -307,8 +344,9 @@ def compress(teacher: nn.Module, calib: CalibrationSet, opts: CompressOptions, o
             art = save_compressed(student, tmp / "artifact", extra={"compress": {"model": name, "ratio": opts.ratio,
                                                                                   "quant": opts.quant}})
             back = load_compressed(art)
-            report["reload_bit_identical"] = all(torch.equal(predict(student, x), predict(back, x))
-                                                 for x in eval_batches[:2])
+            with streamed(student, back):
+                report["reload_bit_identical"] = all(torch.equal(predict(student, x), predict(back, x))
+                                                     for x in eval_batches[:2])
             report["artifact_bytes"] = weight_bytes(back)
             save_s = time.perf_counter() - t
             report["save_seconds"] = round(save_s, 2)

@@ -200,6 +200,75 @@ class DistillData:
         return inputs, eps - x0
 
 
+# ---- the student -------------------------------------------------------------------------------
+
+def pruned_student(teacher: nn.Module, plan: Any, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, share: bool = False) -> nn.Module:
+    """A copy of `teacher` with `plan` (hprune.models.PrunePlan) applied, made without a full copy
+    of the teacher: the copy first shares the teacher's tensors (new Parameter / tensor objects
+    over the same storage), the planned pieces are removed from it (host surgery: whole
+    submodules go; only a partly pruned block's AdaLN modulation rows are sliced into new, small
+    tensors), and only then are the kept tensors copied, straight to
+    `device` (default: where they are) and, for floating-point ones, `dtype` (default: as
+    stored). Peak extra memory: the student's bytes, never the teacher's (a memory-mapped teacher
+    is read, not duplicated).
+
+    share=True skips the copy: the student keeps the teacher's storage for what it kept, which
+    suits read-only use (block-by-block quantisation replaces layers, saving reads them) and
+    costs no memory beyond the sliced modulation rows; training it, or changing it in place, would change the teacher.
+    The teacher is left unchanged either way."""
+    import copy
+
+    from hprune.models import apply_plan
+
+    memo: dict[int, Any] = {}
+    for t in teacher.parameters():
+        memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+    for t in teacher.buffers():
+        memo[id(t)] = t.detach()
+    student = copy.deepcopy(teacher, memo)  # modules and small attributes copied, tensors shared
+    apply_plan(student, plan)
+    if share:
+        return student
+    done: dict[int, torch.Tensor] = {}  # by the shared object: tied tensors stay tied
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            new = t.detach().to(device=device if device is not None else t.device,
+                                dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+            done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return done[id(t)]
+
+    with torch.no_grad():
+        for m in student.modules():
+            for group in (m._parameters, m._buffers):
+                for name, t in group.items():
+                    if t is not None:
+                        group[name] = own(t)
+    return student
+
+
+def stored_like(student: nn.Module, teacher: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Puts the student's floating-point tensors back in the dtype the teacher stores under the
+    same name (the teacher's first floating dtype for a name it lacks), on `device` if given: a
+    student trained in the compute dtype (fp32 on a CPU) is saved like its teacher. In place;
+    returns `student`."""
+    from hprune.models.offload import storage_dtype
+
+    want = {n: t.dtype for n, t in teacher.state_dict().items()}
+    default = storage_dtype(teacher)
+    with torch.no_grad():
+        for prefix, m in student.named_modules():
+            for group in (m._parameters, m._buffers):
+                for name, t in group.items():
+                    if t is None:
+                        continue
+                    dt = want.get(f"{prefix}.{name}" if prefix else name, default) if t.is_floating_point() else t.dtype
+                    if t.dtype != dt or (device is not None and t.device != torch.device(device)):
+                        t.data = t.data.to(device=device if device is not None else t.device, dtype=dt)
+    return student
+
+
 # ---- what trains -------------------------------------------------------------------------------
 
 def first_pruned_block(model: nn.Module) -> int | None:
@@ -499,14 +568,22 @@ def _rebuild_unsharded(student: nn.Module) -> nn.Module:
 
 def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | DistillData,
             config: DistillConfig | None = None, *, table: Any = None, progress: bool = True,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[nn.Module, DistillResult]:
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            offload_teacher: bool = False) -> tuple[nn.Module, DistillResult]:
     """Trains `student` (a pruned copy of `teacher`) to match `teacher`. See the module docstring.
 
     Args:
         teacher, student: same architecture; the student pruned by hprune (block indices match).
+            The student trains where its parameters are (the device of the run).
         data: a CalibrationSet with final latents (or a DistillData built from one).
         table: the SensitivityTable of the unpruned model (needed for SGDistill).
         on_step: called after every optimizer step with (step, losses); may raise to stop.
+        offload_teacher: the teacher's weights stay where they are (the host, memory-mapped) and
+            each of its forwards runs block by block on the student's device
+            (hprune.models.offload.offloaded: its non-block modules resident there, one block at a
+            time, 16-bit blocks computing in float32 on a CPU). The teacher is frozen, so nothing
+            flows back; its weights leave the device peak. Same arithmetic as a resident teacher of
+            the compute dtype (bit for bit on the tiny fp32 models, tests/test_distill.py).
     Returns (student, result). Under torchrun the returned student is unsharded (full weights)."""
     cfg = config or DistillConfig()
     cfg.validate()
@@ -570,6 +647,15 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
 
     bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not progress or rank != 0, unit="step")
     t0, seen = time.perf_counter(), 0
+    import contextlib
+
+    streamed = contextlib.ExitStack()
+    if offload_teacher:
+        from hprune.models.offload import offloaded
+
+        # the hooks stay for the whole loop: the teacher's non-block modules sit on the device, its
+        # blocks come one at a time per forward (every step moves every teacher block once)
+        streamed.enter_context(offloaded(teacher, device))
     try:
         for step in range(start, cfg.steps):
             x, target = data.batch(step, cfg.batch_size)
@@ -608,6 +694,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: CalibrationSet | Disti
             if on_step is not None:
                 on_step(step, rec)
     finally:
+        streamed.close()
         bar.close()
         hs_t.remove()
         hs_s.remove()

@@ -182,3 +182,32 @@ def test_distill_stage_alone_resumes_bit_exactly(tmp_path_factory, capsys):
     a, b = (load_file(str(tmp / n / "model.safetensors")) for n in ("straight", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp / "part" / "hprune.json").read_text())["extra"]["distill"]["resumed_from"] == 2
+
+
+def test_distill_streams_the_teacher_with_the_same_result(tmp_path_factory, capsys):
+    """`hprune distill --offload` streams the teacher block by block and ends bit-identical to the
+    resident run; a bf16 teacher on a CPU streams by itself (fp32 compute), its student trains in
+    float32 and is saved in bf16: exactly the bf16 rounding of a resident run on the same
+    (bf16-exact) weights stored in float32."""
+    from safetensors.torch import load_file
+
+    d = _prepared(tmp_path_factory, capsys)
+    tmp = tmp_path_factory.mktemp("distill_offload")
+    m16 = load_model("tiny-sd3").to(torch.bfloat16)
+    m16.save_pretrained(tmp / "m16")
+    m16.float().save_pretrained(tmp / "m32")
+    common = ["--plan", d["plan"], "--calib", d["calib"], "--batch-size", 2, "--steps", 2, "--eval-samples", 1,
+              "--sgd", "off", "--device", "cpu"]
+    runs = {"resident": ("tiny-sd3", []), "offload": ("tiny-sd3", ["--offload"]),
+            "fp32": (tmp / "m32", []), "bf16": (tmp / "m16", [])}
+    got = {}
+    for label, (model, extra) in runs.items():
+        code, text, err = run(capsys, "distill", model, *common, *extra, "--out", tmp / label)
+        assert code == 0, err
+        got[label] = load_file(str(tmp / label / "model.safetensors"))
+    a, b = got["resident"], got["offload"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = got["fp32"], got["bf16"]
+    assert a.keys() == b.keys()
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k].to(torch.bfloat16), b[k]) for k in a
+               if a[k].is_floating_point())

@@ -236,3 +236,37 @@ def test_resume_reuses_the_recorded_plan_and_refuses_another_run_before_probing(
     assert not ckpt.exists() and "removed the distillation checkpoints" in text  # finished: cleaned up
     assert sorted(os.listdir(tmp_path)) == ["calib.safetensors", "out"]
     assert ("distill_loss.png", "loss (MSE to the teacher, log scale)") in ylabels  # the y axis says what it shows
+
+
+@pytest.mark.parametrize("steps", [2, 0], ids=["distilled", "pruned-only"])
+def test_compress_offload_equals_resident_bit_for_bit(steps, tmp_path, capsys, monkeypatch):
+    """`compress --offload`: probe and fidelity checks per call block by block, pruning as host
+    surgery (without distillation the student shares the teacher's tensors), the teacher streamed
+    during distillation, RTN block by block: the same report numbers and artifact as resident."""
+    from safetensors.torch import load_file
+
+    from hprune.calib import builtin_calibration
+    from hprune.loading import load_model
+
+    monkeypatch.setenv("HPRUNE_PROGRESS_INTERVAL", "0")  # a progress line per update
+    builtin_calibration("tiny-sd3", load_model("tiny-sd3"), n_prompts=3, num_steps=2).save(tmp_path / "c.safetensors")
+    common = ["compress", "tiny-sd3", "--calib", tmp_path / "c.safetensors", "--ratio", 0.3, "--quant", "int4",
+              "--quant-method", "rtn", "--steps", steps, "--batch-size", 2, "--max-probe-samples", 2, "--device", "cpu"]
+    reports, tensors = [], []
+    for label, extra in (("resident", []), ("offload", ["--offload"])):
+        code, _, err = run(capsys, *common, *extra, "--out", tmp_path / label)
+        assert code == 0, err
+        # progress with an ETA on stderr (plain lines when it is not a terminal) for each streamed stage
+        lines = [ln for ln in err.splitlines() if ln.startswith("[hprune]") and "ETA" in ln]
+        assert any("probing" in ln for ln in lines)
+        assert any("distilling" in ln and " step" in ln for ln in lines) == (steps > 0)
+        assert any("RTN" in ln and " block" in ln for ln in lines) == bool(extra)  # block by block
+        reports.append(json.loads((tmp_path / label / "report.json").read_text()))
+        tensors.append(load_file(str(tmp_path / label / "artifact" / "model.safetensors")))
+    a, b = reports
+    assert (a["offload"], b["offload"]) == (None, "cpu")
+    assert [(r["stage"], r["rel_mse"]) for r in a["stages"]] == [(r["stage"], r["rel_mse"]) for r in b["stages"]]
+    assert a["distill_history"] == b["distill_history"] and len(a["distill_history"]) == steps
+    assert b["reload_bit_identical"] is True
+    a, b = tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -296,3 +296,48 @@ def test_config_refuses_non_finite_and_negative_settings():
                       (dict(keep_checkpoints=0), "keep_checkpoints must be >= 1")]:
         with pytest.raises(HpruneError, match=match):
             DistillConfig(**kw).validate()
+
+
+def test_pruned_student_copies_only_what_it_keeps():
+    from hprune.distill import pruned_student
+
+    teacher, student, _, table = setup()
+    plan = plan_hpp(table, 0.3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    got = pruned_student(teacher, plan, dtype=torch.float64)
+    want = student.state_dict()
+    assert got.state_dict().keys() == want.keys()
+    assert all(torch.equal(got.state_dict()[k], want[k].double()) for k in want)  # the same values, cast once
+    theirs = {p.data_ptr() for p in teacher.parameters()}
+    assert not any(p.data_ptr() in theirs for p in got.parameters())  # it owns its weights: training is safe
+    shared = pruned_student(teacher, plan, share=True)
+    kept = [n for n, _ in shared.named_parameters() if "norm1" not in n]  # modulation rows are sliced anew
+    assert kept and all(shared.get_parameter(n).data_ptr() in theirs for n in kept)  # nothing copied
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before.items())  # the teacher is unchanged
+
+
+def test_streamed_teacher_equals_resident_teacher_bit_for_bit():
+    """offload_teacher: the teacher's blocks come to the device one at a time and compute in the
+    compute dtype (float32 on a CPU for bf16 weights): the run equals one with a resident float32
+    copy of those weights, and the bf16 weights are neither copied for good nor changed."""
+    from hprune.distill import pruned_student
+    from hprune.models import get_adapter
+
+    base, _, cal, table = setup()
+    plan = plan_hpp(table, 0.3)
+    t16 = copy.deepcopy(base).to(torch.bfloat16)
+    t32 = copy.deepcopy(t16).float()  # the same (bf16-exact) values, resident in float32
+    stored = {k: v.clone() for k, v in t16.state_dict().items()}
+    cfg = DistillConfig(steps=3, batch_size=2, lr=1e-3)
+    ref, _ = distill(t32, pruned_student(t32, plan), cal, cfg, table=table, progress=False)
+    seen = []
+    q = get_adapter(t16).get_block(t16, 1).attn.to_q
+    h = q.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    got, _ = distill(t16, pruned_student(t16, plan, dtype=torch.float32), cal, cfg, table=table, progress=False,
+                     offload_teacher=True)
+    h.remove()
+    assert seen and set(seen) == {torch.float32}  # the block computed in float32 ...
+    assert all(v.dtype == torch.bfloat16 and torch.equal(t16.state_dict()[k], v)
+               for k, v in stored.items() if v.is_floating_point())  # ... its stored weights stayed bf16
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -55,6 +55,22 @@ def test_predicted_training_step_peak_within_25_percent_of_measured(cfg, batch, 
         assert 0.75 * got <= want <= 1.25 * got, (opt, ckpt, want, got)
 
 
+def test_predicted_step_peak_with_the_teacher_streamed_within_25_percent_of_measured():
+    """The teacher stored bf16 and memory-mapped, streamed block by block on the CPU (each block
+    upcast to fp32 for its forward only), the student resident in fp32: the plan predicts the
+    step without the teacher's weights, and the measurement agrees. A teacher materialised in
+    fp32 would add its 4 bytes/param (80 MB here) to a ~130 MB step and fail the bound."""
+    measured = _measure(MEDIUM, 2, [("adamw8bit", False, True)])[0]
+    shape = M.config_shape("SD3Transformer2DModel", MEDIUM, store_bytes=2, latent_size=MEDIUM["sample_size"],
+                           text_len=16, mapped=True)
+    o = M.Options(device="cpu", batch_size=2, ratio=0.0, optimizer="adamw8bit", offload=True)
+    t = M.training_step_bytes(shape, o)
+    want = M.distill_step_peak(shape, o) - t["student"]  # the student exists before the step
+    assert 0.75 * measured <= want <= 1.25 * measured, (want, measured)
+    resident = M.training_step_bytes(shape, M.Options(device="cpu", batch_size=2, ratio=0.0, optimizer="adamw8bit"))
+    assert t["teacher"] < resident["teacher"] / 2  # the teacher's weights left the (host-as-device) peak
+
+
 def test_plan_verdicts_and_remedies():
     big = M.model_shape("sd3.5-large")
     assert big.num_blocks == 38 and 8.0e9 < big.params < 8.3e9 and big.store_bytes == 2
@@ -65,6 +81,13 @@ def test_plan_verdicts_and_remedies():
     assert fix  # and the named options do fit
     import dataclasses
     assert M.plan_stage("distill", big, dataclasses.replace(o, **fix)).device_bytes <= 80e9
+    # SD3.5-Large on a 48 GB card with checkpointing and 8-bit AdamW: only the streamed teacher makes it fit
+    lean = dataclasses.replace(o, grad_checkpointing=True, optimizer="adamw8bit", ratio=0.3)
+    d = M.plan(big, ["distill"], lean, M.parse_size("48GB"))[0]
+    assert not d.fits and d.options == {"offload": True}
+    streamed = M.plan_stage("distill", big, dataclasses.replace(lean, offload=True))
+    assert streamed.device_bytes <= 48e9 and "streamed block by block" in streamed.note
+    assert M.training_step_bytes(big, dataclasses.replace(lean, offload=True))["teacher"] < big.weight_bytes / 10
     # FLUX.1 on a 24 GB card: resident inference does not fit; block by block does
     flux = M.model_shape("flux.1-dev")
     q = M.plan(flux, ["quantize-gptq"], o, M.parse_size("24GB"))[0]
@@ -118,6 +141,12 @@ def test_cli_dry_run_prints_plan_and_loads_nothing(capsys, tmp_path):
     assert main(["quantize", "flux.1-dev", "--out", str(tmp_path / "q"), "--dry-run", "--device", "cpu",
                  "--method", "gptq", "--offload"]) == 0
     assert "1 calibration pass" in capsys.readouterr().out
+    assert main(["compress", "sd3.5-large", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cuda",
+                 "--device-memory", "48GB", "--grad-checkpointing", "--optimizer", "adamw8bit"]) == 0
+    assert "distill: --offload" in capsys.readouterr().out
+    assert main(["compress", "sd3.5-large", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cuda",
+                 "--device-memory", "48GB", "--grad-checkpointing", "--optimizer", "adamw8bit", "--offload"]) == 0
+    assert "do not fit" not in capsys.readouterr().out
 
 
 # ---- distillation options the plan names ------------------------------------------------------------
@@ -204,14 +233,29 @@ if __name__ == "__main__":  # the measuring child of _measure
     from hprune.models.adapters import sample_inputs
     from hprune.models.registry import build_from_config
 
+    import contextlib
+    import tempfile
+
+    from hprune.loading import load_model
+    from hprune.models.offload import offloaded
+
     cfg, batch, variants = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     teacher = build_from_config("SD3Transformer2DModel", cfg).requires_grad_(False)
     x = sample_inputs(teacher, batch=batch, latent_size=cfg["sample_size"], text_len=16)
     with torch.no_grad():  # one-time allocations of a first forward are not the step's
         teacher(**sample_inputs(teacher, batch=1, latent_size=8, text_len=4), return_dict=False)
     peaks = []
-    for opt_name, ckpt in variants:
+    for opt_name, ckpt, *streamed in variants:
         student = copy.deepcopy(teacher).train().requires_grad_(True)
+        ref, stream = teacher, contextlib.nullcontext()
+        if streamed and streamed[0]:  # the teacher stored bf16, memory-mapped, streamed block by block
+            folder = tempfile.mkdtemp()
+            copy.deepcopy(teacher).to(torch.bfloat16).save_pretrained(folder)
+            ref = load_model(folder).requires_grad_(False)
+            stream = offloaded(ref, "cpu")
+            stream.__enter__()
+            with torch.no_grad():  # its file pages are mapped in before the step (they are not anonymous memory)
+                ref(**x, return_dict=False)
         if ckpt:
             student.enable_gradient_checkpointing()
 
@@ -224,12 +268,13 @@ if __name__ == "__main__":  # the measuring child of _measure
                 opt = SensitivityAdamW(list(student.named_parameters()), lr=1e-4,
                                        scales={n: 1.0 for n, _ in student.named_parameters()})
             with torch.no_grad():
-                vt = teacher(**x, return_dict=False)[0]
+                vt = ref(**x, return_dict=False)[0]
             F.mse_loss(student(**x, return_dict=False)[0], vt).backward()
             opt.step()
             return opt
 
         peak, opt = peak_during(step)
         peaks.append(peak)
+        stream.__exit__(None, None, None)
         del opt, student
     print(json.dumps(peaks))

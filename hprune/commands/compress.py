@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hprune.commands import add_device_arguments, device_and_dtype, load_weighted_model
+from hprune.commands import add_device_arguments, device_and_dtype, load_for_offload, offload_context
 
 HELP = "probe -> plan -> prune -> distill -> quantise -> save, with a report"
 
@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep OUT-checkpoints after a successful run (default: removed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", action="store_true",
+                   help="block by block: the teacher's weights stay on the host, one block at a time on --device for "
+                        "the probe, the fidelity checks, distillation (the student trains resident) and quantisation "
+                        "(automatic when the model does not fit the GPU, and for 16-bit weights on a CPU)")
     add_device_arguments(p)
     p.add_argument("--max-probe-samples", type=int, default=32,
                    help="calibration samples the ΔP probe runs on, evenly spaced (0: all)")
@@ -76,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
     opts.validate()
     check_output(args.out, args.overwrite)
     device, dtype = device_and_dtype(args)
-    teacher = load_weighted_model(args.model, device, dtype)
+    teacher, offload = load_for_offload(args.model, device, dtype, args.offload)
     if args.calib:
         calib = CalibrationSet.load(args.calib)
     elif args.model in BUILTINS and BUILTINS[args.model].tiny:
-        calib = builtin_calibration(args.model, teacher, n_prompts=10, num_steps=8, seed=args.seed)
+        with offload_context(teacher, device, offload):
+            calib = builtin_calibration(args.model, teacher, n_prompts=10, num_steps=8, seed=args.seed)
     else:
         raise HpruneError("--calib FILE is required for this model (make one with `hprune calib`)")
-    compress(teacher, calib, opts, args.out, overwrite=args.overwrite, name=args.model)
+    compress(teacher, calib, opts, args.out, overwrite=args.overwrite, name=args.model,
+             offload=device if offload else None)
     return 0

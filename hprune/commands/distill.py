@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=8,
                    help="calibration samples to measure fidelity to the teacher on, before and after (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", action="store_true",
+                   help="stream the teacher block by block: its weights stay on the host, one block at a time on "
+                        "--device; the student trains resident (automatic when the teacher does not fit the GPU, and "
+                        "for 16-bit weights on a CPU, where the student then trains in float32)")
     add_device_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an output folder hprune wrote")
 
@@ -58,16 +62,17 @@ _MAKE = {"calibration set": " (make one with `hprune calib`)", "sensitivity tabl
 
 
 def run(args: argparse.Namespace) -> int:
-    import copy
     from pathlib import Path
 
     from hprune import dist
     from hprune.artifacts import save_compressed
-    from hprune.commands import FidelityCheck, calibration_for
-    from hprune.distill import DistillConfig, check_checkpoint, distill, latest_checkpoint, schedule_table
+    from hprune.commands import FidelityCheck, calibration_for, load_for_offload, offload_context
+    from hprune.distill import (DistillConfig, check_checkpoint, distill, latest_checkpoint, pruned_student,
+                                schedule_table, stored_like)
     from hprune.errors import HpruneError
     from hprune.io import check_output
-    from hprune.models import PrunePlan, apply_plan, param_count
+    from hprune.models import PrunePlan, param_count
+    from hprune.models.offload import compute_dtype, storage_dtype
     from hprune.probe import SensitivityTable
     from hprune.report import human_count
 
@@ -103,12 +108,17 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = device_and_dtype(args)
     main = dist.setup(device)[0] == 0
-    teacher = load_weighted_model(args.model, device, dtype)
+    teacher, offload = load_for_offload(args.model, device, dtype, args.offload)
+    stored = storage_dtype(teacher)
+    # with the teacher streamed, the student trains on the device in the compute dtype (fp32 on a CPU
+    # for 16-bit weights) and is saved back in the teacher's dtype
+    train_dtype = compute_dtype(stored, device) if offload else None
     if plan is not None:
-        student = copy.deepcopy(teacher)
-        apply_plan(student, plan)
+        student = pruned_student(teacher, plan, device=device, dtype=train_dtype)  # no full copy of the teacher
     else:
         student = load_weighted_model(args.student, device, dtype)
+        if train_dtype is not None:
+            student = student.to(train_dtype)
     if type(student) is not type(teacher) or param_count(student) >= param_count(teacher):
         raise HpruneError(f"--student {args.student} is not a pruned copy of {args.model} "
                           f"({human_count(param_count(student))} parameters, the teacher has "
@@ -121,14 +131,19 @@ def run(args: argparse.Namespace) -> int:
                           f"sensitivity.json (from `hprune probe {args.model} --out probe/`), or --sgd off")
     if table is not None and table.model.get("fingerprint") not in (None, _fingerprint(teacher)):
         raise HpruneError(f"{args.sensitivity} was probed on another model, not {args.model}")
-    calib = calibration_for(args.model, teacher, args.calib, what="distillation")
-    if calib.final is None:
-        raise HpruneError("the calibration set has no final latents (captured by an older hprune?), which "
-                          "distillation trains on: capture it again with `hprune calib`")
-    check = FidelityCheck(teacher, calib, args.eval_samples)
-    before = check.measure(student)
-    student, res = distill(teacher, student, calib, cfg, table=table, progress=main)
-    after = check.measure(student)
+    with offload_context(teacher, device, offload):
+        calib = calibration_for(args.model, teacher, args.calib, what="distillation")
+        if calib.final is None:
+            raise HpruneError("the calibration set has no final latents (captured by an older hprune?), which "
+                              "distillation trains on: capture it again with `hprune calib`")
+        check = FidelityCheck(teacher, calib, args.eval_samples)
+    with offload_context(student, device, offload):  # the check's inputs are on the teacher's (host) device
+        before = check.measure(student)
+    student, res = distill(teacher, student, calib, cfg, table=table, progress=main, offload_teacher=offload)
+    with offload_context(student, device, offload):
+        after = check.measure(student)
+    if offload:
+        stored_like(student, teacher)
     if not main:
         return 0
     print(schedule_table(res.schedule))

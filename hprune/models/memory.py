@@ -13,6 +13,12 @@ D = hidden width, L = blocks, N = devices of an FSDP2 run):
   the activations autograd keeps: ACT_TRAIN · S · D · c per block and sample, or with gradient
   checkpointing only each block's input (2 streams) plus one block's full set during its
   recompute. The teacher's weights (replicated under FSDP2) and its no-grad forward are added.
+  With the teacher streamed block by block (offload) its weights leave the device: it holds the
+  teacher's non-block modules + its largest block (in the compute dtype; on a CPU only the fp32
+  copies of 16-bit weights, the rest being mapped file pages), alive during the teacher's
+  forward only, before the student's gradients exist: the step's peak is then student + states
+  + max(teacher stream + its forward's activations, grads + training activations); each step
+  also copies the teacher's weights to the device once (H2D_RATE).
 - block-by-block (offload): the non-block modules + the largest block in the compute dtype + its
   activations on the device; the host holds the memory-mapped weights (file pages, not anonymous
   memory) and what the stage produces.
@@ -41,6 +47,7 @@ THROUGHPUT = {"cpu": 10e9, "cuda": 300e12}  # FLOP/s: per CPU thread (fp32); per
 RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's measurement)
 GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
 HESSIAN_BUDGET = 2 << 30
+H2D_RATE = 10e9  # bytes/s host -> GPU of pageable (memory-mapped) weights (estimate)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -297,12 +304,16 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
                          f"~{passes} block passes per sample ({pieces} pieces x {o.probe_samples} samples)")
     if stage == "distill":
         t = training_step_bytes(m, o)
-        dev = sum(t.values())
+        dev = distill_step_peak(m, o, t)
         p_s = int(m.params * (1 - o.ratio))
         secs = o.steps * (4 * (1 - o.ratio) + 1) * fwd * max(1, o.batch_size // max(1, o.devices)) / rate
+        if o.offload and o.device == "cuda":
+            secs += o.steps * m.weight_bytes / H2D_RATE  # every step moves every teacher block once
         note = (f"student {p_s / 1e9:.2f} B params: weights {t['student'] / 1e9:.2f} + grads {t['grads'] / 1e9:.2f} + "
                 f"{o.optimizer} states {t['states'] / 1e9:.2f} GB/device; activations {t['activations'] / 1e9:.2f} GB"
-                f"{' (checkpointed)' if o.grad_checkpointing else ''}; teacher {t['teacher'] / 1e9:.2f} GB")
+                f"{' (checkpointed)' if o.grad_checkpointing else ''}; teacher "
+                + (f"streamed block by block, {t['teacher'] / 1e9:.2f} GB on the device at a time" if o.offload
+                   else f"{t['teacher'] / 1e9:.2f} GB"))
         return StagePlan(stage, dev, dev if o.device == "cpu" else int(m.other_bytes), secs, note)
     if stage == "save":
         return StagePlan(stage, 0, packed + max(m.block_bytes, default=0), packed / 0.5e9,
@@ -326,8 +337,28 @@ def training_step_bytes(m: ModelShape, o: Options) -> dict[str, int]:
     act = unit * (2 * blocks + ACT_TRAIN) if o.grad_checkpointing else unit * ACT_TRAIN * blocks
     # the teacher's no-grad forward runs (and frees its activations) before the student's
     act = max(int(act), _act_infer(m, o, per))
-    return {"teacher": m.weight_bytes if o.device == "cuda" else m.params * c, "student": p_s * wb // n,
+    if o.offload:  # streamed: the non-block modules + one block at a time (see the module docstring)
+        stream = m.other_bytes + max(m.block_bytes, default=0)
+        if o.device == "cuda":
+            teacher = stream
+        else:  # the host is the device: mapped weights are file pages, 16-bit ones are upcast per block
+            teacher = (0 if m.mapped else m.weight_bytes) + (stream * c // m.store_bytes if c != m.store_bytes else 0)
+    else:
+        teacher = m.weight_bytes if o.device == "cuda" else m.params * c
+    return {"teacher": teacher, "student": p_s * wb // n,
             "grads": p_s * wb // n, "states": states // n, "activations": act}
+
+
+def distill_step_peak(m: ModelShape, o: Options, t: dict[str, int] | None = None) -> int:
+    """Peak device bytes of a distillation step from training_step_bytes' kinds: their sum, or
+    with the teacher streamed (offload) student + states + max(teacher stream + its forward's
+    activations, grads + training activations): the streamed blocks are freed before the
+    student's forward and backward."""
+    t = t or training_step_bytes(m, o)
+    if not o.offload:
+        return sum(t.values())
+    infer = _act_infer(m, o, max(1, o.batch_size // max(1, o.devices)))
+    return t["student"] + t["states"] + max(t["teacher"] + infer, t["grads"] + t["activations"])
 
 
 VERB_STAGES = {
@@ -367,13 +398,16 @@ def plan(m: ModelShape, stages: list[str], o: Options, device_memory: int | None
 def _remedies(stage: str, o: Options) -> list[dict[str, Any]]:
     """Options to try, cheapest first."""
     if stage == "distill":
-        base: list[dict[str, Any]] = [{"grad_checkpointing": True}, {"optimizer": "adamw8bit"},
-                                      {"grad_checkpointing": True, "optimizer": "adamw8bit"}]
+        base: list[dict[str, Any]] = [{"grad_checkpointing": True}, {"offload": True}, {"optimizer": "adamw8bit"},
+                                      {"grad_checkpointing": True, "offload": True},
+                                      {"grad_checkpointing": True, "optimizer": "adamw8bit"},
+                                      {"offload": True, "optimizer": "adamw8bit"},
+                                      {"grad_checkpointing": True, "offload": True, "optimizer": "adamw8bit"}]
         out = list(base)
         for n in (2, 4, 8, 16, 32, 64):
             if n > o.devices:
                 out += [{"devices": n, **b} for b in [{}] + base]
-        out += [{"batch_size": 1, "grad_checkpointing": True, "optimizer": "adamw8bit", "devices": n}
+        out += [{"batch_size": 1, "grad_checkpointing": True, "offload": True, "optimizer": "adamw8bit", "devices": n}
                 for n in (1, 2, 4, 8, 16, 32, 64)]
         return out
     return [{"offload": True}, {"offload": True, "calib_samples": max(1, o.calib_samples // 4)}]
