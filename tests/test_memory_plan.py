@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import stage_peaks as SP
 from hprune.errors import HpruneError
 from hprune.models import memory as M
 
@@ -53,6 +54,21 @@ def test_predicted_training_step_peak_within_25_percent_of_measured(cfg, batch, 
     for (opt, ckpt), got in zip(variants, measured):
         want = _step_prediction(cfg, batch, opt, ckpt)
         assert 0.75 * got <= want <= 1.25 * got, (opt, ckpt, want, got)
+
+
+@pytest.mark.parametrize("case", list(SP.CASES))
+def test_predicted_stage_peaks_within_25_percent_of_measured(case):
+    """calib, the fidelity check, probe and OBS-Diff (resident unstructured and structured, block by
+    block unstructured): the plan's host peak (= its device peak on a CPU) against the peak measured
+    in a fresh process (benchmarks/stage_peaks.py), on an activation-bound tiny shape and
+    weight-bound medium ones, fp32 and bf16 (block by block, fp32 compute), SD3 and FLUX."""
+    rows = SP.measure(case)
+    assert [r["stage"] for r in rows] == SP.CASES[case][4]
+    for r in rows:
+        p = SP.predict(case, r["stage"], r["samples"])
+        got = r["start"] + r["peak"]
+        assert p.device_bytes == p.host_bytes  # a CPU's device is its host
+        assert 0.75 * got <= p.host_bytes <= 1.25 * got, (r["stage"], p.host_bytes, got)
 
 
 def test_plan_verdicts_and_remedies():
