@@ -12,9 +12,9 @@ Stages, as the CLI runs them on a CPU (16-bit weights run block by block in floa
 hprune.commands.load_for_offload):
   calib           hprune.calib.synthetic (the capture of `hprune calib` on a built-in)
   fidelity        hprune.commands.FidelityCheck, 8 samples, before and after
-  probe           hprune.probe.probe_sensitivity, batch 4, granularity "both", every sample
+  probe           hprune.probe.probe_sensitivity, batch 4, granularity "both", PROBE_SAMPLES samples
   obs             obs_prune_model(..., 0.5): resident unstructured, one group
-  obs-structured  obs_prune_model(..., 0.1, "structured")
+  obs-structured  obs_prune_model(..., 0.05, "structured") (few greedy removals: quick; the memory is the same)
   obs-offload     obs_prune_model(..., 0.5, offload="cpu"): one block's Hessians at a time
 
     python benchmarks/stage_peaks.py [--cases sd3-tiny,...]   # table + JSON under benchmarks/results/
@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, STEPS, TEXT_LEN = 2, 2, 16  # the calibration set: PROMPTS x STEPS transformer calls
+PROBE_SAMPLES = 4  # one probe batch
 SD3_TINY = dict(sample_size=64, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
                 pos_embed_max_size=64)  # activation-bound: 1,040 tokens, hidden 64
@@ -47,16 +48,16 @@ CASES: dict[str, tuple[str, dict, str, int, list[str]]] = {
                       ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload"]),
     "sd3-medium-bf16": ("SD3Transformer2DModel", SD3_MEDIUM, "bfloat16", 16,
                         ["calib", "fidelity", "probe", "obs-offload"]),
-    "sd3-medium-fp32": ("SD3Transformer2DModel", SD3_MEDIUM, "float32", 16, ["obs", "obs-structured"]),
+    "sd3-medium-fp32": ("SD3Transformer2DModel", SD3_MEDIUM, "float32", 16, ["obs"]),  # structured: FLUX medium
     "flux-medium-fp32": ("FluxTransformer2DModel", FLUX_MEDIUM, "float32", 16,
                          ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload"]),
 }
-OBS = {"obs": (0.5, "unstructured", False), "obs-structured": (0.1, "structured", False),
+OBS = {"obs": (0.5, "unstructured", False), "obs-structured": (0.05, "structured", False),
        "obs-offload": (0.5, "unstructured", True)}
 
 
 def measure(case: str) -> list[dict[str, Any]]:
-    """[{stage, peak, start, cpu, samples}] of `case`'s stages, measured in a fresh process."""
+    """[{stage, peak, start, cpu}] of `case`'s stages, measured in a fresh process."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1",
                MALLOC_MMAP_THRESHOLD_="65536")  # big blocks go back to the OS when freed: no reuse hides a peak
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", case], env=env,
@@ -66,9 +67,8 @@ def measure(case: str) -> list[dict[str, Any]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def predict(case: str, stage: str, samples: int):
-    """The plan's StagePlan of `stage` for `case` (a model built in memory, on the CPU); `samples`:
-    the calibration set's samples (probe runs on all of them)."""
+def predict(case: str, stage: str):
+    """The plan's StagePlan of `stage` for `case` (a model built in memory, on the CPU)."""
     from hprune.models import memory as M
 
     cls, cfg, dtype, lat, _ = CASES[case]
@@ -76,7 +76,7 @@ def predict(case: str, stage: str, samples: int):
     shape = M.config_shape(cls, cfg, store_bytes=store, latent_size=lat, text_len=TEXT_LEN)
     sparsity, pattern, offload = OBS.get(stage, (0.5, "unstructured", False))
     o = M.Options(device="cpu", threads=1, offload=offload or store == 2, calib_samples=PROMPTS * STEPS,
-                  probe_samples=samples, probe_batch=4, eval_samples=8, pattern=pattern)
+                  probe_samples=PROBE_SAMPLES, probe_batch=4, eval_samples=8, pattern=pattern)
     return M.plan_stage("obs" if stage in OBS else stage, shape, o)
 
 
@@ -135,7 +135,8 @@ def _child(case: str) -> None:
                 from hprune.probe import probe_sensitivity
 
                 with ctx(m):
-                    return probe_sensitivity(m, cal, batch_size=4, progress=False, device="cpu" if off else None,
+                    return probe_sensitivity(m, cal, batch_size=4, max_samples=PROBE_SAMPLES, progress=False,
+                                             device="cpu" if off else None,
                                              dtype=torch.float32 if off else None)
             from hprune.obs import obs_prune_model
 
@@ -146,7 +147,7 @@ def _child(case: str) -> None:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         peak, _ = peak_during(work)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        rows.append({"stage": stage, "peak": peak, "start": start, "samples": len(cal),
+        rows.append({"stage": stage, "peak": peak, "start": start,
                      "cpu": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3)})
         del m
     print(json.dumps(rows))
@@ -168,7 +169,7 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         for r in measure(case):
-            p = predict(case, r["stage"], r["samples"])
+            p = predict(case, r["stage"])
             got = r["start"] + r["peak"]
             rows.append({"case": case, "stage": r["stage"], "predicted MB": round(p.host_bytes / 1e6, 1),
                          "measured MB": round(got / 1e6, 1), "ratio": round(p.host_bytes / got, 2),

@@ -65,7 +65,7 @@ def test_predicted_stage_peaks_within_25_percent_of_measured(case):
     rows = SP.measure(case)
     assert [r["stage"] for r in rows] == SP.CASES[case][4]
     for r in rows:
-        p = SP.predict(case, r["stage"], r["samples"])
+        p = SP.predict(case, r["stage"])
         got = r["start"] + r["peak"]
         assert p.device_bytes == p.host_bytes  # a CPU's device is its host
         assert 0.75 * got <= p.host_bytes <= 1.25 * got, (r["stage"], p.host_bytes, got)
@@ -134,6 +134,27 @@ def test_cli_dry_run_prints_plan_and_loads_nothing(capsys, tmp_path):
     assert main(["quantize", "flux.1-dev", "--out", str(tmp_path / "q"), "--dry-run", "--device", "cpu",
                  "--method", "gptq", "--offload"]) == 0
     assert "1 calibration pass" in capsys.readouterr().out
+
+
+def test_dry_run_plans_the_verbs_own_options(capsys, tmp_path):
+    """probe / obs plan for the calibration set given (its size read from the file's header) and
+    their own flags (probe's --max-samples, OBS-Diff's --pattern and --groups)."""
+    from hprune.cli import main
+
+    path = _calib().save(tmp_path / "cal.safetensors")  # 2 prompts x 2 steps, 2 rows a call: 8 samples
+    out = tmp_path / "o"
+    assert main(["probe", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu"]) == 0
+    assert "x 8 samples" in capsys.readouterr().out
+    assert main(["probe", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu",
+                 "--max-samples", "3"]) == 0
+    assert "x 3 samples" in capsys.readouterr().out
+    assert main(["obs", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu",
+                 "--pattern", "structured", "--groups", "2"]) == 0
+    assert "structured: 2 calibration pass(es) of 4 calls" in capsys.readouterr().out
+    assert main(["calib", "tiny-sd3", "--out", str(tmp_path / "c.safetensors"), "--num-prompts", "3", "--steps", "5",
+                 "--dry-run", "--device", "cpu"]) == 0
+    assert "15 transformer calls" in capsys.readouterr().out
+    assert not out.exists()
 
 
 # ---- distillation options the plan names ------------------------------------------------------------

@@ -301,9 +301,10 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
         solve = max((8 * (4 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
         dev = wdev + cal + hess + max(during, solve)
         flops = sum(4.0 * i ** 3 for b in m.consumers for _, i in b)
-        return StagePlan("obs", *_on_host(o, dev, whost + cal), (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
-                         f"structured: {o.calib_samples} calls re-run, Hessians of {len(m.consumers)} blocks' "
-                         f"consumers ({hess / 1e9:.2f} GB)")
+        k = max(1, o.groups)
+        return StagePlan("obs", *_on_host(o, dev, whost + cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                         f"structured: {k} calibration pass(es) of {o.calib_samples} calls, Hessians of the "
+                         f"heads' / neurons' consumers {hess / 1e9:.2f} GB per group")
     # the solver of one Linear: a float32 copy of W, the damped H, its Cholesky factor and inverse
     solve = 4 * (2 * m.linear_max + 3 * max(ins, default=0) ** 2)
     flops = sum(2.0 * k ** 3 for k in ins)
