@@ -14,8 +14,9 @@ hprune.commands.load_for_offload):
   fidelity        hprune.commands.FidelityCheck, 8 samples, before and after
   probe           hprune.probe.probe_sensitivity, batch 4, granularity "both", PROBE_SAMPLES samples
   obs             obs_prune_model(..., 0.5): resident unstructured, one group
-  obs-structured  obs_prune_model(..., 0.05, "structured") (few greedy removals: quick; the memory is the same)
+  obs-structured  obs_prune_model(..., 0.05, "structured") (its peak does not depend on the sparsity)
   obs-offload     obs_prune_model(..., 0.5, offload="cpu"): one block's Hessians at a time
+  prune           hprune.models.surgery.apply_plan: block 1 and block 0's FFN removed
 
     python benchmarks/stage_peaks.py [--cases sd3-tiny,...]   # table + JSON under benchmarks/results/
 Used by tests/test_memory_plan.py (the ±25 % check). Times: plan vs CPU seconds, not tested.
@@ -48,9 +49,9 @@ CASES: dict[str, tuple[str, dict, str, int, list[str]]] = {
                       ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload"]),
     "sd3-medium-bf16": ("SD3Transformer2DModel", SD3_MEDIUM, "bfloat16", 16,
                         ["calib", "fidelity", "probe", "obs-offload"]),
-    "sd3-medium-fp32": ("SD3Transformer2DModel", SD3_MEDIUM, "float32", 16, ["obs"]),  # structured: FLUX medium
+    "sd3-medium-fp32": ("SD3Transformer2DModel", SD3_MEDIUM, "float32", 16, ["obs", "prune"]),  # structured: FLUX
     "flux-medium-fp32": ("FluxTransformer2DModel", FLUX_MEDIUM, "float32", 16,
-                         ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload"]),
+                         ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload", "prune"]),
 }
 OBS = {"obs": (0.5, "unstructured", False), "obs-structured": (0.05, "structured", False),
        "obs-offload": (0.5, "unstructured", True)}
@@ -120,7 +121,7 @@ def _child(case: str) -> None:
     cal_bytes = nbytes(list(cal.inputs.values()) + [cal.final, cal.t, cal.step, cal.trajectory])
     rows = []
     for stage in stages:
-        m = copy.deepcopy(model) if stage in OBS else model  # OBS-Diff prunes in place
+        m = copy.deepcopy(model) if stage in OBS or stage == "prune" else model  # both change the model
         start = nbytes(list(m.parameters()) + list(m.buffers())) + (0 if stage == "calib" else cal_bytes)
 
         def work():
@@ -138,6 +139,10 @@ def _child(case: str) -> None:
                     return probe_sensitivity(m, cal, batch_size=4, max_samples=PROBE_SAMPLES, progress=False,
                                              device="cpu" if off else None,
                                              dtype=torch.float32 if off else None)
+            if stage == "prune":
+                from hprune.models import PrunePlan, apply_plan
+
+                return apply_plan(m, PrunePlan.manual({0: ["ff"], 1: ["block"]}, m))
             from hprune.obs import obs_prune_model
 
             sparsity, pattern, offload = OBS[stage]

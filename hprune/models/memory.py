@@ -18,6 +18,27 @@ D = hidden width, L = blocks, N = devices of an FSDP2 run):
   memory) and what the stage produces.
 - GPTQ: one block's Hessians, in² · 4 bytes per group of Linears that share an input (offload), or
   Hessian groups of ≤ 2 GiB (resident, one calibration pass per group).
+- calibration set: C = calls · r · s · b bytes (r = rows per call: 2 under SD3's classifier-free
+  guidance, 1 for FLUX; s = values of one sample: latents + text tokens · joint_attention_dim +
+  pooled). Stages that read a set hold it.
+- calib (capture): weights + one call's activations (r rows) + 2 · C (the recorded inputs, then
+  their concatenation).
+- fidelity check: weights + C + one forward of one sample + its kept inputs and outputs
+  (≈ 3 · s · b per sample checked).
+- probe: weights + C + per batch of B samples one block's activations + the L + 1 block inputs kept
+  for the tails (S · D · c · B each) + the float64 pair of the similarity (2 · S · D · 8 · B).
+- OBS-Diff resident, unstructured / N:M: weights + C + the float32 Hessians of every Linear group
+  (÷ --groups) + the larger of (the forward's activations + one Linear input in float32) and one
+  Linear's solve (4 · (2 · out · in + 3 · in²): W, damped H, its Cholesky factor and inverse).
+  Structured: the Hessians of the consumers of heads / neurons (to_out, to_add_out, the FFNs' down
+  projections, a FLUX single block's proj_out) + ColumnOBS's float64 work of the largest consumer,
+  8 · (4 · in² + out · in). Block by block (`offload`): one block's Hessians + every call's block
+  input and output (2 · calls · r · S · D · c) + the block in the compute dtype while it runs.
+- prune (surgery): the weights as loaded; removed parts are dropped, nothing kept is copied.
+Checked on the CPU against peaks measured in a fresh process (benchmarks/stage_peaks.py,
+tests/test_memory_plan.py): calib, fidelity, probe, prune and the three OBS-Diff forms within
+±25 % on a tiny activation-bound SD3 and medium (hidden 384) SD3 fp32 / bf16 and FLUX shapes; the
+runtime's own memory (imports, first-call kernel workspaces: tens of MB) is not in the plan.
 
 Time: forward FLOPs per sample and block = 2 · P_block · S + 4 · S² · D (attention), at an
 assumed sustained rate (THROUGHPUT: fp32 GEMM on one CPU thread as measured on this project's
@@ -25,7 +46,10 @@ AVX2 machine; bf16 on an H100-class GPU at ~40 % of its dense peak). Training co
 student's forward + the teacher's forward. RTN rounds RTN_RATE weights/s per CPU thread (measured
 with the scale search) and GPU_RTN_RATE on a GPU. These are estimates to plan with, not promises;
 ACT_INFER / ACT_TRAIN were fitted on CPU measurements of a medium SD3 shape and checked on the
-tiny built-ins (tests/test_memory_plan.py).
+tiny built-ins (tests/test_memory_plan.py); one warm SD3 forward measures 12.9 S·D values (batch
+1-4, 272-2,320 tokens). The CPU rate is conservative: fp32 GEMMs run at 50-86 GFLOP/s on one thread
+of this project's machine, and the stage times above came out 1-6x the measured CPU seconds
+(docs/scale.md).
 """
 from __future__ import annotations
 
@@ -377,6 +401,11 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
                          f"{o.probe_samples} samples)")
     if stage == "obs":
         return _obs_plan(m, o, fwd, rate)
+    if stage == "prune":
+        # surgery on the host (hprune.models.surgery.apply_plan): removed blocks / components are
+        # dropped, nothing kept is copied; the weights as loaded
+        base = 0 if m.mapped else m.weight_bytes
+        return StagePlan(stage, *_on_host(o, base, base), 0.0, "surgery on the host")
     if stage == "quantize-gptq":
         calls = o.calib_samples
         act = _act_infer(m, o)
@@ -446,7 +475,7 @@ VERB_STAGES = {
     "calib": ["load", "calib"],
     "probe": ["load", "probe"],
     "obs": ["load", "obs", "save"],
-    "prune": ["load", "save"],
+    "prune": ["load", "prune", "save"],
     "distill": ["load", "distill", "save"],
     "eval": ["load", "fidelity"],
     "generate": ["load", "fidelity"],
