@@ -62,7 +62,7 @@ def measure(case: str) -> list[dict[str, Any]]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1",
                MALLOC_MMAP_THRESHOLD_="65536")  # big blocks go back to the OS when freed: no reuse hides a peak
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", case], env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{case}: the measuring child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,7 +75,7 @@ def predict(case: str, stage: str):
     cls, cfg, dtype, lat, _ = CASES[case]
     store = 2 if dtype in ("bfloat16", "float16") else 4
     shape = M.config_shape(cls, cfg, store_bytes=store, latent_size=lat, text_len=TEXT_LEN)
-    sparsity, pattern, offload = OBS.get(stage, (0.5, "unstructured", False))
+    _, pattern, offload = OBS.get(stage, (0.5, "unstructured", False))
     o = M.Options(device="cpu", threads=1, offload=offload or store == 2, calib_samples=PROMPTS * STEPS,
                   probe_samples=PROBE_SAMPLES, probe_batch=4, eval_samples=8, pattern=pattern)
     return M.plan_stage("obs" if stage in OBS else stage, shape, o)
@@ -88,7 +88,6 @@ def _child(case: str) -> None:
     import resource
 
     import torch
-
     from peak_memory import peak_during
 
     from hprune.calib import synthetic
@@ -124,7 +123,7 @@ def _child(case: str) -> None:
         m = copy.deepcopy(model) if stage in OBS or stage == "prune" else model  # both change the model
         start = nbytes(list(m.parameters()) + list(m.buffers())) + (0 if stage == "calib" else cal_bytes)
 
-        def work():
+        def work(stage: str = stage, m=m):
             if stage == "calib":
                 return calibrate(m)
             if stage == "fidelity":
@@ -154,7 +153,7 @@ def _child(case: str) -> None:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         rows.append({"stage": stage, "peak": peak, "start": start,
                      "cpu": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3)})
-        del m
+        m = None  # the copy goes before the next stage
     print(json.dumps(rows))
 
 
