@@ -297,9 +297,13 @@ def _resident_weights(m: ModelShape, o: Options) -> tuple[int, int]:
     return (upcast if o.offload else m.weight_bytes), base
 
 
-def _on_host(o: Options, dev: int, host: int) -> tuple[int, int]:
-    """(device, host) of a stage: on a CPU the device is the host."""
-    return (dev, dev) if o.device == "cpu" else (dev, host)
+def _split(o: Options, wdev: int, whost: int, on_dev: int, on_host: int) -> tuple[int, int]:
+    """(device, host) of a stage whose weights take (wdev, whost) and which adds `on_dev` bytes on
+    the compute device and `on_host` on the host (the calibration set, outputs moved off the
+    device); on a CPU the device is the host: all of it, on both."""
+    if o.device == "cpu":
+        return (wdev + on_dev + on_host,) * 2
+    return wdev + on_dev, whost + on_host
 
 
 def _calib_set_bytes(m: ModelShape, o: Options) -> int:
@@ -323,10 +327,9 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
         # (hprune.obs.structured)
         hess = sum(4 * i * i for b in m.consumers for _, i in b) // max(1, o.groups)
         solve = max((8 * (4 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
-        dev = wdev + cal + hess + max(during, solve)
         flops = sum(4.0 * i ** 3 for b in m.consumers for _, i in b)
         k = max(1, o.groups)
-        return StagePlan("obs", *_on_host(o, dev, whost + cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+        return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
                          f"structured: {k} calibration pass(es) of {o.calib_samples} calls, Hessians of the "
                          f"heads' / neurons' consumers {hess / 1e9:.2f} GB per group")
     # the solver of one Linear: a float32 copy of W, the damped H, its Cholesky factor and inverse
@@ -338,15 +341,17 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
         # (BlockStream: the block is in the compute dtype while it runs, in its storage while solved)
         hess = max((sum(4 * k * k for k in b) for b in m.linear_in), default=0)
         states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
-        big = max(m.block_bytes, default=0)
-        upcast = big * c // m.store_bytes if c != m.store_bytes else 0
-        dev = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + upcast, solve)
-        return StagePlan("obs", *_on_host(o, dev, whost + cal), (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+        block = max(m.block_bytes, default=0) * c // m.store_bytes  # in the compute dtype
+        if o.device == "cpu":  # a block already in the compute dtype runs in place (no copy)
+            up = block if c != m.store_bytes else 0
+            dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
+        else:
+            dev, host = block + states + hess + max(during, solve), whost + cal
+        return StagePlan("obs", dev, host, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
                          f"block by block: one pass of {o.calib_samples} calls, Hessians of one block "
                          f"({hess / 1e9:.2f} GB)")
     hess = sum(4 * k * k for k in ins) // max(1, o.groups)
-    dev = wdev + cal + hess + max(during, solve)
-    return StagePlan("obs", *_on_host(o, dev, whost + cal),
+    return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal),
                      (max(1, o.groups) * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
                      f"{max(1, o.groups)} calibration pass(es) of {o.calib_samples} calls, Hessians "
                      f"{hess / 1e9:.2f} GB per group")
@@ -373,16 +378,17 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         # hprune.calib.capture: calls of cfg_rows rows; every call's inputs are recorded (stored
         # dtype), then concatenated: the set twice at the end
         cal = _calib_set_bytes(m, o)
-        dev = wdev + _act_infer(m, o, m.cfg_rows) + 2 * cal
-        return StagePlan(stage, *_on_host(o, dev, whost + 2 * cal), o.calib_samples * m.cfg_rows * fwd / rate,
+        # (the records go to the host as they are made)
+        return StagePlan(stage, *_split(o, wdev, whost, _act_infer(m, o, m.cfg_rows), 2 * cal), o.calib_samples * m.cfg_rows * fwd / rate,
                          f"{o.calib_samples} transformer calls of {m.cfg_rows} row(s); set {cal / 1e6:.0f} MB")
     if stage == "fidelity":
         # hprune.commands.FidelityCheck: eval_samples batches of one, the reference outputs kept;
         # the calibration set is in memory
         n = min(o.eval_samples, o.calib_samples * m.cfg_rows)
         cal = _calib_set_bytes(m, o)
-        dev = wdev + cal + _act_infer(m, o) + n * m.calib_sample_bytes * 3
-        return StagePlan(stage, *_on_host(o, dev, whost + cal), 2 * n * fwd / rate,
+        # (the inputs on the device, the outputs on the host)
+        on_dev = _act_infer(m, o) + n * m.calib_sample_bytes
+        return StagePlan(stage, *_split(o, wdev, whost, on_dev, cal + 2 * n * m.calib_sample_bytes), 2 * n * fwd / rate,
                          f"{n} samples, before and after")
     if stage == "probe":
         # hprune.probe: per batch of probe_batch samples, every block's input state is kept for the
@@ -394,9 +400,9 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         passes = m.num_blocks + sum((m.num_blocks - i) * k for i, k in probes)  # probe.probe_block_passes
         unit = m.tokens * m.hidden * bsz
         cal = _calib_set_bytes(m, o)
-        dev = wdev + cal + _act_infer(m, o, bsz) + (m.num_blocks + 1) * unit * _compute_bytes(m, o) + 2 * 8 * unit
+        on_dev = _act_infer(m, o, bsz) + (m.num_blocks + 1) * unit * _compute_bytes(m, o) + 2 * 8 * unit
         secs = o.probe_samples * passes / max(1, m.num_blocks) * fwd / rate
-        return StagePlan(stage, *_on_host(o, dev, whost + cal), secs,
+        return StagePlan(stage, *_split(o, wdev, whost, on_dev, cal), secs,
                          f"{passes} block passes per sample ({sum(k for _, k in probes)} pieces x "
                          f"{o.probe_samples} samples)")
     if stage == "obs":
@@ -405,7 +411,7 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         # surgery on the host (hprune.models.surgery.apply_plan): removed blocks / components are
         # dropped, nothing kept is copied; the weights as loaded
         base = 0 if m.mapped else m.weight_bytes
-        return StagePlan(stage, *_on_host(o, base, base), 0.0, "surgery on the host")
+        return StagePlan(stage, 0 if o.device == "cuda" else base, base, 0.0, "surgery on the host")
     if stage == "quantize-gptq":
         calls = o.calib_samples
         act = _act_infer(m, o)
