@@ -136,6 +136,26 @@ def test_cli_dry_run_prints_plan_and_loads_nothing(capsys, tmp_path):
     assert "1 calibration pass" in capsys.readouterr().out
 
 
+def test_gpu_plans_keep_the_calibration_set_on_the_host():
+    """On a GPU the set (and the records a capture makes) is host memory: more calls grow the host
+    peak by exactly the set's bytes and leave the device peak alone; on a CPU both are the host.
+    Block-by-block OBS-Diff holds one block, not the model, on the device."""
+    import dataclasses
+
+    big = M.model_shape("sd3.5-large")
+    per_call = big.cfg_rows * big.calib_sample_bytes
+    assert big.cfg_rows == 2 and per_call > 0
+    for stage, copies in (("calib", 2), ("probe", 1), ("obs", 1), ("fidelity", 1)):
+        few, many = (M.plan_stage(stage, big, M.Options(device="cuda", calib_samples=n)) for n in (8, 64))
+        assert many.device_bytes == few.device_bytes, stage
+        assert many.host_bytes - few.host_bytes == copies * 56 * per_call, stage
+        cpu = [M.plan_stage(stage, big, M.Options(device="cpu", calib_samples=n)) for n in (8, 64)]
+        assert cpu[1].device_bytes - cpu[0].device_bytes == copies * 56 * per_call, stage
+    o = M.Options(device="cuda", calib_samples=8)
+    off = M.plan_stage("obs", big, dataclasses.replace(o, offload=True))
+    assert off.device_bytes < big.weight_bytes / 4 < M.plan_stage("obs", big, o).device_bytes
+
+
 def test_dry_run_plans_the_verbs_own_options(capsys, tmp_path):
     """probe / obs plan for the calibration set given (its size read from the file's header) and
     their own flags (probe's --max-samples, OBS-Diff's --pattern and --groups)."""
