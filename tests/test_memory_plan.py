@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import stage_peaks as SP
 from hprune.errors import HpruneError
 from hprune.models import memory as M
 
@@ -69,6 +70,21 @@ def test_predicted_step_peak_with_the_teacher_streamed_within_25_percent_of_meas
     assert 0.75 * measured <= want <= 1.25 * measured, (want, measured)
     resident = M.training_step_bytes(shape, M.Options(device="cpu", batch_size=2, ratio=0.0, optimizer="adamw8bit"))
     assert t["teacher"] < resident["teacher"] / 2  # the teacher's weights left the (host-as-device) peak
+
+
+@pytest.mark.parametrize("case", list(SP.CASES))
+def test_predicted_stage_peaks_within_25_percent_of_measured(case):
+    """calib, the fidelity check, probe and OBS-Diff (resident unstructured and structured, block by
+    block unstructured): the plan's host peak (= its device peak on a CPU) against the peak measured
+    in a fresh process (benchmarks/stage_peaks.py), on an activation-bound tiny shape and
+    weight-bound medium ones, fp32 and bf16 (block by block, fp32 compute), SD3 and FLUX."""
+    rows = SP.measure(case)
+    assert [r["stage"] for r in rows] == SP.CASES[case][4]
+    for r in rows:
+        p = SP.predict(case, r["stage"])
+        got = r["start"] + r["peak"]
+        assert p.device_bytes == p.host_bytes  # a CPU's device is its host
+        assert 0.75 * got <= p.host_bytes <= 1.25 * got, (r["stage"], p.host_bytes, got)
 
 
 def test_plan_verdicts_and_remedies():
@@ -147,6 +163,47 @@ def test_cli_dry_run_prints_plan_and_loads_nothing(capsys, tmp_path):
     assert main(["compress", "sd3.5-large", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cuda",
                  "--device-memory", "48GB", "--grad-checkpointing", "--optimizer", "adamw8bit", "--offload"]) == 0
     assert "do not fit" not in capsys.readouterr().out
+
+
+def test_gpu_plans_keep_the_calibration_set_on_the_host():
+    """On a GPU the set (and the records a capture makes) is host memory: more calls grow the host
+    peak by exactly the set's bytes and leave the device peak alone; on a CPU both are the host.
+    Block-by-block OBS-Diff holds one block, not the model, on the device."""
+    import dataclasses
+
+    big = M.model_shape("sd3.5-large")
+    per_call = big.cfg_rows * big.calib_sample_bytes
+    assert big.cfg_rows == 2 and per_call > 0
+    for stage, copies in (("calib", 2), ("probe", 1), ("obs", 1), ("fidelity", 1)):
+        few, many = (M.plan_stage(stage, big, M.Options(device="cuda", calib_samples=n)) for n in (8, 64))
+        assert many.device_bytes == few.device_bytes, stage
+        assert many.host_bytes - few.host_bytes == copies * 56 * per_call, stage
+        cpu = [M.plan_stage(stage, big, M.Options(device="cpu", calib_samples=n)) for n in (8, 64)]
+        assert cpu[1].device_bytes - cpu[0].device_bytes == copies * 56 * per_call, stage
+    o = M.Options(device="cuda", calib_samples=8)
+    off = M.plan_stage("obs", big, dataclasses.replace(o, offload=True))
+    assert off.device_bytes < big.weight_bytes / 4 < M.plan_stage("obs", big, o).device_bytes
+
+
+def test_dry_run_plans_the_verbs_own_options(capsys, tmp_path):
+    """probe / obs plan for the calibration set given (its size read from the file's header) and
+    their own flags (probe's --max-samples, OBS-Diff's --pattern and --groups)."""
+    from hprune.cli import main
+
+    path = _calib().save(tmp_path / "cal.safetensors")  # 2 prompts x 2 steps, 2 rows a call: 8 samples
+    out = tmp_path / "o"
+    assert main(["probe", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu"]) == 0
+    assert "x 8 samples" in capsys.readouterr().out
+    assert main(["probe", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu",
+                 "--max-samples", "3"]) == 0
+    assert "x 3 samples" in capsys.readouterr().out
+    assert main(["obs", "tiny-sd3", "--calib", str(path), "--out", str(out), "--dry-run", "--device", "cpu",
+                 "--pattern", "structured", "--groups", "2"]) == 0
+    assert "structured: 2 calibration pass(es) of 4 calls" in capsys.readouterr().out
+    assert main(["calib", "tiny-sd3", "--out", str(tmp_path / "c.safetensors"), "--num-prompts", "3", "--steps", "5",
+                 "--dry-run", "--device", "cpu"]) == 0
+    assert "15 transformer calls" in capsys.readouterr().out
+    assert not out.exists()
 
 
 # ---- distillation options the plan names ------------------------------------------------------------

@@ -27,6 +27,7 @@ def print_plan(args: argparse.Namespace, verb: str) -> int:
                      ratio=float(getattr(args, "ratio", None) if getattr(args, "ratio", None) is not None else 0.0),
                      optimizer=getattr(args, "optimizer", "adamw") or "adamw",
                      grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)))
+    _stage_options(args, verb, shape, opts)
     if verb == "quantize" and getattr(args, "method", "rtn") == "gptq":
         verb = "quantize-gptq"
     if verb == "compress" and getattr(args, "steps", 200) == 0:
@@ -62,6 +63,38 @@ def print_plan(args: argparse.Namespace, verb: str) -> int:
             f"{p.stage}: " + (", ".join(_flag(k, v) for k, v in p.options.items()) if p.options else "nothing tried fits")
             for p in bad))
     return 0
+
+
+def _stage_options(args: argparse.Namespace, verb: str, shape, opts) -> None:
+    """The options of calib / probe / obs / the fidelity check that change their plan, from the
+    verb's own flags: the calibration set's size (its file's header, or what the verb captures),
+    probe's batch and samples, OBS-Diff's pattern and groups, --eval-samples."""
+    calls = None
+    path = getattr(args, "calib", None)
+    if path and os.path.isfile(path):  # the set's samples from its header (hprune.calib.CalibrationSet.save)
+        from hprune.io import check_safetensors
+
+        head = check_safetensors(path)
+        if "t" in head:
+            calls = -(-int(head["t"]["shape"][0]) // max(1, shape.cfg_rows))
+    elif verb == "calib":
+        calls = int(getattr(args, "n", 8) or 8) * int(getattr(args, "steps", 8) or 8)
+    elif verb in ("probe", "obs", "eval", "generate"):
+        calls = 4 * 8  # the built-in set these verbs make without --calib: 4 prompts x 8 steps
+    if calls:
+        opts.calib_samples = calls
+    if verb == "probe":
+        opts.probe_batch = int(getattr(args, "batch_size", 4) or 4)
+        cap = getattr(args, "max_samples", 32)
+        total = calls * shape.cfg_rows if calls else None
+        sizes = [x for x in (cap, total) if x]  # --max-samples 0: every sample
+        if sizes:
+            opts.probe_samples = min(sizes)
+    if verb == "obs":
+        opts.pattern = "structured" if getattr(args, "pattern", "") == "structured" else "unstructured"
+        opts.groups = max(1, int(getattr(args, "groups", 1) or 1))
+    if getattr(args, "eval_samples", None) is not None:
+        opts.eval_samples = int(args.eval_samples)
 
 
 def _flag(key: str, value) -> str:

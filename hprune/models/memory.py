@@ -24,6 +24,27 @@ D = hidden width, L = blocks, N = devices of an FSDP2 run):
   memory) and what the stage produces.
 - GPTQ: one block's Hessians, in² · 4 bytes per group of Linears that share an input (offload), or
   Hessian groups of ≤ 2 GiB (resident, one calibration pass per group).
+- calibration set: C = calls · r · s · b bytes (r = rows per call: 2 under SD3's classifier-free
+  guidance, 1 for FLUX; s = values of one sample: latents + text tokens · joint_attention_dim +
+  pooled). Stages that read a set hold it.
+- calib (capture): weights + one call's activations (r rows) + 2 · C (the recorded inputs, then
+  their concatenation).
+- fidelity check: weights + C + one forward of one sample + its kept inputs and outputs
+  (≈ 3 · s · b per sample checked).
+- probe: weights + C + per batch of B samples one block's activations + the L + 1 block inputs kept
+  for the tails (S · D · c · B each) + the float64 pair of the similarity (2 · S · D · 8 · B).
+- OBS-Diff resident, unstructured / N:M: weights + C + the float32 Hessians of every Linear group
+  (÷ --groups) + the larger of (the forward's activations + one Linear input in float32) and one
+  Linear's solve (4 · (2 · out · in + 3 · in²): W, damped H, its Cholesky factor and inverse).
+  Structured: the Hessians of the consumers of heads / neurons (to_out, to_add_out, the FFNs' down
+  projections, a FLUX single block's proj_out) + ColumnOBS's float64 work of the largest consumer,
+  8 · (4 · in² + out · in). Block by block (`offload`): one block's Hessians + every call's block
+  input and output (2 · calls · r · S · D · c) + the block in the compute dtype while it runs.
+- prune (surgery): the weights as loaded; removed parts are dropped, nothing kept is copied.
+Checked on the CPU against peaks measured in a fresh process (benchmarks/stage_peaks.py,
+tests/test_memory_plan.py): calib, fidelity, probe, prune and the three OBS-Diff forms within
+±25 % on a tiny activation-bound SD3 and medium (hidden 384) SD3 fp32 / bf16 and FLUX shapes; the
+runtime's own memory (imports, first-call kernel workspaces: tens of MB) is not in the plan.
 
 Time: forward FLOPs per sample and block = 2 · P_block · S + 4 · S² · D (attention), at an
 assumed sustained rate (THROUGHPUT: fp32 GEMM on one CPU thread as measured on this project's
@@ -31,7 +52,10 @@ AVX2 machine; bf16 on an H100-class GPU at ~40 % of its dense peak). Training co
 student's forward + the teacher's forward. RTN rounds RTN_RATE weights/s per CPU thread (measured
 with the scale search) and GPU_RTN_RATE on a GPU. These are estimates to plan with, not promises;
 ACT_INFER / ACT_TRAIN were fitted on CPU measurements of a medium SD3 shape and checked on the
-tiny built-ins (tests/test_memory_plan.py).
+tiny built-ins (tests/test_memory_plan.py); one warm SD3 forward measures 12.9 S·D values (batch
+1-4, 272-2,320 tokens). The CPU rate is conservative: fp32 GEMMs run at 50-86 GFLOP/s on one thread
+of this project's machine, and the stage times above came out 1-6x the measured CPU seconds
+(docs/scale.md).
 """
 from __future__ import annotations
 
@@ -48,6 +72,10 @@ RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's m
 GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
 HESSIAN_BUDGET = 2 << 30
 H2D_RATE = 10e9  # bytes/s host -> GPU of pageable (memory-mapped) weights (estimate)
+# a block's removable components (hprune.models.adapters), told by a tensor name's part
+_COMPONENT_MARKS = ((".attn.", "attn"), (".attn2.", "attn2"), (".ff.", "ff"), (".ff_context.", "context_ff"),
+                    (".to_add_out.", "context"), (".proj_mlp.", "mlp"))
+_CONSUMERS = (".to_out.0.weight", ".to_add_out.weight", ".net.2.weight")  # read heads / FFN neurons
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -70,6 +98,12 @@ class ModelShape:
     tokens_txt: int
     quantised: bool = False
     mapped: bool = True  # weights memory-mapped from files (False: built in memory, e.g. tiny built-ins)
+    calib_sample_values: int = 0  # values of one calibration sample (latents + text + pooled embeddings)
+    cfg_rows: int = 1  # rows per transformer call while denoising (2: SD3's classifier-free guidance)
+    components: list[int] = field(default_factory=list)  # per block: removable components (ΔP pieces)
+    linear_max: int = 0  # values of the largest Linear weight in a block
+    consumers: list[list[tuple[int, int]]] = field(default_factory=list)  # per block: (out, in) of the
+    # Linears that read attention heads / FFN neurons (structured OBS-Diff's Hessians)
 
     @property
     def other_bytes(self) -> int:
@@ -78,6 +112,10 @@ class ModelShape:
     @property
     def tokens(self) -> int:
         return self.tokens_img + self.tokens_txt
+
+    @property
+    def calib_sample_bytes(self) -> int:
+        return self.calib_sample_values * self.store_bytes  # stored as the model's inputs are (its dtype)
 
 
 def _header_tensors(files: list[str]) -> dict[str, tuple[str, list[int]]]:
@@ -165,6 +203,9 @@ def _shape(spec: str, cls: str, cfg: dict[str, Any], tensors: dict[str, tuple[st
     img = (lat // patch) ** 2 if family == "sd3" else (lat // 2) ** 2
     block_bytes, block_params = [0] * n_blocks, [0] * n_blocks
     lin_in: list[dict[str, int]] = [dict() for _ in range(n_blocks)]
+    comps: list[set[str]] = [set() for _ in range(n_blocks)]
+    cons: list[list[tuple[int, int]]] = [[] for _ in range(n_blocks)]
+    lin_max = 0
     total_b = total_p = 0
     for k, (dt, shape) in tensors.items():
         n = 1
@@ -178,14 +219,23 @@ def _shape(spec: str, cls: str, cfg: dict[str, Any], tensors: dict[str, tuple[st
             continue
         block_bytes[i] += nb
         block_params[i] += n
+        comps[i] |= {c for mark, c in _COMPONENT_MARKS if mark in k}
         if k.endswith(".weight") and len(shape) == 2 and ".norm" not in k:
+            lin_max = max(lin_max, n)
+            if k.endswith(_CONSUMERS) or (k.endswith(".proj_out.weight") and "single_" in k):
+                cons[i].append((int(shape[0]), int(shape[1])))
             # q/k/v (and add_*) read one input: one Hessian per distinct (module parent, in) pair
             parent = k.rsplit(".", 2)[0]
             key = parent if k.rsplit(".", 2)[1] in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
                                                     "add_v_proj") else k
             lin_in[i][key] = int(shape[1])
+    c_in, joint, pooled = int(cfg.get("in_channels") or 16), int(cfg.get("joint_attention_dim") or 0), \
+        int(cfg.get("pooled_projection_dim") or 0)
+    # SD3: latents (C, lat, lat); FLUX: packed 2x2 latent tokens of in_channels values; + text + pooled
+    sample = (c_in * lat * lat if family == "sd3" else img * c_in) + txt * joint + pooled
     return ModelShape(spec, family, n_blocks, hidden, total_p, total_b, block_bytes, block_params,
-                      [list(d.values()) for d in lin_in], b, img, txt, quantised, mapped)
+                      [list(d.values()) for d in lin_in], b, img, txt, quantised, mapped, sample,
+                      2 if family == "sd3" else 1, [len(c) for c in comps], lin_max, cons)
 
 
 # ---- stages ------------------------------------------------------------------------------------------
@@ -206,6 +256,10 @@ class Options:
     optimizer: str = "adamw"  # "adamw" | "adamw8bit"
     grad_checkpointing: bool = False
     groups_auto: bool = True
+    pattern: str = "unstructured"  # OBS-Diff: "unstructured" / "N:M" | "structured"
+    groups: int = 1  # OBS-Diff's --groups (resident: Hessians of one group at a time)
+    probe_batch: int = 4  # probe's --batch-size
+    eval_samples: int = 8  # the fidelity check's calibration samples
 
 
 @dataclass
@@ -238,15 +292,76 @@ def _act_infer(m: ModelShape, o: Options, batch: int = 1) -> int:
 def _resident_weights(m: ModelShape, o: Options) -> tuple[int, int]:
     """(device, host) anonymous bytes of the weights during an inference stage. Memory-mapped
     weights are file pages (0 here); a CPU that computes 16-bit storage in fp32 holds fp32 copies
-    of the non-block modules and of one block."""
+    of the non-block modules and of one block (weights already in the compute dtype are used in
+    place: `offload.placed` copies nothing)."""
     c = _compute_bytes(m, o)
     big = max(m.block_bytes, default=0)
     upcast = (m.other_bytes + big) * c // m.store_bytes
     base = 0 if m.mapped else m.weight_bytes
     if o.device == "cpu":
-        extra = upcast if (o.offload or c != m.store_bytes) else 0
+        extra = upcast if c != m.store_bytes else 0
         return base + extra, base + extra
     return (upcast if o.offload else m.weight_bytes), base
+
+
+def _split(o: Options, wdev: int, whost: int, on_dev: int, on_host: int) -> tuple[int, int]:
+    """(device, host) of a stage whose weights take (wdev, whost) and which adds `on_dev` bytes on
+    the compute device and `on_host` on the host (the calibration set, outputs moved off the
+    device); on a CPU the device is the host: all of it, on both."""
+    if o.device == "cpu":
+        return (wdev + on_dev + on_host,) * 2
+    return wdev + on_dev, whost + on_host
+
+
+def _calib_set_bytes(m: ModelShape, o: Options) -> int:
+    """Bytes of a calibration set of o.calib_samples transformer calls (cfg_rows samples each)."""
+    return o.calib_samples * m.cfg_rows * m.calib_sample_bytes
+
+
+def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
+    """OBS-Diff (hprune.obs.sequential.obs_prune_model) with the calibration set in memory."""
+    c = _compute_bytes(m, o)
+    wdev, whost = _resident_weights(m, o)
+    cal = _calib_set_bytes(m, o)
+    act = _act_infer(m, o, m.cfg_rows)  # the denoising loop re-run: one call of cfg_rows rows at a time
+    # Hessians fill during the forward: its activations + a hook's float32 copy of one Linear's
+    # input (hprune.obs.hessian.HessianCollector.add); the solver runs after it
+    ins = [k for b in m.linear_in for k in b]
+    during = act + 4 * m.tokens * m.cfg_rows * max(ins, default=0)
+    if o.pattern == "structured":
+        # float32 Hessians of every consumer of heads / neurons (÷ groups), then per consumer
+        # ColumnOBS's float64 W, H, its Cholesky factor, H⁻¹ and the greedy removal's work
+        # (hprune.obs.structured)
+        hess = sum(4 * i * i for b in m.consumers for _, i in b) // max(1, o.groups)
+        solve = max((8 * (4 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
+        flops = sum(4.0 * i ** 3 for b in m.consumers for _, i in b)
+        k = max(1, o.groups)
+        return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                         f"structured: {k} calibration pass(es) of {o.calib_samples} calls, Hessians of the "
+                         f"heads' / neurons' consumers {hess / 1e9:.2f} GB per group")
+    # the solver of one Linear: a float32 copy of W, the damped H, its Cholesky factor and inverse
+    solve = 4 * (2 * m.linear_max + 3 * max(ins, default=0) ** 2)
+    flops = sum(2.0 * k ** 3 for k in ins)
+    if o.offload:
+        # hprune.obs.blockwise: one block's Hessians; every call's block input and output (both
+        # streams, compute dtype) stay on the device; blocks written back to the host in place
+        # (BlockStream: the block is in the compute dtype while it runs, in its storage while solved)
+        hess = max((sum(4 * k * k for k in b) for b in m.linear_in), default=0)
+        states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
+        block = max(m.block_bytes, default=0) * c // m.store_bytes  # in the compute dtype
+        if o.device == "cpu":  # a block already in the compute dtype runs in place (no copy)
+            up = block if c != m.store_bytes else 0
+            dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
+        else:
+            dev, host = block + states + hess + max(during, solve), whost + cal
+        return StagePlan("obs", dev, host, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                         f"block by block: one pass of {o.calib_samples} calls, Hessians of one block "
+                         f"({hess / 1e9:.2f} GB)")
+    hess = sum(4 * k * k for k in ins) // max(1, o.groups)
+    return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal),
+                     (max(1, o.groups) * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                     f"{max(1, o.groups)} calibration pass(es) of {o.calib_samples} calls, Hessians "
+                     f"{hess / 1e9:.2f} GB per group")
 
 
 def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
@@ -266,7 +381,45 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
             dev = host = whost + packed + tmp
         secs = linear_w / (GPU_RTN_RATE if o.device == "cuda" else RTN_RATE * max(1, o.threads))
         return StagePlan(stage, dev, host, secs, f"{linear_w / 1e9:.2f} B weights rounded")
-    if stage in ("calib", "fidelity", "quantize-gptq", "obs"):
+    if stage == "calib":
+        # hprune.calib.capture: calls of cfg_rows rows; every call's inputs are recorded (stored
+        # dtype), then concatenated: the set twice at the end
+        cal = _calib_set_bytes(m, o)
+        # (the records go to the host as they are made)
+        return StagePlan(stage, *_split(o, wdev, whost, _act_infer(m, o, m.cfg_rows), 2 * cal), o.calib_samples * m.cfg_rows * fwd / rate,
+                         f"{o.calib_samples} transformer calls of {m.cfg_rows} row(s); set {cal / 1e6:.0f} MB")
+    if stage == "fidelity":
+        # hprune.commands.FidelityCheck: eval_samples batches of one, the reference outputs kept;
+        # the calibration set is in memory
+        n = min(o.eval_samples, o.calib_samples * m.cfg_rows)
+        cal = _calib_set_bytes(m, o)
+        # (the inputs on the device, the outputs on the host)
+        on_dev = _act_infer(m, o) + n * m.calib_sample_bytes
+        return StagePlan(stage, *_split(o, wdev, whost, on_dev, cal + 2 * n * m.calib_sample_bytes), 2 * n * fwd / rate,
+                         f"{n} samples, before and after")
+    if stage == "probe":
+        # hprune.probe: per batch of probe_batch samples, every block's input state is kept for the
+        # tails (L + 1 states, both streams), plus one block's activations and the float64 pair
+        # of states of the similarity; the calibration set is in memory
+        bsz = o.probe_batch
+        comps = m.components or [4] * m.num_blocks
+        probes = [(i, 1 + comps[i]) for i in range(m.num_blocks)]
+        passes = m.num_blocks + sum((m.num_blocks - i) * k for i, k in probes)  # probe.probe_block_passes
+        unit = m.tokens * m.hidden * bsz
+        cal = _calib_set_bytes(m, o)
+        on_dev = _act_infer(m, o, bsz) + (m.num_blocks + 1) * unit * _compute_bytes(m, o) + 2 * 8 * unit
+        secs = o.probe_samples * passes / max(1, m.num_blocks) * fwd / rate
+        return StagePlan(stage, *_split(o, wdev, whost, on_dev, cal), secs,
+                         f"{passes} block passes per sample ({sum(k for _, k in probes)} pieces x "
+                         f"{o.probe_samples} samples)")
+    if stage == "obs":
+        return _obs_plan(m, o, fwd, rate)
+    if stage == "prune":
+        # surgery on the host (hprune.models.surgery.apply_plan): removed blocks / components are
+        # dropped, nothing kept is copied; the weights as loaded
+        base = 0 if m.mapped else m.weight_bytes
+        return StagePlan(stage, 0 if o.device == "cuda" else base, base, 0.0, "surgery on the host")
+    if stage == "quantize-gptq":
         calls = o.calib_samples
         act = _act_infer(m, o)
         dev, host = wdev + act, whost
@@ -293,15 +446,6 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
             note = f"{passes} calibration pass(es) of {calls} calls, Hessians of " + \
                    ("one block" if o.offload else f"{passes} group(s)")
         return StagePlan(stage, dev, host, secs, note)
-    if stage == "probe":
-        pieces = m.num_blocks * 5  # "both": the block + up to ~4 components each
-        passes = sum((m.num_blocks - i) * 5 for i in range(m.num_blocks)) + m.num_blocks
-        per_sample = passes / max(1, m.num_blocks)
-        states = (m.num_blocks + 1) * 2 * m.tokens * m.hidden * _compute_bytes(m, o)
-        dev = wdev + _act_infer(m, o) + states
-        secs = o.probe_samples * per_sample * fwd / rate
-        return StagePlan(stage, dev, whost if o.device == "cuda" else dev, secs,
-                         f"~{passes} block passes per sample ({pieces} pieces x {o.probe_samples} samples)")
     if stage == "distill":
         t = training_step_bytes(m, o)
         dev = distill_step_peak(m, o, t)
@@ -368,7 +512,7 @@ VERB_STAGES = {
     "calib": ["load", "calib"],
     "probe": ["load", "probe"],
     "obs": ["load", "obs", "save"],
-    "prune": ["load", "save"],
+    "prune": ["load", "prune", "save"],
     "distill": ["load", "distill", "save"],
     "eval": ["load", "fidelity"],
     "generate": ["load", "fidelity"],
