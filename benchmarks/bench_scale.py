@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="info,dry-run,rtn", help=f"comma list of {', '.join(STAGES)}")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     ap.add_argument("--workdir", default=None, help="where folders are built (default: a temp dir, removed)")
+    ap.add_argument("--name", default=None, help="results file benchmarks/results/scale-NAME.json (default: the host)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hprune-scale-"))
     results = []
@@ -184,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             for n in [int(b) for b in args.blocks.split(",")]:
                 folder = work / f"{name}-{n}"
                 if not folder.exists():
+                    t0, c0 = time.perf_counter(), time.process_time()
                     info = build_folder(name, n, folder)
+                    info.update(build_wall_s=round(time.perf_counter() - t0, 1),
+                                build_cpu_s=round(time.process_time() - c0, 1))
+                    print(f"built {folder}: {info}", flush=True)
                 else:
                     info = {"blocks": n}
                 for stage in args.stages.split(","):
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "python": platform.python_version(),
            "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
-    out = ROOT / "benchmarks" / "results" / f"scale-{platform.node() or 'host'}.json"
+    out = ROOT / "benchmarks" / "results" / f"scale-{args.name or platform.node() or 'host'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str))
     print("| model | stage | blocks | wall s | CPU s | peak anon GB | full depth: wall s | CPU s | peak anon GB |")
