@@ -350,7 +350,8 @@ class Spill:
     Block-by-block quantisation spills each block's new layers (hprune.quant.blockwise), so the
     host holds the mapped input weights + one block's output; the save then streams the tensors
     from the maps (hprune.io.write_safetensors). Values, dtypes and shapes are unchanged (a spilled
-    tensor is contiguous), so whatever is saved from them is byte-identical.
+    tensor is contiguous), so whatever is saved from them is byte-identical. A tensor keeps its
+    identity, except a view (its base would keep the memory alive): the module gets a new tensor.
 
         with output_lock(out), Spill(out) as spill:
             spill(new_layers_of_block)      # after each block, on the host
@@ -432,10 +433,22 @@ class Spill:
             raise OutputError(f"cannot map the spill file {self.path}: {exc}") from None
         base = torch.from_numpy(mm)  # no copy: the tensor keeps the map alive
         self._maps.append((base.data_ptr(), off - start))
+        new = {id(t): base[o:o + n].view(t.dtype).reshape(t.shape) for t, o, n in layout}
         with torch.no_grad():
-            for t, o, n in layout:
-                t.data = base[o:o + n].view(t.dtype).reshape(t.shape)
-        del layout, todo
+            for m in mods:
+                for sub in m.modules():
+                    for table in (sub._parameters, sub._buffers):  # noqa: SLF001 - see below
+                        for k, t in table.items():
+                            if t is None or id(t) not in new or t._base is None:
+                                continue
+                            # a view keeps its base tensor (and its memory) alive whatever its .data:
+                            # the module gets a new tensor instead (ties between modules kept)
+                            table[k] = (nn.Parameter(new[id(t)], requires_grad=t.requires_grad)
+                                        if isinstance(t, nn.Parameter) else new[id(t)])
+            for t, _, _ in layout:
+                if t._base is None:
+                    t.data = new[id(t)]  # the same tensor object: references and hooks keep working
+        del layout, todo, new
         _release_free_heap()
         return off - start
 
