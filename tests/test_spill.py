@@ -79,7 +79,7 @@ def test_spill_disk_full_is_one_output_error_and_leaves_nothing(tmp_path, monkey
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_quantize_with_spill_writes_byte_identical_artifact(tmp_path, method):
     name = "tiny-sd3"
-    calib = builtin_calibration(name, load_model(name), n_prompts=1, num_steps=2) if method == "gptq" else None
+    calib = builtin_calibration(name, load_model(name), n_prompts=1, num_steps=1) if method == "gptq" else None
     a, b = load_model(name, dtype=torch.bfloat16), load_model(name, dtype=torch.bfloat16)
     quantize_model(a, method=method, calib=calib, offload="cpu")
     with Spill(tmp_path / "b") as sp:
@@ -92,6 +92,23 @@ def test_quantize_with_spill_writes_byte_identical_artifact(tmp_path, method):
     save_compressed(a, tmp_path / "a")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # the spill file is gone
+
+
+@pytest.mark.parametrize("method", ["obs", "magnitude"])
+def test_obs_blockwise_with_spill_prunes_the_same_into_the_file(tmp_path, method):
+    from hprune.obs.sequential import obs_prune_model
+
+    calib = builtin_calibration("tiny-sd3", load_model("tiny-sd3"), n_prompts=1, num_steps=1) \
+        if method == "obs" else None
+    a, b = load_model("tiny-sd3"), load_model("tiny-sd3")
+    obs_prune_model(a, calib, pattern="2:4", method=method, offload="cpu")
+    with Spill(tmp_path / "b") as sp:
+        rep = obs_prune_model(b, calib, pattern="2:4", method=method, offload="cpu", spill=sp)
+        maps = file_maps(sp.path)
+        pruned = [b.get_submodule(r["layer"]).weight for r in rep["layers"]]
+        assert len(maps) > 1 and all(in_file(w, maps) for w in pruned)  # pruned in the file, block by block
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_spill_needs_offload():
