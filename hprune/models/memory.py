@@ -18,6 +18,21 @@ D = hidden width, L = blocks, N = devices of an FSDP2 run):
   memory) and what the stage produces.
 - GPTQ: one block's Hessians, in² · 4 bytes per group of Linears that share an input (offload), or
   Hessian groups of ≤ 2 GiB (resident, one calibration pass per group).
+- quantize (RTN, GPTQ): `hprune quantize` runs block by block with --offload and by itself on a
+  CPU for 16-bit weights; then each block's packed layers go to a spill file beside --out as the
+  block is done (models.offload.Spill), so the host holds ONE block's output, not the model's
+  (packed: 0.5 + 2·s/64 bytes per weight, s = 2 for 16-bit weights, 4 for fp32 scales). RTN adds
+  formats.quantize's working memory for the largest Linear (6·D² weights, the AdaLN one): its
+  codes and fp32 scales (1 + 8/64 bytes per weight) + the scale search's RTN_SEARCH_BUFFERS fp32
+  values per weight of a RTN_CHUNK-weight chunk. GPTQ is the largest of its phases: RTN of the
+  other Linears; collecting (the block in the compute dtype, the Hessians, one x^T x of the
+  widest input k, the activations); solving (the Hessians, 3 · 4·k² of the solver's matrices and
+  the D x k weight in fp32, the packed output); + GPTQ_FIXED. save-quantized streams the tensors
+  (from the spill file's maps when spilled) and adds the manifest hash's buffers (SAVE_BUFFERS).
+  Checked against measured peaks on the CPU (tiny and medium SD3 shapes, resident and block by
+  block, RTN and GPTQ: tests/test_memory_plan_quantize.py, within ±25 %) and on a full 38-block
+  SD3.5-Large-shaped folder (docs/scale.md). The Python / torch process itself (~0.25-0.5 GB
+  anonymous) is not counted.
 
 Time: forward FLOPs per sample and block = 2 · P_block · S + 4 · S² · D (attention), at an
 assumed sustained rate (THROUGHPUT: fp32 GEMM on one CPU thread as measured on this project's
@@ -38,7 +53,7 @@ from typing import Any
 ACT_INFER = 12.0  # live activations of one block forward, in units of S·D values
 ACT_TRAIN = 22.0  # activations autograd keeps per block (no checkpointing), in units of S·D values
 THROUGHPUT = {"cpu": 10e9, "cuda": 300e12}  # FLOP/s: per CPU thread (fp32); per GPU (bf16)
-RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's measurement)
+RTN_RATE = 10e6  # weights/s per CPU thread with the scale search (11.3 M/s measured: SD3.5-Large, docs/scale.md)
 GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
 HESSIAN_BUDGET = 2 << 30
 RTN_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # weights per chunk of formats.quantize's scale search
