@@ -88,10 +88,9 @@ if __name__ == "__main__":  # the measuring child of _measure
                            spill=spill if offload else None)
         model = build_from_config(CLS, cfg, dtype=dtype)
         with tempfile.TemporaryDirectory() as tmp, Spill(Path(tmp) / "out") as spill:
-            peak, _ = anon_peak_during(lambda: quantize_model(model, method=method,
-                                                              calib=calib if method == "gptq" else None,
-                                                              offload="cpu" if offload else None,
-                                                              spill=spill if offload else None))
+            kw = dict(method=method, calib=calib if method == "gptq" else None, offload="cpu" if offload else None,
+                      spill=spill if offload else None)
+            peak, _ = anon_peak_during(lambda m=model, kw=kw: quantize_model(m, **kw))
         peaks.append(peak)
         del model
     print(json.dumps(peaks))

@@ -70,9 +70,8 @@ def test_spill_disk_full_is_one_output_error_and_leaves_nothing(tmp_path, monkey
     m = nn.Linear(8, 8)
     w = m.weight.detach().clone()
     monkeypatch.setattr(hprune.io, "write_tensor_bytes", full)
-    with pytest.raises(OutputError, match="cannot write the spill file .*No space left"):
-        with Spill(tmp_path / "out") as sp:
-            sp(m)
+    with pytest.raises(OutputError, match="cannot write the spill file .*No space left"), Spill(tmp_path / "out") as sp:
+        sp(m)
     assert list(tmp_path.iterdir()) == [] and torch.equal(m.weight, w)
 
 

@@ -372,10 +372,10 @@ class Spill:
         self._end = 0  # bytes written so far
         self._maps: list[tuple[int, int]] = []  # (address, bytes) of each map: tensors already spilled
 
-    def __enter__(self) -> "Spill":
+    def __enter__(self) -> Spill:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -437,7 +437,7 @@ class Spill:
         with torch.no_grad():
             for m in mods:
                 for sub in m.modules():
-                    for table in (sub._parameters, sub._buffers):  # noqa: SLF001 - see below
+                    for table in (sub._parameters, sub._buffers):
                         for k, t in table.items():
                             if t is None or id(t) not in new or t._base is None:
                                 continue
