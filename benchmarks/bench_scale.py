@@ -1,13 +1,14 @@
 """Real-shape scale benchmark: random-weight folders with the real SD3.5-Medium / SD3.5-Large /
-FLUX.1 block shapes (diffusers' own classes, `save_pretrained`, bf16 safetensors), fewer blocks
-than the real models where this machine cannot hold them, and each CLI stage timed with its peak
+FLUX.1 block shapes (diffusers' own classes and config, bf16 safetensors sharded as diffusers
+writes big models, built block by block so a full 16 GB SD3.5-Large needs ~2 GB of memory; fewer
+blocks than the real models where wanted), and each CLI stage timed with its peak
 anonymous memory (RssAnon of the child process and its children, sampled from /proc every 20 ms;
 memory-mapped weights are file pages and do not count). Each stage runs at two block counts so a
 per-block slope extrapolates to the full depth:
 
     value(L) = value(n2) + (value(n2) - value(n1)) / (n2 - n1) * (L - n2)
 
-Writes benchmarks/results/scale-<host>.json and prints a Markdown table (docs/scale.md holds the
+Writes benchmarks/results/scale-<host or --name>.json and prints a Markdown table (docs/scale.md holds the
 measured one). Times on a busy shared CPU are upper bounds.
 
     python benchmarks/bench_scale.py --models sd3.5-medium --blocks 1,2 --stages info,dry-run,rtn
