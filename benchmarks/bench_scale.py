@@ -1,13 +1,14 @@
 """Real-shape scale benchmark: random-weight folders with the real SD3.5-Medium / SD3.5-Large /
-FLUX.1 block shapes (diffusers' own classes, `save_pretrained`, bf16 safetensors), fewer blocks
-than the real models where this machine cannot hold them, and each CLI stage timed with its peak
+FLUX.1 block shapes (diffusers' own classes and config, bf16 safetensors sharded as diffusers
+writes big models, built block by block so a full 16 GB SD3.5-Large needs ~2 GB of memory; fewer
+blocks than the real models where wanted), and each CLI stage timed with its peak
 anonymous memory (RssAnon of the child process and its children, sampled from /proc every 20 ms;
 memory-mapped weights are file pages and do not count). Each stage runs at two block counts so a
 per-block slope extrapolates to the full depth:
 
     value(L) = value(n2) + (value(n2) - value(n1)) / (n2 - n1) * (L - n2)
 
-Writes benchmarks/results/scale-<host>.json and prints a Markdown table (docs/scale.md holds the
+Writes benchmarks/results/scale-<host or --name>.json and prints a Markdown table (docs/scale.md holds the
 measured one). Times on a busy shared CPU are upper bounds.
 
     python benchmarks/bench_scale.py --models sd3.5-medium --blocks 1,2 --stages info,dry-run,rtn
@@ -30,11 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("info", "dry-run", "rtn")
 
 
-def build_folder(name: str, blocks: int, out: Path) -> dict:
+SHARD_BYTES = 2 * 10**9  # bf16 bytes per weights file of a built folder (a few blocks each)
+
+
+def build_folder(name: str, blocks: int, out: Path, shard_bytes: int = SHARD_BYTES) -> dict:
     """A diffusers folder with `name`'s real config but `blocks` blocks (FLUX: double and single
-    blocks in the real 19:38 proportion, at least one of each), random bf16 weights."""
+    blocks in the real 19:38 proportion, at least one of each), random bf16 weights, written block
+    by block: the model is built on the meta device and one block (or the non-block modules) at a
+    time gets real weights, goes into the current weights file and is dropped, so a 16 GB
+    SD3.5-Large folder needs about one file's bytes of memory. Sharded as diffusers writes big
+    models: `diffusion_pytorch_model-0000i-of-0000n.safetensors` of at most `shard_bytes` each
+    (metadata format "pt"), the index `diffusion_pytorch_model.safetensors.index.json` and
+    config.json; hprune reads every .safetensors file of the folder (models.registry.weight_files)."""
     import torch
 
+    from hprune.io import save_safetensors, write_json
+    from hprune.models.adapters import get_adapter
     from hprune.models.registry import BUILTINS, build_from_config, randomize_
 
     b = BUILTINS[name]
@@ -48,12 +60,46 @@ def build_folder(name: str, blocks: int, out: Path) -> dict:
         cfg["dual_attention_layers"] = tuple(i for i in b.config.get("dual_attention_layers", ()) if i < blocks)
         full = b.config["num_layers"]
     model = build_from_config(b.class_name, cfg, meta="params")
-    randomize_(model, "cpu", torch.bfloat16, seed=0)
-    model.save_pretrained(out, safe_serialization=True)
+    lists = get_adapter(model).lists
+    # the parts, in file order: the non-block modules, then each block
+    parts: list[tuple[str, torch.nn.Module]] = [(n, m) for n, m in model.named_children() if n not in lists]
+    parts += [(f"{ln}.{j}", blk) for ln in lists for j, blk in enumerate(getattr(model, ln))]
+
+    def part_bytes(m: torch.nn.Module) -> int:
+        return sum(t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
+                   for t in m.state_dict().values())
+
+    shards: list[list[tuple[str, torch.nn.Module]]] = [[]]
+    size = 0
+    for prefix, m in parts:
+        nb = part_bytes(m)
+        if shards[-1] and size + nb > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((prefix, m))
+        size += nb
+    out.mkdir(parents=True)
+    model.save_config(out)
+    weight_map: dict[str, str] = {}
+    total = params = 0
+    for k, shard in enumerate(shards):
+        fname = f"diffusion_pytorch_model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (prefix, m) in enumerate(shard):
+            randomize_(m, "cpu", torch.bfloat16, seed=1000 * k + i)
+            params += sum(p.numel() for p in m.parameters())
+            tensors.update({f"{prefix}.{n}": t.detach() for n, t in m.state_dict().items()})
+        save_safetensors(tensors, out / fname, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: fname for n in tensors})
+        del tensors
+        for _, m in shard:
+            m.to("meta")  # drop the block's weights before the next file
+    write_json(out / "diffusion_pytorch_model.safetensors.index.json",
+               {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    params = sum(p.numel() for p in model.parameters())
     del model
-    return {"blocks": blocks, "full_blocks": full, "bytes": size, "params": params}
+    return {"blocks": blocks, "full_blocks": full, "bytes": size, "params": params, "files": len(shards)}
 
 
 def _anon(pid: int) -> int:
@@ -131,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="info,dry-run,rtn", help=f"comma list of {', '.join(STAGES)}")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     ap.add_argument("--workdir", default=None, help="where folders are built (default: a temp dir, removed)")
+    ap.add_argument("--name", default=None, help="results file benchmarks/results/scale-NAME.json (default: the host)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hprune-scale-"))
     results = []
@@ -139,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             for n in [int(b) for b in args.blocks.split(",")]:
                 folder = work / f"{name}-{n}"
                 if not folder.exists():
+                    t0, c0 = time.perf_counter(), time.process_time()
                     info = build_folder(name, n, folder)
+                    info.update(build_wall_s=round(time.perf_counter() - t0, 1),
+                                build_cpu_s=round(time.process_time() - c0, 1))
+                    print(f"built {folder}: {info}", flush=True)
                 else:
                     info = {"blocks": n}
                 for stage in args.stages.split(","):
@@ -172,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "python": platform.python_version(),
            "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
-    out = ROOT / "benchmarks" / "results" / f"scale-{platform.node() or 'host'}.json"
+    out = ROOT / "benchmarks" / "results" / f"scale-{args.name or platform.node() or 'host'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str))
     print("| model | stage | blocks | wall s | CPU s | peak anon GB | full depth: wall s | CPU s | peak anon GB |")

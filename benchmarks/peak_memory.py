@@ -28,3 +28,32 @@ def peak_during(fn: Callable[[], Any]) -> tuple[int, Any]:
     base = _status("VmRSS")
     out = fn()
     return _status("VmHWM") - base, out
+
+
+def anon_peak_during(fn: Callable[[], Any], interval: float = 0.0005) -> tuple[int, Any]:
+    """(peak anonymous resident bytes above the start, fn's result) of fn() in this process:
+    RssAnon (/proc/self/status) polled by a thread every `interval` seconds. Unlike peak_during it
+    leaves out file pages: weights memory-mapped from safetensors or an hprune spill file that fn
+    reads count there, not here. A spike shorter than the interval (or than a stretch of Python
+    code holding the GIL, ~5 ms) can be missed: for peaks made of tensors that live a while."""
+    import threading
+    import time
+
+    base = _status("RssAnon")
+    peak = [base]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _status("RssAnon"))
+            time.sleep(interval)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        th.join()
+    peak[0] = max(peak[0], _status("RssAnon"))
+    return peak[0] - base, out

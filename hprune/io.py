@@ -150,16 +150,26 @@ def write_safetensors(f: Any, tensors: dict[str, torch.Tensor], metadata: dict[s
     h = hashlib.sha256(head)
     f.write(head)
     size = len(head)
-    with torch.no_grad():
-        for _, t in order:
-            for piece in tensor_pieces(t.detach()):
-                if piece.device.type != "cpu" or not piece.is_contiguous():
-                    piece = piece.to("cpu").contiguous()  # at most CHUNK_BYTES
-                buf = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
-                h.update(buf)
-                f.write(buf)
-                size += buf.nbytes
+    for _, t in order:
+        size += write_tensor_bytes(f, t, h)
     return h.hexdigest(), size
+
+
+def write_tensor_bytes(f: Any, t: torch.Tensor, h: Any = None) -> int:
+    """Writes the row-major bytes of `t` (any device, any strides) to the binary file `f` straight
+    from its memory, a piece of a GPU or non-contiguous tensor copied CHUNK_BYTES at a time;
+    updates the hash `h` if given. Returns the bytes written (numel * element size)."""
+    size = 0
+    with torch.no_grad():
+        for piece in tensor_pieces(t.detach()):
+            if piece.device.type != "cpu" or not piece.is_contiguous():
+                piece = piece.to("cpu").contiguous()  # at most CHUNK_BYTES
+            buf = memoryview(piece.reshape(-1).view(torch.uint8).numpy())
+            if h is not None:
+                h.update(buf)
+            f.write(buf)
+            size += buf.nbytes
+    return size
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -90,3 +90,24 @@ def test_quantize_cli_in_a_pipe_reports_progress(tmp_path):
     assert r.returncode == 0, r.stderr
     got = lines(r.stderr, "quantising (RTN)")
     assert got and "started" in got[0] and "done" in got[-1] and "layer/s" in got[-1] + got[-2]
+
+
+def test_gptq_progress_counts_blocks_and_trajectories_never_its(capsys, monkeypatch):
+    """Block by block GPTQ reports per block with an ETA; the resident path's calibration loop per
+    trajectory and its solver per unit: no bar says "it"."""
+    from hprune.calib import builtin_calibration
+    from hprune.quant.model import quantize_model
+
+    monkeypatch.setenv("HPRUNE_PROGRESS_INTERVAL", "0")
+    m = fresh("tiny-sd3")
+    calib = builtin_calibration("tiny-sd3", m, n_prompts=1, num_steps=1)
+    capsys.readouterr()
+    quantize_model(fresh("tiny-sd3"), method="gptq", calib=calib, offload="cpu", progress=True)
+    got = [g for g in lines(capsys.readouterr().err, "GPTQ") if LINE.match(g)]
+    assert got and all(LINE.match(g)["unit"] == "block" for g in got), got
+    assert any("ETA" in g for g in got)
+    quantize_model(fresh("tiny-sd3"), method="gptq", calib=calib, progress=True)
+    got = [g for g in capsys.readouterr().err.splitlines() if LINE.match(g)]
+    units = {LINE.match(g)["desc"].split(" started")[0].split(" done")[0]: LINE.match(g)["unit"] for g in got}
+    assert any(u == "trajectory" for u in units.values()) and any(u == "unit" for u in units.values()), units
+    assert "it" not in units.values(), units

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
     import time
     from pathlib import Path
 
@@ -74,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from hprune import dist
     from hprune.artifacts import save_compressed
     from hprune.commands import FidelityCheck, calibration_for
+    from hprune.models.offload import Spill
     from hprune.models.registry import BUILTINS
     from hprune.models.stats import bytes_at
+    from hprune.owned import output_lock
     from hprune.quant import quantize_model
     from hprune.report import format_table, human_bytes
 
@@ -85,31 +88,41 @@ def run(args: argparse.Namespace) -> int:
     from hprune.quant.model import linears_to_quantize
 
     linears_to_quantize(model, skip=args.skip)  # an already quantised model is refused before any work
-    with offload_context(model, device, offload):
-        if args.method == "gptq" or args.calib:
-            calib = calibration_for(args.model, model, args.calib, what="--method gptq")
-        elif args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny:
-            calib = calibration_for(args.model, model, None, what="the fidelity check")
-        else:
-            calib = None  # rtn needs no data; without a calibration set there is no fidelity check
+    need = ("--method gptq" if args.method == "gptq" or args.calib else
+            "the fidelity check" if args.eval_samples and args.model in BUILTINS and BUILTINS[args.model].tiny
+            else None)  # rtn needs no data; without a calibration set there is no fidelity check
+    # the context only when a forward runs: it holds the non-block modules in the compute dtype
+    # (on a CPU, SD3.5's bf16 pos_embed in float32: 0.36-0.9 GB of anonymous memory)
+    with offload_context(model, device, offload and need is not None):
+        calib = calibration_for(args.model, model, args.calib, what=need) if need else None
         check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
     bytes_before = bytes_at(model)
-    t = time.perf_counter()
-    rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
-                         method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
-                         act_order=not args.natural_order, progress=main, offload=device if offload else None)
-    report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
-              "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
-    if args.method == "gptq":
-        report["act_order"] = not args.natural_order
-    report["offload"] = offload
-    with offload_context(model, device, offload):
-        fid = check.measure(model)
-    if fid:
-        report["fidelity"] = fid
-    if not main:
-        return 0
-    save_compressed(model, args.out, overwrite=args.overwrite, extra={"quantize": report})
+    # Block by block, each block's packed layers go to a temporary file beside --out as soon as
+    # they are made (models.offload.Spill): the host holds one block's output, not the model's
+    # (SD3.5-Large: ~4.6 GB of INT4). The output's lock is held from here to the save, so the
+    # stale-temporary cleanup of another run cannot take the file; it is removed in any case.
+    with contextlib.ExitStack() as held:
+        spill = None
+        if main and offload:
+            held.enter_context(output_lock(args.out))
+            spill = held.enter_context(Spill(args.out))
+        t = time.perf_counter()
+        rep = quantize_model(model, group_size=args.group_size, fmt=args.format, act=args.act, skip=args.skip,
+                             method=args.method, calib=calib if args.method == "gptq" else None, groups=args.groups,
+                             act_order=not args.natural_order, progress=main, offload=device if offload else None,
+                             spill=spill)
+        report = {"method": args.method, **rep.to_dict(), "seconds": round(time.perf_counter() - t, 3),
+                  "bytes_bf16_before": bytes_before, "bytes_bf16_after": bytes_at(model)}
+        if args.method == "gptq":
+            report["act_order"] = not args.natural_order
+        report["offload"] = offload
+        with offload_context(model, device, offload and bool(check.refs)):
+            fid = check.measure(model)
+        if fid:
+            report["fidelity"] = fid
+        if not main:
+            return 0
+        save_compressed(model, args.out, overwrite=args.overwrite, extra={"quantize": report})
 
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k not in ("quantized", "skipped")}, indent=2))

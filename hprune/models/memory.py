@@ -45,6 +45,21 @@ Checked on the CPU against peaks measured in a fresh process (benchmarks/stage_p
 tests/test_memory_plan.py): calib, fidelity, probe, prune and the three OBS-Diff forms within
 ±25 % on a tiny activation-bound SD3 and medium (hidden 384) SD3 fp32 / bf16 and FLUX shapes; the
 runtime's own memory (imports, first-call kernel workspaces: tens of MB) is not in the plan.
+- quantize (RTN, GPTQ): `hprune quantize` runs block by block with --offload and by itself on a
+  CPU for 16-bit weights; then each block's packed layers go to a spill file beside --out as the
+  block is done (models.offload.Spill), so the host holds ONE block's output, not the model's
+  (packed: 0.5 + 2·s/64 bytes per weight, s = 2 for 16-bit weights, 4 for fp32 scales). RTN adds
+  formats.quantize's working memory for the largest Linear (6·D² weights, the AdaLN one): its
+  codes and fp32 scales (1 + 8/64 bytes per weight) + the scale search's RTN_SEARCH_BUFFERS fp32
+  values per weight of a RTN_CHUNK-weight chunk. GPTQ is the largest of its phases: RTN of the
+  other Linears; collecting (the block in the compute dtype, the Hessians, one x^T x of the
+  widest input k, the activations); solving (the Hessians, 3 · 4·k² of the solver's matrices and
+  the D x k weight in fp32, the packed output); + GPTQ_FIXED. save-quantized streams the tensors
+  (from the spill file's maps when spilled) and adds the manifest hash's buffers (SAVE_BUFFERS).
+  Checked against measured peaks on the CPU (tiny and medium SD3 shapes, resident and block by
+  block, RTN and GPTQ: tests/test_memory_plan_quantize.py, within ±25 %) and on a full 38-block
+  SD3.5-Large-shaped folder (docs/scale.md). The Python / torch process itself (~0.25-0.5 GB
+  anonymous) is not counted.
 
 Time: forward FLOPs per sample and block = 2 · P_block · S + 4 · S² · D (attention), at an
 assumed sustained rate (THROUGHPUT: fp32 GEMM on one CPU thread as measured on this project's
@@ -68,7 +83,7 @@ from typing import Any
 ACT_INFER = 12.0  # live activations of one block forward, in units of S·D values
 ACT_TRAIN = 22.0  # activations autograd keeps per block (no checkpointing), in units of S·D values
 THROUGHPUT = {"cpu": 10e9, "cuda": 300e12}  # FLOP/s: per CPU thread (fp32); per GPU (bf16)
-RTN_RATE = 1.0e6  # weights/s per CPU thread with the scale search (issue 25's measurement)
+RTN_RATE = 10e6  # weights/s per CPU thread with the scale search (11.3 M/s measured: SD3.5-Large, docs/scale.md)
 GPU_RTN_RATE = 2.0e9  # weights/s on a GPU (estimate)
 HESSIAN_BUDGET = 2 << 30
 H2D_RATE = 10e9  # bytes/s host -> GPU of pageable (memory-mapped) weights (estimate)
@@ -76,6 +91,10 @@ H2D_RATE = 10e9  # bytes/s host -> GPU of pageable (memory-mapped) weights (esti
 _COMPONENT_MARKS = ((".attn.", "attn"), (".attn2.", "attn2"), (".ff.", "ff"), (".ff_context.", "context_ff"),
                     (".to_add_out.", "context"), (".proj_mlp.", "mlp"))
 _CONSUMERS = (".to_out.0.weight", ".to_add_out.weight", ".net.2.weight")  # read heads / FFN neurons
+RTN_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # weights per chunk of formats.quantize's scale search
+RTN_SEARCH_BUFFERS = 18  # fp32 values per chunk weight alive in the search (9 candidates x 2: fitted)
+GPTQ_FIXED = 2 << 20  # small buffers and objects of the calibration machinery (fitted on the tiny shape)
+SAVE_BUFFERS = 8 << 20  # the save's own buffers: two 4 MiB blocks of the manifest's hash
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -364,6 +383,69 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
                      f"{hess / 1e9:.2f} GB per group")
 
 
+def _packed(weights: int, store_bytes: int = 2) -> int:
+    """Bytes of `weights` quantised: 4 bits each + a scale and a zero per 64, 16-bit for 16-bit
+    weights, else fp32 (formats.quantize's default scale dtype)."""
+    return int(weights * (0.5 + 2 * (2 if store_bytes == 2 else 4) / 64))
+
+
+def _quantize_offload(m: ModelShape, o: Options) -> bool:
+    """Whether `hprune quantize` runs block by block: --offload, or automatic on a CPU for 16-bit
+    weights (commands.load_for_offload); then each block's output is spilled (models.offload.Spill)."""
+    return o.offload or (o.device == "cpu" and m.store_bytes == 2)
+
+
+def _rtn_temporaries(m: ModelShape, o: Options) -> int:
+    """formats.quantize's working memory for the largest Linear: its uint8 codes and fp32 scales /
+    zeros (1 + 8/64 bytes per weight) and the scale search's buffers (candidates x rows chunk)."""
+    largest = 6 * m.hidden * m.hidden if m.num_blocks else 0  # the AdaLN Linear (D -> 6·D), the largest
+    chunk = RTN_CHUNK["cuda" if o.device == "cuda" else "cpu"]
+    return int(largest * (1 + 8 / 64)) + RTN_SEARCH_BUFFERS * 4 * min(chunk, max(largest, 1))
+
+
+def _plan_gptq(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
+    """quantize-gptq, the largest of three phases (fitted on CPU measurements, see the module
+    docstring): RTN of the Linears outside the GPTQ units; collecting the Hessians (the block in
+    the compute dtype when block by block, the Hessians, one x^T x temporary of the widest input,
+    the activations); solving (the Hessians, gptq_quantize's copies of H, its inverse and a work
+    matrix, 3 · 4·k², and the D x k weight in fp32, the packed output: one block's when spilled).
+    Block by block also the inputs and outputs of every calibration call between two blocks."""
+    calls = o.calib_samples
+    off = _quantize_offload(m, o)
+    c = _compute_bytes(m, o)
+    hess = [sum(4 * k * k for k in ins) for ins in m.linear_in]
+    kmax = max((k for ins in m.linear_in for k in ins), default=0)
+    solve = 3 * 4 * kmax * kmax + 4 * kmax * m.hidden
+    state = 2 * m.tokens * m.hidden * c * calls  # both streams, every call
+    base = 0 if m.mapped else m.weight_bytes
+    if off:
+        passes, h = 1, max(hess, default=0)
+        held = _packed(max(m.block_params, default=0), m.store_bytes)
+        keep_dev = o.device == "cpu" or 2 * state < 0.25 * 80e9
+        blk = max(m.block_bytes, default=0) * c // m.store_bytes
+        moved = 2 * state if keep_dev else 0
+    else:
+        total = sum(hess)
+        passes = max(1, -(-total // HESSIAN_BUDGET)) if o.groups_auto else 1
+        h = min(total, HESSIAN_BUDGET) if passes > 1 else total
+        held = _packed(sum(m.block_params), m.store_bytes)
+        blk, moved = 0, 0
+    on_dev = held if o.device == "cpu" else 0  # the packed layers live where the weights do
+    phases = [_rtn_temporaries(m, o) + on_dev,
+              blk + h + 4 * kmax * kmax + _act_infer(m, o) + moved,
+              h + solve + moved + on_dev]
+    if o.device == "cpu":  # the host is the device
+        dev = host = base + max(phases) + GPTQ_FIXED
+    else:
+        dev = (0 if off else m.weight_bytes) + max(phases) + GPTQ_FIXED
+        host = base + held + (2 * state if off and not keep_dev else 0)
+    solve_flops = sum(2.0 * k * k * k for ins in m.linear_in for k in ins)  # ~ Cholesky + sweep
+    secs = passes * calls * fwd / rate + solve_flops / rate
+    note = f"{passes} calibration pass(es) of {calls} calls, Hessians of " + \
+           ("one block" if off else f"{passes} group(s)") + ("; each block's output spilled" if off else "")
+    return StagePlan("quantize-gptq", int(dev), int(host), secs, note)
+
+
 def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
     """Predicted peak device / host bytes and seconds of one stage (see the module docstring)."""
     fwd = sum(_flops_block(m, i) for i in range(m.num_blocks))
@@ -374,13 +456,30 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
     if stage == "load":
         return StagePlan(stage, wdev, whost, m.weight_bytes / 2e9, "read (mapped) at ~2 GB/s")
     if stage == "quantize-rtn":
-        tmp = min(max((b // m.store_bytes for b in m.block_bytes), default=0), 1 << 22) * 9 * 4
-        dev = wdev + tmp + (packed if o.device == "cuda" and not o.offload else 0)
-        host = whost + packed  # the packed output accumulates on the host
+        # RTN runs in the storage dtype (no fp32 copies); block by block, the output is spilled
+        off = _quantize_offload(m, o)
+        packed = _packed(linear_w, m.store_bytes)
+        held = _packed(max(m.block_params, default=0), m.store_bytes) if off else packed  # on the host at the peak
+        tmp = _rtn_temporaries(m, o)
+        base = 0 if m.mapped else m.weight_bytes
         if o.device == "cpu":
-            dev = host = whost + packed + tmp
+            dev = host = base + held + tmp
+        else:
+            dev = (0 if off else m.weight_bytes) + (int(m.other_bytes + max(m.block_bytes, default=0)) if off else 0) \
+                + tmp + (0 if off else packed)
+            host = base + (held if off else 0)
         secs = linear_w / (GPU_RTN_RATE if o.device == "cuda" else RTN_RATE * max(1, o.threads))
-        return StagePlan(stage, dev, host, secs, f"{linear_w / 1e9:.2f} B weights rounded")
+        return StagePlan(stage, dev, host, secs, f"{linear_w / 1e9:.2f} B weights rounded"
+                         + ("; each block's output spilled to a file beside --out" if off else ""))
+    if stage == "save-quantized":
+        # streamed tensor by tensor (io.write_safetensors); block by block the packed layers are
+        # read from the spill file's maps (file pages); the manifest's hash reads 4 MiB at a time
+        off = _quantize_offload(m, o)
+        base = 0 if m.mapped else m.other_bytes
+        return StagePlan(stage, 0, base + (0 if off else packed) + SAVE_BUFFERS, packed / 0.5e9,
+                         "written tensor by tensor" + (" from the spill file" if off else ""))
+    if stage == "quantize-gptq":
+        return _plan_gptq(m, o, fwd, rate)
     if stage == "calib":
         # hprune.calib.capture: calls of cfg_rows rows; every call's inputs are recorded (stored
         # dtype), then concatenated: the set twice at the end
@@ -419,33 +518,6 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         # dropped, nothing kept is copied; the weights as loaded
         base = 0 if m.mapped else m.weight_bytes
         return StagePlan(stage, 0 if o.device == "cuda" else base, base, 0.0, "surgery on the host")
-    if stage == "quantize-gptq":
-        calls = o.calib_samples
-        act = _act_infer(m, o)
-        dev, host = wdev + act, whost
-        secs = calls * fwd / rate
-        note = f"{calls} transformer calls"
-        if stage in ("quantize-gptq", "obs"):
-            hess = [sum(4 * k * k for k in ins) for ins in m.linear_in]
-            state = 2 * m.tokens * m.hidden * _compute_bytes(m, o) * calls  # both streams, every call
-            if o.offload:
-                h = max(hess, default=0)
-                passes = 1
-                keep_dev = o.device == "cpu" or 2 * state < 0.25 * 80e9
-                dev += h + (2 * state if keep_dev else 0)
-                host += (0 if keep_dev or o.device == "cpu" else 2 * state) + packed
-                if o.device == "cpu":
-                    host = dev
-            else:
-                total = sum(hess)
-                passes = max(1, -(-total // HESSIAN_BUDGET)) if o.groups_auto else 1
-                dev += min(total, HESSIAN_BUDGET) if passes > 1 else total
-                host += packed if o.device == "cuda" else 0
-            solve = sum(2.0 * k * k * k for ins in m.linear_in for k in ins)  # ~ Cholesky + sweep
-            secs = passes * calls * fwd / rate + solve / rate
-            note = f"{passes} calibration pass(es) of {calls} calls, Hessians of " + \
-                   ("one block" if o.offload else f"{passes} group(s)")
-        return StagePlan(stage, dev, host, secs, note)
     if stage == "distill":
         t = training_step_bytes(m, o)
         dev = distill_step_peak(m, o, t)
@@ -506,8 +578,8 @@ def distill_step_peak(m: ModelShape, o: Options, t: dict[str, int] | None = None
 
 
 VERB_STAGES = {
-    "quantize": ["load", "quantize-rtn", "save"],
-    "quantize-gptq": ["load", "calib", "quantize-gptq", "save"],
+    "quantize": ["load", "quantize-rtn", "save-quantized"],
+    "quantize-gptq": ["load", "calib", "quantize-gptq", "save-quantized"],
     "compress": ["load", "calib", "probe", "distill", "quantize-gptq", "save"],
     "calib": ["load", "calib"],
     "probe": ["load", "probe"],

@@ -26,6 +26,7 @@ the activations of all batches between two blocks.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -310,3 +311,152 @@ def should_offload(weight_bytes: int, device: torch.device | str, headroom: floa
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return weight_bytes > headroom * free
+
+
+# ---- the output spilled to a file, block by block ---------------------------------------------------
+
+SPILL_ALIGN = 64  # bytes: every tensor starts aligned in the spill file (any dtype's view is valid)
+
+
+def _release_free_heap() -> None:
+    """Gives the C heap's free pages back to the OS (glibc malloc_trim; nothing elsewhere). The
+    tensors a Spill frees are mostly below glibc's mmap threshold (a packed SD3.5-Large Linear is
+    ~12 MB; the threshold rises to 32 MB once big blocks are freed), so they stay in the heap as
+    anonymous memory, partly reused but fragmented, unless trimmed."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+class Spill:
+    """Moves the host tensors of modules out of anonymous memory as soon as they are made: their
+    bytes go to an hprune-owned temporary file beside an output `near` (named by
+    hprune.owned.tmp_sibling, `.NAME.tmp-xxxxxxxx`, so a killed run's leftover is removed by the
+    next run that takes output_lock(near)), and each tensor's data becomes a view of a shared
+    memory map of that file: file pages, which the kernel writes back and drops under pressure,
+    instead of anonymous memory that stays until the process ends.
+
+    Block-by-block quantisation spills each block's new layers (hprune.quant.blockwise), so the
+    host holds the mapped input weights + one block's output; the save then streams the tensors
+    from the maps (hprune.io.write_safetensors). Values, dtypes and shapes are unchanged (a spilled
+    tensor is contiguous), so whatever is saved from them is byte-identical. A tensor keeps its
+    identity, except a view (its base would keep the memory alive): the module gets a new tensor.
+
+        with output_lock(out), Spill(out) as spill:
+            spill(new_layers_of_block)      # after each block, on the host
+            save_compressed(model, out)     # streams from the maps
+        # the file is gone; the model stays usable (the maps outlive the name)
+
+    Use it only under output_lock(near) (the stale-temporary cleanup of a concurrent run would
+    otherwise remove the file; the maps would survive, the disk space would not be reclaimed at
+    once). CUDA / meta tensors are left where they are (move modules to the host first)."""
+
+    def __init__(self, near: str | os.PathLike) -> None:
+        from pathlib import Path
+
+        from hprune.owned import tmp_sibling
+
+        self.path = tmp_sibling(Path(os.path.abspath(os.path.expanduser(near))), "tmp")
+        self._f: Any = None
+        self._end = 0  # bytes written so far
+        self._maps: list[tuple[int, int]] = []  # (address, bytes) of each map: tensors already spilled
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes spilled so far (with alignment padding)."""
+        return self._end
+
+    def _spilled(self, t: torch.Tensor) -> bool:
+        p = t.untyped_storage().data_ptr()
+        return any(a <= p < a + n for a, n in self._maps)
+
+    def __call__(self, modules: Sequence[nn.Module] | nn.Module) -> int:
+        """Spills every CPU parameter and buffer of `modules` (see the class docstring); returns the
+        bytes written. A write that fails for lack of room or rights is an OutputError (nothing of
+        the module is changed then)."""
+        import numpy as np
+
+        from hprune.errors import OutputError
+        from hprune.io import write_tensor_bytes
+        from hprune.owned import write_error
+
+        mods = [modules] if isinstance(modules, nn.Module) else list(modules)
+        todo: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for m in mods:
+            for t in _tensors(m):
+                if id(t) not in seen and t.device.type == "cpu" and t.numel() and not self._spilled(t):
+                    seen.add(id(t))
+                    todo.append(t)
+        if not todo:
+            return 0
+        start = self._end
+        layout = []
+        try:
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "wb+")
+            off = start
+            for t in todo:
+                off += -off % SPILL_ALIGN
+                self._f.seek(off)
+                n = write_tensor_bytes(self._f, t)
+                layout.append((t, off - start, n))
+                off += n
+            self._f.flush()
+            self._end = off
+            # mode r+: a shared map (file pages; a write to a spilled tensor goes to the file)
+            mm = np.memmap(self.path, dtype=np.uint8, mode="r+", offset=start, shape=(off - start,))
+        except OSError as exc:
+            err = write_error(exc, f"the spill file {self.path}")
+            if err is None:
+                raise
+            raise err from None
+        except ValueError as exc:  # np.memmap of an empty / short file
+            raise OutputError(f"cannot map the spill file {self.path}: {exc}") from None
+        base = torch.from_numpy(mm)  # no copy: the tensor keeps the map alive
+        self._maps.append((base.data_ptr(), off - start))
+        new = {id(t): base[o:o + n].view(t.dtype).reshape(t.shape) for t, o, n in layout}
+        with torch.no_grad():
+            for m in mods:
+                for sub in m.modules():
+                    for table in (sub._parameters, sub._buffers):
+                        for k, t in table.items():
+                            if t is None or id(t) not in new or t._base is None:
+                                continue
+                            # a view keeps its base tensor (and its memory) alive whatever its .data:
+                            # the module gets a new tensor instead (ties between modules kept)
+                            table[k] = (nn.Parameter(new[id(t)], requires_grad=t.requires_grad)
+                                        if isinstance(t, nn.Parameter) else new[id(t)])
+            for t, _, _ in layout:
+                if t._base is None:
+                    t.data = new[id(t)]  # the same tensor object: references and hooks keep working
+        del layout, todo, new
+        _release_free_heap()
+        return off - start
+
+    def close(self) -> None:
+        """Closes and removes the spill file. Tensors spilled keep their values (the maps hold the
+        pages until the tensors are freed). Idempotent."""
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self._f = None
+        self.path.unlink(missing_ok=True)

@@ -247,7 +247,7 @@ def run_calibration_loop(model: nn.Module, calib: Any, collector: HessianCollect
     ids = list(range(emb.shape[0]) if trajectories is None else trajectories)
     ids = ids[hdist.rank()::hdist.world_size()]
     with collector.attached(model):
-        for i in tqdm(ids, desc=desc, unit="prompt", disable=not progress, leave=False):
+        for i in tqdm(ids, desc=desc, unit="trajectory", disable=not progress, leave=False):
             collector.new_trajectory()
             kw: dict[str, Any] = dict(prompt_embeds=emb[i:i + 1].to(p.device, p.dtype),
                                       pooled_prompt_embeds=pooled[i:i + 1].to(p.device, p.dtype),

@@ -248,24 +248,38 @@ def _structured_blockwise(model: nn.Module, sites: list[S.StructuredSite], calib
 
 def _prune_blockwise(model: nn.Module, units: list[LinearUnit], calib: Any, device: Any, weights: list[float] | None,
                      method: str, sparsity: float, pattern: Pattern, blocksize: int, percdamp: float,
-                     sequential: bool, progress: bool) -> list[dict[str, Any]]:
-    """The unstructured / N:M path of obs_prune_model, block by block (see its `offload`)."""
+                     sequential: bool, progress: bool, spill: Any = None) -> list[dict[str, Any]]:
+    """The unstructured / N:M path of obs_prune_model, block by block (see its `offload`).
+    spill (hprune.models.offload.Spill): a block's Linears move to its file before the block is
+    placed, so the pruned values are written there (file pages) instead of into private copies
+    of the mapped checkpoint pages (anonymous memory for the rest of the run)."""
     from hprune.models.offload import placed
     from hprune.obs.blockwise import block_hessians
 
     by_block: dict[int, list[LinearUnit]] = {}
     for u in units:
         by_block.setdefault(u.block, []).append(u)
+
+    def to_spill(us: list[LinearUnit]) -> None:
+        if spill is not None:
+            spill([l for u in us for _, l in u.linears])
+
     rows: list[dict[str, Any]] = []
     if method == "magnitude":  # no data: each unit on the device, pruned, written back
         for us in by_block.values():
             for u in us:
+                to_spill([u])
                 with placed([l for _, l in u.linears], device, writeback=True):
                     rows += _prune_unit(u, None, method, sparsity, pattern, blocksize, percdamp)
         return rows
     sites = {b: {u.name: [l for _, l in u.linears] for u in us} for b, us in by_block.items()}
+    order = sorted(by_block)
+    to_spill(by_block[order[0]] if order else [])
     for step, hs in block_hessians(model, calib, device, sites, weights, progress=progress, desc="OBS-Diff",
                                    writeback=True):
+        later = [b for b in order if b > step.index]
+        if later:  # the next pruned block, before the stream places it
+            to_spill(by_block[later[0]])
         for u in by_block[step.index]:
             rows += _prune_unit(u, hs.pop(u.name), method, sparsity, pattern, blocksize, percdamp)
         if sequential:
@@ -277,7 +291,8 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
                     pattern: str = "unstructured", groups: int = 1, weighting: str = DEFAULT_WEIGHTING,
                     method: str = "obs", *, blocks: Iterable[int] | None = None,
                     alpha: tuple[float, float] = (0.8, 1.2), blocksize: int = 128, percdamp: float = 0.01,
-                    progress: bool = False, offload: Any = None, sequential: bool = False) -> dict[str, Any]:
+                    progress: bool = False, offload: Any = None, sequential: bool = False,
+                    spill: Any = None) -> dict[str, Any]:
     """Prunes `model` in place with OBS-Diff (or a baseline) and records it in the model's recipe.
 
     Args:
@@ -302,6 +317,8 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
             unstructured / N:M weights are written back to the host; structured sites are chosen
             and compensated on the device and their shrunk Linears made on the host, recorded in
             the recipe as the resident path records one group.
+        spill: with offload, a hprune.models.offload.Spill: the pruned Linears' weights live in its
+            file (file pages) instead of anonymous memory (see _prune_blockwise; unstructured / N:M).
     Returns a JSON-able report: settings, per-layer or per-site results, parameter counts, time.
     Everything is validated before the model changes.
     """
@@ -379,7 +396,7 @@ def obs_prune_model(model: nn.Module, calib: Any = None, sparsity: float | None 
         layers: list[dict[str, Any]] = []
         if offload is not None:
             layers = _prune_blockwise(model, units_l, calib, offload, weights, method, s, pat, blocksize, percdamp,
-                                      sequential, progress)
+                                      sequential, progress, spill)
             report["offload"] = {"device": str(offload), "sequential": sequential}
         for gi, part in enumerate(tqdm(parts, desc="groups", unit="group", disable=not progress or len(parts) <= 1)):
             group = [units_l[i] for i in part]

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from hprune.errors import HpruneError
 from hprune.models.adapters import get_adapter
-from hprune.models.offload import placed
+from hprune.models.offload import Spill, placed
 from hprune.quant.linear import quantize_linear, set_module
 
 
@@ -45,10 +45,11 @@ def _to_host(module: nn.Module, host: torch.device) -> nn.Module:
 
 
 def rtn_blockwise(model: nn.Module, names: list[str], device: torch.device | str, *, progress: bool = False,
-                  **kw: Any) -> list[tuple[str, nn.Module]]:
+                  spill: Spill | None = None, **kw: Any) -> list[tuple[str, nn.Module]]:
     """The round-to-nearest replacement of each named nn.Linear, computed with one block at a time
     on `device` (the weights in their storage dtype, as the resident path sees them). kw: as
-    quantize_linear. The model is unchanged; the new layers live where the model's weights do."""
+    quantize_linear. The model is unchanged; the new layers live where the model's weights do
+    (spill: each block's new layers go to its file as soon as the block is done, see Spill)."""
     from hprune.report import tqdm
 
     host = next(model.parameters()).device
@@ -59,21 +60,26 @@ def rtn_blockwise(model: nn.Module, names: list[str], device: torch.device | str
         with placed(ad.get_block(model, i), device):
             for n in by[i]:
                 new[n] = _to_host(quantize_linear(model.get_submodule(n), **kw), host)
+        if spill is not None:
+            spill([new[n] for n in by[i]])
     for n in outside:
         lin = model.get_submodule(n)
         with placed(lin, device):
             new[n] = _to_host(quantize_linear(lin, **kw), host)
+    if spill is not None and outside:
+        spill([new[n] for n in outside])
     return [(n, new[n]) for n in names]
 
 
 def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch.device | str, *, group_size: int,
                    fmt: str, scale_dtype: torch.dtype | None, refine: bool, act: str | None,
                    weighting: str | None = None, act_order: bool = True, sequential: bool = False,
-                   activations: str = "auto", progress: bool = False) -> list[tuple[str, nn.Module]]:
+                   activations: str = "auto", progress: bool = False,
+                   spill: Spill | None = None) -> list[tuple[str, nn.Module]]:
     """GPTQ replacement of each named nn.Linear with one block at a time on `device` and one pass
     over the calibration samples (see the module docstring). Linears outside the blocks and the
     AdaLN modulation Linears round to nearest, as in gptq.gptq_linears. The model is unchanged on
-    return, also on error."""
+    return, also on error. spill: each block's new layers go to its file once on the host (Spill)."""
     from hprune.obs.blockwise import block_hessians
     from hprune.obs.hessian import DEFAULT_WEIGHTING, step_weights
     from hprune.obs.sequential import find_linear_units
@@ -89,7 +95,8 @@ def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch
             units.setdefault(u.block, []).append((u.name, members))
     in_units = {p for us in units.values() for _, ms in us for p, _ in ms}
     kw = dict(group_size=group_size, fmt=fmt, scale_dtype=scale_dtype, refine=refine, act=act)
-    new: dict[str, nn.Module] = dict(rtn_blockwise(model, [p for p in names if p not in in_units], device, **kw))
+    new: dict[str, nn.Module] = dict(rtn_blockwise(model, [p for p in names if p not in in_units], device,
+                                                     spill=spill, **kw))
     weights = step_weights(weighting or DEFAULT_WEIGHTING, calib.num_steps)
     sites = {b: {n: [l for _, l in ms] for n, ms in us} for b, us in units.items()}
     swapped: list[tuple[str, nn.Module]] = []
@@ -112,6 +119,8 @@ def gptq_blockwise(model: nn.Module, names: list[str], calib: Any, device: torch
             for _, members in block_units:
                 for p, _ in members:
                     new[p] = _to_host(new[p], host)
+            if spill is not None:
+                spill([new[p] for _, members in block_units for p, _ in members])
     finally:
         for p, lin in swapped:
             set_module(model, p, lin)

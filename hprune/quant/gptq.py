@@ -248,7 +248,8 @@ def gptq_linears(model: torch.nn.Module, names: list[str], calib: Any, *, group_
             run_calibration_loop(model, calib, collector, progress=progress,
                                  desc=f"GPTQ calibration {gi + 1}/{len(parts)}")
             hs = collector.hessians()
-            for name, members in tqdm(group, desc=f"GPTQ {gi + 1}/{len(parts)}", disable=not progress, leave=False):
+            for name, members in tqdm(group, desc=f"GPTQ {gi + 1}/{len(parts)}", unit="unit", disable=not progress,
+                                      leave=False):
                 if name not in hs:
                     raise HpruneError(f"layer {name} never ran during the calibration loop")
                 for p, lin in members:

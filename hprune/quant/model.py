@@ -96,7 +96,7 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
                    compress_statistics: bool = False, act: str | None = None, method: str = "rtn",
                    calib: Any = None, groups: int | None = None, weighting: str | None = None,
                    act_order: bool = True, progress: bool = False, offload: Any = None,
-                   sequential: bool = False) -> QuantReport:
+                   sequential: bool = False, spill: Any = None) -> QuantReport:
     """Replaces every eligible nn.Linear of `model` in place and returns a QuantReport.
 
     Args:
@@ -125,6 +125,9 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
             GPTQ takes the Hessians of one block at a time from ONE pass over the set's stored
             inputs (`groups` is then unused; `sequential`: later blocks see the quantised earlier
             ones). hprune backend only.
+        spill: with offload, a hprune.models.offload.Spill: each block's new layers leave anonymous
+            memory for its file as soon as the block is done (the host then holds one block's
+            output, not the whole model's); the layers' values are unchanged.
     """
     if backend not in ("hprune", "bnb"):
         raise HpruneError(f"unknown quantisation backend {backend!r}; choose 'hprune' or 'bnb'")
@@ -154,17 +157,19 @@ def quantize_model(model: nn.Module, group_size: int = F.DEFAULT_GROUP_SIZE, fmt
     # layers held meanwhile are about a quarter of the originals' size)
     if offload is not None and backend != "hprune":
         raise HpruneError("offload (block-by-block quantisation) needs backend='hprune'")
+    if spill is not None and offload is None:
+        raise HpruneError("spill (each block's output to a file) needs offload (block-by-block quantisation)")
     if offload is not None and method == "gptq":
         from hprune.quant.blockwise import gptq_blockwise
 
         new_layers = gptq_blockwise(model, names, calib, offload, group_size=group_size, fmt=fmt,
                                     scale_dtype=scale_dtype, refine=refine, act=act, weighting=weighting,
-                                    act_order=act_order, sequential=sequential, progress=progress)
+                                    act_order=act_order, sequential=sequential, progress=progress, spill=spill)
     elif offload is not None:
         from hprune.quant.blockwise import rtn_blockwise
 
-        new_layers = rtn_blockwise(model, names, offload, progress=progress, group_size=group_size, fmt=fmt,
-                                   scale_dtype=scale_dtype, refine=refine, act=act)
+        new_layers = rtn_blockwise(model, names, offload, progress=progress, spill=spill, group_size=group_size,
+                                   fmt=fmt, scale_dtype=scale_dtype, refine=refine, act=act)
     elif method == "gptq":
         from hprune.quant.gptq import gptq_linears
 
