@@ -16,6 +16,7 @@ hprune.commands.load_for_offload):
   obs             obs_prune_model(..., 0.5): resident unstructured, one group
   obs-structured  obs_prune_model(..., 0.05, "structured") (its peak does not depend on the sparsity)
   obs-offload     obs_prune_model(..., 0.5, offload="cpu"): one block's Hessians at a time
+  obs-structured-offload  the structured one block by block (offload="cpu")
   prune           hprune.models.surgery.apply_plan: block 1 and block 0's FFN removed
 
     python benchmarks/stage_peaks.py [--cases sd3-tiny,...]   # table + JSON under benchmarks/results/
@@ -46,15 +47,17 @@ FLUX_MEDIUM = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1
 # name: (class, config, dtype, latent size, stages)
 CASES: dict[str, tuple[str, dict, str, int, list[str]]] = {
     "sd3-tiny-fp32": ("SD3Transformer2DModel", SD3_TINY, "float32", 64,
-                      ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload"]),
+                      ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload",
+                       "obs-structured-offload"]),
     "sd3-medium-bf16": ("SD3Transformer2DModel", SD3_MEDIUM, "bfloat16", 16,
                         ["calib", "fidelity", "probe", "obs-offload"]),
     "sd3-medium-fp32": ("SD3Transformer2DModel", SD3_MEDIUM, "float32", 16, ["obs", "prune"]),  # structured: FLUX
     "flux-medium-fp32": ("FluxTransformer2DModel", FLUX_MEDIUM, "float32", 16,
-                         ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload", "prune"]),
+                         ["calib", "fidelity", "probe", "obs", "obs-structured", "obs-offload",
+                          "obs-structured-offload", "prune"]),
 }
 OBS = {"obs": (0.5, "unstructured", False), "obs-structured": (0.05, "structured", False),
-       "obs-offload": (0.5, "unstructured", True)}
+       "obs-offload": (0.5, "unstructured", True), "obs-structured-offload": (0.05, "structured", True)}
 
 
 def measure(case: str) -> list[dict[str, Any]]:

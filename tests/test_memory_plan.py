@@ -165,6 +165,24 @@ def test_cli_dry_run_prints_plan_and_loads_nothing(capsys, tmp_path):
     assert "do not fit" not in capsys.readouterr().out
 
 
+def test_cpu_dry_run_plans_16bit_weights_block_by_block(capsys, tmp_path):
+    """On a CPU the verbs run 16-bit weights block by block by themselves (commands.load_for_offload,
+    fp32 compute): their plan is the --offload one; float32 weights stay resident."""
+    from hprune.cli import main
+
+    for verb, extra in (("obs", ["--pattern", "structured"]), ("obs", []), ("calib", []), ("probe", []),
+                        ("distill", ["--plan", str(tmp_path / "p.json")])):
+        plans = []
+        for flags in ([], ["--offload"]):
+            assert main([verb, "sd3.5-large", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cpu",
+                         *extra, *flags]) == 0
+            plans.append(capsys.readouterr().out)
+        assert "(offload: block by block)" in plans[0], verb
+        assert plans[0] == plans[1], verb
+    assert main(["obs", "tiny-sd3", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cpu"]) == 0
+    assert "(offload" not in capsys.readouterr().out
+
+
 def test_gpu_plans_keep_the_calibration_set_on_the_host():
     """On a GPU the set (and the records a capture makes) is host memory: more calls grow the host
     peak by exactly the set's bytes and leave the device peak alone; on a CPU both are the host.

@@ -115,11 +115,24 @@ def test_cli_existing_out_and_real_size_without_weights(capsys, tmp_path):
     ("tiny-sd3", ["--pattern", "2:4"]),
     ("tiny-flux", ["--pattern", "structured", "--sparsity", "0.3"]),  # single blocks share proj_out
 ])
-def test_cli_offload_gives_the_resident_artifact(capsys, tmp_path, calib_files, name, argv):
+def test_cli_offload_gives_the_resident_artifact(capsys, tmp_path, calib_files, name, argv, monkeypatch):
     """`hprune obs --offload` against the resident run: the same masks, kept heads / neurons and
     shapes, weights within rtol 1e-4 / atol 1e-6 (block by block replays the set's stored inputs
     instead of re-running its denoising loop, so the Hessians agree to float rounding; equal on
-    these models), the same fidelity; the artifact loads; progress is per block."""
+    these models), the same fidelity; the artifact loads; progress is per block. Unstructured /
+    N:M block by block, the pruned Linears go to the spill file beside --out (models.offload.Spill),
+    which is gone after the save."""
+    from hprune.models import offload as O
+
+    spilled = []
+
+    class Counting(O.Spill):
+        def __call__(self, modules):
+            n = super().__call__(modules)
+            spilled.append(n)
+            return n
+
+    monkeypatch.setattr(O, "Spill", Counting)
     reps, models = [], []
     for extra in ([], ["--offload"]):
         dest = tmp_path / ("off" if extra else "res")
@@ -134,6 +147,8 @@ def test_cli_offload_gives_the_resident_artifact(capsys, tmp_path, calib_files, 
             assert not [ln for ln in err.splitlines() if ln.startswith("[hprune]") and " it " in ln], err
     res, off = reps
     assert res["offload"] is False and off["offload"] == {"device": "cpu", "sequential": False}
+    assert (sum(spilled) > 0) == ("structured" not in argv), spilled  # structured makes new Linears on the host
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["off", "res"]  # no spill file, no lock left
     key = "sites" if "structured" in argv else "pruned_fraction"  # kept heads / neurons, or the zeros
     assert off[key] == res[key]
     assert off["params_after"] == res["params_after"]

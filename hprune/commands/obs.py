@@ -28,6 +28,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -129,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from hprune import dist
     from hprune.artifacts import save_compressed
     from hprune.commands import FidelityCheck, calibration_for
+    from hprune.models.offload import Spill
     from hprune.models.stats import bytes_at
     from hprune.obs import obs_prune_model
+    from hprune.owned import output_lock
     from hprune.report import format_table, human_bytes, human_count
 
     device, dtype = device_and_dtype(args)
@@ -147,19 +150,28 @@ def run(args: argparse.Namespace) -> int:
         check = FidelityCheck(model, calib, args.eval_samples)  # before the model changes
     bytes_before = bytes_at(model)
 
-    report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name,
-                             groups=1 if offload else args.groups, weighting=args.weighting, method=args.method,
-                             blocks=blocks, alpha=tuple(args.alpha), progress=main, offload=device if offload else None,
-                             sequential=args.sequential)
-    report["offload"] = report.get("offload", False)
-    with offload_context(model, device, offload):
-        fid = check.measure(model)
-    if fid:
-        report["fidelity"] = fid
-    report["bytes_bf16_before"], report["bytes_bf16_after"] = bytes_before, bytes_at(model)
-    if not main:
-        return 0
-    save_compressed(model, args.out, overwrite=args.overwrite, extra={"obs": report})
+    # Block by block (unstructured / N:M), each block's pruned Linears live in a temporary file
+    # beside --out (models.offload.Spill): file pages instead of private copies of the mapped
+    # checkpoint, so the host holds one block's output, not the model's. The output's lock is held
+    # from here to the save (the stale-temporary cleanup of another run cannot take the file).
+    with contextlib.ExitStack() as held:
+        spill = None
+        if main and offload and pat.kind != "structured":
+            held.enter_context(output_lock(args.out))
+            spill = held.enter_context(Spill(args.out))
+        report = obs_prune_model(model, calib, sparsity if pat.kind != "nm" else None, pat.name,
+                                 groups=1 if offload else args.groups, weighting=args.weighting, method=args.method,
+                                 blocks=blocks, alpha=tuple(args.alpha), progress=main,
+                                 offload=device if offload else None, sequential=args.sequential, spill=spill)
+        report["offload"] = report.get("offload", False)
+        with offload_context(model, device, offload):
+            fid = check.measure(model)
+        if fid:
+            report["fidelity"] = fid
+        report["bytes_bf16_before"], report["bytes_bf16_after"] = bytes_before, bytes_at(model)
+        if not main:
+            return 0
+        save_compressed(model, args.out, overwrite=args.overwrite, extra={"obs": report})
 
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k not in ("layers",)}, indent=2))

@@ -6,6 +6,10 @@ import argparse
 import json
 import os
 
+# verbs that load their model with commands.load_for_offload: block by block by themselves for
+# 16-bit weights on a CPU (and for weights that do not fit the GPU, which the plan cannot know)
+AUTO_OFFLOAD = ("quantize", "obs", "calib", "probe", "compress", "distill")
+
 
 def print_plan(args: argparse.Namespace, verb: str) -> int:
     """Prints the predicted peak device / host memory and time of each stage of `verb` for
@@ -27,6 +31,8 @@ def print_plan(args: argparse.Namespace, verb: str) -> int:
                      ratio=float(getattr(args, "ratio", None) if getattr(args, "ratio", None) is not None else 0.0),
                      optimizer=getattr(args, "optimizer", "adamw") or "adamw",
                      grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)))
+    if device == "cpu" and shape.store_bytes == 2 and verb in AUTO_OFFLOAD:
+        opts.offload = True  # as the run itself (commands.load_for_offload): fp32 compute, block by block
     _stage_options(args, verb, shape, opts)
     if verb == "quantize" and getattr(args, "method", "rtn") == "gptq":
         verb = "quantize-gptq"

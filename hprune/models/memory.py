@@ -38,11 +38,14 @@ D = hidden width, L = blocks, N = devices of an FSDP2 run):
   Linear's solve (4 · (2 · out · in + 3 · in²): W, damped H, its Cholesky factor and inverse).
   Structured: the Hessians of the consumers of heads / neurons (to_out, to_add_out, the FFNs' down
   projections, a FLUX single block's proj_out) + ColumnOBS's float64 work of the largest consumer,
-  8 · (4 · in² + out · in). Block by block (`offload`): one block's Hessians + every call's block
-  input and output (2 · calls · r · S · D · c) + the block in the compute dtype while it runs.
+  8 · (3 · in² + out · in) (H, its Cholesky factor and H⁻¹ live together while it is set up).
+  Block by block (`offload`): one block's Hessians (structured: its consumers') + every call's
+  block input and output (2 · calls · r · S · D · c) + the block in the compute dtype while it
+  runs. (A structured run of memory-mapped weights also holds the shrunk
+  Linears it makes, at most the model's Linears × (1 − sparsity): not counted.)
 - prune (surgery): the weights as loaded; removed parts are dropped, nothing kept is copied.
 Checked on the CPU against peaks measured in a fresh process (benchmarks/stage_peaks.py,
-tests/test_memory_plan.py): calib, fidelity, probe, prune and the three OBS-Diff forms within
+tests/test_memory_plan.py): calib, fidelity, probe, prune and the four OBS-Diff forms within
 ±25 % on a tiny activation-bound SD3 and medium (hidden 384) SD3 fp32 / bf16 and FLUX shapes; the
 runtime's own memory (imports, first-call kernel workspaces: tens of MB) is not in the plan.
 - quantize (RTN, GPTQ): `hprune quantize` runs block by block with --offload and by itself on a
@@ -352,8 +355,22 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
         # ColumnOBS's float64 W, H, its Cholesky factor, H⁻¹ and the greedy removal's work
         # (hprune.obs.structured)
         hess = sum(4 * i * i for b in m.consumers for _, i in b) // max(1, o.groups)
-        solve = max((8 * (4 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
+        solve = max((8 * (3 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
         flops = sum(4.0 * i ** 3 for b in m.consumers for _, i in b)
+        if o.offload:
+            # hprune.obs.sequential._structured_blockwise: one block's consumer Hessians, every
+            # call's block input and output, the block in the compute dtype while it runs
+            hess = max((sum(4 * i * i for _, i in b) for b in m.consumers), default=0)
+            states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
+            block = max(m.block_bytes, default=0) * c // m.store_bytes
+            if o.device == "cpu":
+                up = block if c != m.store_bytes else 0
+                dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
+            else:
+                dev, host = block + states + hess + max(during, solve), whost + cal
+            return StagePlan("obs", dev, host, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                             f"structured, block by block: one pass of {o.calib_samples} calls, the consumers' "
+                             f"Hessians of one block ({hess / 1e9:.2f} GB)")
         k = max(1, o.groups)
         return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
                          f"structured: {k} calibration pass(es) of {o.calib_samples} calls, Hessians of the "
@@ -533,7 +550,7 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
         return StagePlan(stage, dev, dev if o.device == "cpu" else int(m.other_bytes), secs, note)
     if stage == "save":
         return StagePlan(stage, 0, packed + max(m.block_bytes, default=0), packed / 0.5e9,
-                         "written tensor by tensor (after the issue-32 writer)")
+                         "written tensor by tensor (io.write_safetensors)")
     raise ValueError(stage)
 
 
