@@ -8,7 +8,8 @@ per-block slope extrapolates to the full depth:
 
     value(L) = value(n2) + (value(n2) - value(n1)) / (n2 - n1) * (L - n2)
 
-Writes benchmarks/results/scale-<host or --name>.json and prints a Markdown table (docs/scale.md holds the
+Writes benchmarks/results/scale-<host or --name>.json (rewritten after every stage, so a run
+stopped part way keeps what it measured) and prints a Markdown table (docs/scale.md holds the
 measured one). Times on a busy shared CPU are upper bounds.
 
     python benchmarks/bench_scale.py --models sd3.5-medium --blocks 1,2 --stages info,dry-run,rtn
@@ -250,9 +251,40 @@ def extrapolate(rows: list[dict], full: int, key: str) -> float | None:
     return v2 + (v2 - v1) / (n2 - n1) * (full - n2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def results_path(name: str | None) -> Path:
+    return ROOT / "benchmarks" / "results" / f"scale-{name or platform.node() or 'host'}.json"
+
+
+def write_results(out: Path, results: list[dict], models: list[str], stages: list[str]) -> list[dict]:
+    """Writes the JSON (every row so far and the per-model summary, extrapolated to full depth);
+    called after each stage, so a run stopped part way keeps what it measured. Returns the summary."""
     import torch
 
+    summary = []
+    for name in models:
+        for stage in stages:
+            rows = [r for r in results if r["model"] == name and r["stage"] == stage]
+            if not rows:
+                continue
+            full = rows[0].get("full_blocks")
+            summary.append({"model": name, "stage": stage, "full_blocks": full,
+                            "measured": [{k: r.get(k) for k in ("blocks", "wall_s", "cpu_s", "peak_anon", "rc",
+                                                                "predicted_host_peak")}
+                                         for r in rows],
+                            "full_wall_s": extrapolate(rows, full, "wall_s") if full else None,
+                            "full_cpu_s": extrapolate(rows, full, "cpu_s") if full else None,
+                            "full_peak_anon": extrapolate(rows, full, "peak_anon") if full else None})
+    doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="sd3.5-medium", help="comma list of sd3.5-medium, sd3.5-large, flux.1-dev")
     ap.add_argument("--blocks", default="1,2", help="block counts to build (two or more give the per-block slope)")
@@ -288,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.append({"model": name, "stage": stage, **info, "rc": "skipped",
                                         "why": "timed out on fewer blocks (or its prerequisite did)"})
                         print(f"{name} {n} blocks {stage}: skipped (timed out on fewer blocks)", flush=True)
+                        write_results(results_path(args.name), results, args.models.split(","), stages)
                         continue
                     r = run_stage(stage_cmd(stage, folder, out), args.timeout)
                     if r["rc"] == "timeout":
@@ -302,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["plan"] = pred
                         row["predicted_host_peak"] = pred["host_peak"]
                     results.append(row)
+                    write_results(results_path(args.name), results, args.models.split(","), stages)
                     print(f"{name} {n} blocks {stage}: {r['wall_s']} s wall, {r['cpu_s']} s CPU, "
                           f"peak anon {r['peak_anon'] / 1e9:.2f} GB"
                           + (f" (plan: {pred['host_peak'] / 1e9:.2f} GB at {pred['at']})" if pred else "")
@@ -312,26 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    summary = []
-    for name in args.models.split(","):
-        for stage in stages:
-            rows = [r for r in results if r["model"] == name and r["stage"] == stage]
-            if not rows:
-                continue
-            full = rows[0].get("full_blocks")
-            summary.append({"model": name, "stage": stage, "full_blocks": full,
-                            "measured": [{k: r.get(k) for k in ("blocks", "wall_s", "cpu_s", "peak_anon", "rc",
-                                                                "predicted_host_peak")}
-                                         for r in rows],
-                            "full_wall_s": extrapolate(rows, full, "wall_s") if full else None,
-                            "full_cpu_s": extrapolate(rows, full, "cpu_s") if full else None,
-                            "full_peak_anon": extrapolate(rows, full, "peak_anon") if full else None})
-    doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "python": platform.python_version(),
-           "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
-    out = ROOT / "benchmarks" / "results" / f"scale-{args.name or platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str))
+    out = results_path(args.name)
+    summary = write_results(out, results, args.models.split(","), stages)
     print("| model | stage | blocks | wall s | CPU s | peak anon GB | plan: host peak GB "
           "| full depth: wall s | CPU s | peak anon GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
