@@ -8,14 +8,26 @@ per-block slope extrapolates to the full depth:
 
     value(L) = value(n2) + (value(n2) - value(n1)) / (n2 - n1) * (L - n2)
 
-Writes benchmarks/results/scale-<host or --name>.json and prints a Markdown table (docs/scale.md holds the
+Writes benchmarks/results/scale-<host or --name>.json (rewritten after every stage, so a run
+stopped part way keeps what it measured) and prints a Markdown table (docs/scale.md holds the
 measured one). Times on a busy shared CPU are upper bounds.
 
     python benchmarks/bench_scale.py --models sd3.5-medium --blocks 1,2 --stages info,dry-run,rtn
+
+Stages (--stages, any subset; one folder's stages share its outputs): info, dry-run (quantize's),
+rtn, calib (1 stand-in prompt x 2 steps at 256 px: the set the others read), gptq, obs (2:4),
+obs-structured (30 %), probe (1 sample, blocks only), plan (a manual plan removing the last block)
+and prune (applies it). A stage that reads another's output (gptq, obs, obs-structured and probe
+the calibration set, prune the plan) gets that stage run first on the same folder, added by itself
+when not asked for (`ordered_stages`). Every stage's verb also runs its `--dry-run` (in-process,
+as JSON): the plan's predicted host anonymous peak goes beside the measurement (`prune` has no
+--dry-run; its row is the same planner's `prune` verb).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -28,7 +40,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("info", "dry-run", "rtn")
+STAGES = ("info", "dry-run", "rtn", "calib", "gptq", "obs", "obs-structured", "probe", "plan", "prune")
+# a stage that reads another stage's output (on the same folder) -> that stage
+NEEDS = {"gptq": "calib", "obs": "calib", "obs-structured": "calib", "probe": "calib", "prune": "plan"}
+# the calibration set the stages share: small work, so a real-shape block finishes in minutes on a CPU
+CALIB_ARGS = ["--num-prompts", "1", "--steps", "2", "--size", "256"]
 
 
 SHARD_BYTES = 2 * 10**9  # bf16 bytes per weights file of a built folder (a few blocks each)
@@ -148,16 +164,83 @@ def run_stage(cmd: list[str], timeout: float) -> dict:
             "peak_anon": peak[0], "rc": rc, "tail": (out or "")[-600:], "out": out or ""}
 
 
+def ordered_stages(stages: list[str]) -> list[str]:
+    """`stages` in the order given, each stage's prerequisite (NEEDS) put before it when it is not
+    already earlier; ValueError for an unknown stage. E.g. [prune, gptq] -> [plan, prune, calib, gptq]."""
+    out: list[str] = []
+    for s in stages:
+        if s not in STAGES:
+            raise ValueError(f"unknown stage {s!r}: use {', '.join(STAGES)}")
+        chain = [s]
+        while chain[-1] in NEEDS:
+            chain.append(NEEDS[chain[-1]])
+        out += [c for c in reversed(chain) if c not in out]
+    return out
+
+
 def stage_cmd(stage: str, folder: Path, out: Path) -> list[str]:
+    """The `python -m hprune ...` command of `stage` on `folder`; its outputs go under `out` (one
+    folder's stages share it: calib writes out/calib.safetensors, plan out/plan.json)."""
     hp = [sys.executable, "-m", "hprune"]
+    m, calib, plan = str(folder), str(out / "calib.safetensors"), str(out / "plan.json")
+    dev = ["--device", "cpu"]
     if stage == "info":
-        return hp + ["info", str(folder)]
+        return hp + ["info", m]
     if stage == "dry-run":
-        return hp + ["quantize", str(folder), "--out", str(out), "--device", "cpu", "--dry-run", "--json"]
+        return hp + ["quantize", m, "--out", str(out / "rtn"), *dev, "--dry-run", "--json"]
     if stage == "rtn":
-        return hp + ["quantize", str(folder), "--out", str(out), "--device", "cpu", "--method", "rtn",
+        return hp + ["quantize", m, "--out", str(out / "rtn"), *dev, "--method", "rtn", "--eval-samples", "0",
+                     "--overwrite"]
+    if stage == "calib":
+        return hp + ["calib", m, "--out", calib, *dev, *CALIB_ARGS, "--overwrite"]
+    if stage == "gptq":
+        return hp + ["quantize", m, "--out", str(out / "gptq"), *dev, "--method", "gptq", "--calib", calib,
                      "--eval-samples", "0", "--overwrite"]
+    if stage == "obs":
+        return hp + ["obs", m, "--out", str(out / "obs"), *dev, "--calib", calib, "--pattern", "2:4",
+                     "--eval-samples", "0", "--overwrite"]
+    if stage == "obs-structured":
+        return hp + ["obs", m, "--out", str(out / "obs-structured"), *dev, "--calib", calib,
+                     "--pattern", "structured", "--sparsity", "0.3", "--eval-samples", "0", "--overwrite"]
+    if stage == "probe":
+        return hp + ["probe", m, "--out", str(out / "probe"), *dev, "--calib", calib, "--max-samples", "1",
+                     "--batch-size", "1", "--granularity", "block", "--overwrite"]
+    if stage == "plan":
+        return hp + ["plan", "--method", "manual", "--blocks", str(num_blocks(folder) - 1), "--model", m,
+                     "--out", plan, "--overwrite"]
+    if stage == "prune":
+        return hp + ["prune", m, "--plan", plan, "--out", str(out / "prune"), "--overwrite"]
     raise ValueError(stage)
+
+
+def num_blocks(folder: Path) -> int:
+    """Transformer blocks of a built folder (FLUX: double + single), from its config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    return int(cfg["num_layers"]) + int(cfg.get("num_single_layers", 0) or 0)
+
+
+def predict(stage: str, folder: Path, out: Path) -> dict | None:
+    """The plan (`--dry-run --json`, run in this process: it reads only the config, the safetensors
+    headers and the calibration set's header) for the stage's own command, or None for stages
+    that load no model (info, dry-run, plan). `prune` has no --dry-run: the planner's `prune` verb
+    for the same model. Returns {"stages": [...], "host_peak": max host bytes, "at": that stage}."""
+    if stage in ("info", "dry-run", "plan"):
+        return None
+    from hprune.cli import build_parser
+    from hprune.commands.plan_memory import print_plan
+
+    argv = stage_cmd(stage, folder, out)[3:]
+    if stage == "prune":
+        args = argparse.Namespace(model=str(folder), device="cpu", command="prune")
+    else:
+        args = build_parser().parse_args(argv + ["--dry-run"])
+    args.json = True
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_plan(args, args.command)
+    stages = json.loads(buf.getvalue())["stages"]
+    top = max(stages, key=lambda p: p["host_bytes"])
+    return {"stages": stages, "host_peak": top["host_bytes"], "at": top["stage"]}
 
 
 def extrapolate(rows: list[dict], full: int, key: str) -> float | None:
@@ -168,9 +251,40 @@ def extrapolate(rows: list[dict], full: int, key: str) -> float | None:
     return v2 + (v2 - v1) / (n2 - n1) * (full - n2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def results_path(name: str | None) -> Path:
+    return ROOT / "benchmarks" / "results" / f"scale-{name or platform.node() or 'host'}.json"
+
+
+def write_results(out: Path, results: list[dict], models: list[str], stages: list[str]) -> list[dict]:
+    """Writes the JSON (every row so far and the per-model summary, extrapolated to full depth);
+    called after each stage, so a run stopped part way keeps what it measured. Returns the summary."""
     import torch
 
+    summary = []
+    for name in models:
+        for stage in stages:
+            rows = [r for r in results if r["model"] == name and r["stage"] == stage]
+            if not rows:
+                continue
+            full = rows[0].get("full_blocks")
+            summary.append({"model": name, "stage": stage, "full_blocks": full,
+                            "measured": [{k: r.get(k) for k in ("blocks", "wall_s", "cpu_s", "peak_anon", "rc",
+                                                                "predicted_host_peak")}
+                                         for r in rows],
+                            "full_wall_s": extrapolate(rows, full, "wall_s") if full else None,
+                            "full_cpu_s": extrapolate(rows, full, "cpu_s") if full else None,
+                            "full_peak_anon": extrapolate(rows, full, "peak_anon") if full else None})
+    doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="sd3.5-medium", help="comma list of sd3.5-medium, sd3.5-large, flux.1-dev")
     ap.add_argument("--blocks", default="1,2", help="block counts to build (two or more give the per-block slope)")
@@ -179,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where folders are built (default: a temp dir, removed)")
     ap.add_argument("--name", default=None, help="results file benchmarks/results/scale-NAME.json (default: the host)")
     args = ap.parse_args(argv)
+    try:
+        stages = ordered_stages(args.stages.split(","))
+    except ValueError as exc:
+        ap.error(str(exc))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hprune-scale-"))
     results = []
+    timed_out: set[tuple[str, str]] = set()
     try:
         for name in args.models.split(","):
             for n in [int(b) for b in args.blocks.split(",")]:
@@ -193,47 +312,55 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"built {folder}: {info}", flush=True)
                 else:
                     info = {"blocks": n}
-                for stage in args.stages.split(","):
-                    r = run_stage(stage_cmd(stage, folder, work / f"{name}-{n}-out"), args.timeout)
+                out = work / f"{name}-{n}-out"
+                out.mkdir(parents=True, exist_ok=True)
+                for stage in stages:
+                    if (name, stage) in timed_out or (name, NEEDS.get(stage)) in timed_out:
+                        # a stage past --timeout on fewer blocks is not run again on more
+                        results.append({"model": name, "stage": stage, **info, "rc": "skipped",
+                                        "why": "timed out on fewer blocks (or its prerequisite did)"})
+                        print(f"{name} {n} blocks {stage}: skipped (timed out on fewer blocks)", flush=True)
+                        write_results(results_path(args.name), results, args.models.split(","), stages)
+                        continue
+                    r = run_stage(stage_cmd(stage, folder, out), args.timeout)
+                    if r["rc"] == "timeout":
+                        timed_out.add((name, stage))
                     text = r.pop("out")
                     row = {"model": name, "stage": stage, **info, **r}
                     if stage == "dry-run" and r["rc"] == 0 and "{" in text:
                         row["predicted"] = json.loads(text[text.index("{"):])
                         row.pop("tail")
+                    pred = predict(stage, folder, out) if r["rc"] == 0 else None
+                    if pred:
+                        row["plan"] = pred
+                        row["predicted_host_peak"] = pred["host_peak"]
                     results.append(row)
+                    write_results(results_path(args.name), results, args.models.split(","), stages)
                     print(f"{name} {n} blocks {stage}: {r['wall_s']} s wall, {r['cpu_s']} s CPU, "
-                          f"peak anon {r['peak_anon'] / 1e9:.2f} GB, rc {r['rc']}", flush=True)
+                          f"peak anon {r['peak_anon'] / 1e9:.2f} GB"
+                          + (f" (plan: {pred['host_peak'] / 1e9:.2f} GB at {pred['at']})" if pred else "")
+                          + f", rc {r['rc']}", flush=True)
+                    if r["rc"] != 0:
+                        print(r["tail"], flush=True)
                 shutil.rmtree(work / f"{name}-{n}-out", ignore_errors=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    summary = []
-    for name in args.models.split(","):
-        for stage in args.stages.split(","):
-            rows = [r for r in results if r["model"] == name and r["stage"] == stage]
-            if not rows:
-                continue
-            full = rows[0].get("full_blocks")
-            summary.append({"model": name, "stage": stage, "full_blocks": full,
-                            "measured": [{k: r.get(k) for k in ("blocks", "wall_s", "cpu_s", "peak_anon", "rc")}
-                                         for r in rows],
-                            "full_wall_s": extrapolate(rows, full, "wall_s") if full else None,
-                            "full_cpu_s": extrapolate(rows, full, "cpu_s") if full else None,
-                            "full_peak_anon": extrapolate(rows, full, "peak_anon") if full else None})
-    doc = {"benchmark": "bench_scale", "host": platform.node(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "python": platform.python_version(),
-           "note": "busy shared CPU: times are upper bounds", "results": results, "summary": summary}
-    out = ROOT / "benchmarks" / "results" / f"scale-{args.name or platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str))
-    print("| model | stage | blocks | wall s | CPU s | peak anon GB | full depth: wall s | CPU s | peak anon GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    out = results_path(args.name)
+    summary = write_results(out, results, args.models.split(","), stages)
+    print("| model | stage | blocks | wall s | CPU s | peak anon GB | plan: host peak GB "
+          "| full depth: wall s | CPU s | peak anon GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         for m in s["measured"]:
+            plan = m.get("predicted_host_peak")
+            if m["rc"] == "skipped":
+                print(f"| {s['model']} | {s['stage']} | {m['blocks']} | skipped | | | | | | |")
+                continue
             print(f"| {s['model']} | {s['stage']} | {m['blocks']} | {m['wall_s']} | {m['cpu_s']} | "
-                  f"{m['peak_anon'] / 1e9:.2f} | | | |")
+                  f"{m['peak_anon'] / 1e9:.2f} | {'' if plan is None else f'{plan / 1e9:.2f}'} | | | |")
         if s["full_wall_s"] is not None:
-            print(f"| {s['model']} | {s['stage']} | {s['full_blocks']} (extrapolated) | | | | {s['full_wall_s']:.0f} | "
+            print(f"| {s['model']} | {s['stage']} | {s['full_blocks']} (extrapolated) | | | | | {s['full_wall_s']:.0f} | "
                   f"{s['full_cpu_s']:.0f} | {s['full_peak_anon'] / 1e9:.2f} |")
     print(f"wrote {out}")
     return 0
