@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,12 +176,34 @@ def test_cpu_dry_run_plans_16bit_weights_block_by_block(capsys, tmp_path):
         plans = []
         for flags in ([], ["--offload"]):
             assert main([verb, "sd3.5-large", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cpu",
-                         *extra, *flags]) == 0
+                         "--device-memory", "24GB", *extra, *flags]) == 0  # free RAM moves between calls
             plans.append(capsys.readouterr().out)
         assert "(offload: block by block)" in plans[0], verb
         assert plans[0] == plans[1], verb
     assert main(["obs", "tiny-sd3", "--out", str(tmp_path / "o"), "--dry-run", "--device", "cpu"]) == 0
     assert "(offload" not in capsys.readouterr().out
+
+
+def test_dry_run_plans_the_samples_size_the_run_uses(capsys, tmp_path):
+    """calib --size (at the real VAE's scale, 8) and a --calib set's own latents set the tokens the
+    plan sizes activations for, not the model's default image size."""
+    from hprune.calib import synthetic
+    from hprune.cli import main
+    from hprune.loading import load_model
+
+    def tokens(argv):
+        assert main([*argv, "--dry-run", "--device", "cpu", "--device-memory", "24GB"]) == 0
+        return int(re.search(r"(\d+) tokens per sample", capsys.readouterr().out)[1])
+
+    assert tokens(["calib", "sd3.5-large", "--out", str(tmp_path / "c")]) == 64 * 64 + 333
+    assert tokens(["calib", "sd3.5-large", "--out", str(tmp_path / "c"), "--size", "256"]) == 16 * 16 + 333
+    model = load_model("tiny-sd3")
+    default = tokens(["obs", "tiny-sd3", "--out", str(tmp_path / "o")])
+    cal = synthetic(model, n_prompts=1, num_steps=1, latent_size=8, text_len=16)
+    cal.save(tmp_path / "cal.safetensors")
+    got = tokens(["obs", "tiny-sd3", "--calib", str(tmp_path / "cal.safetensors"), "--out", str(tmp_path / "o")])
+    patch = model.config.patch_size
+    assert got != default and got == (8 // patch) ** 2 + M.model_shape("tiny-sd3").tokens_txt
 
 
 def test_gpu_plans_keep_the_calibration_set_on_the_host():

@@ -24,7 +24,7 @@ def print_plan(args: argparse.Namespace, verb: str) -> int:
         from hprune.errors import HpruneError
 
         raise HpruneError(f"--device {args.device}: hprune runs on cpu or cuda")
-    shape = M.model_shape(args.model)
+    shape = M.model_shape(args.model, _latent_size(args, verb))
     opts = M.Options(device=device, devices=int(os.environ.get("WORLD_SIZE", "1")), threads=M.cpu_threads(),
                      offload=bool(getattr(args, "offload", False)),
                      batch_size=int(getattr(args, "batch_size", 4) or 4), steps=int(getattr(args, "steps", 200) or 0),
@@ -101,6 +101,27 @@ def _stage_options(args: argparse.Namespace, verb: str, shape, opts) -> None:
         opts.groups = max(1, int(getattr(args, "groups", 1) or 1))
     if getattr(args, "eval_samples", None) is not None:
         opts.eval_samples = int(args.eval_samples)
+
+
+def _latent_size(args: argparse.Namespace, verb: str) -> int | None:
+    """The samples' latent side the run will use, where the flags tell it: a --calib set's own
+    latents (its file header), or calib's --size at the real VAE's scale; None: the model's default."""
+    path = getattr(args, "calib", None)
+    if path and os.path.isfile(path):
+        from hprune.io import check_safetensors
+
+        shape = check_safetensors(path).get("in.hidden_states", {}).get("shape")
+        if shape and len(shape) == 4:  # SD3: (N, C, lat, lat)
+            return int(shape[-1])
+        if shape and len(shape) == 3:  # FLUX: (N, tokens, C), 2x2 latent patches packed
+            return 2 * int(round(int(shape[1]) ** 0.5))
+    if verb == "calib" and getattr(args, "size", None):
+        from hprune.calib import size_vae_scale
+
+        scale = size_vae_scale(args.model)  # None: a tiny built-in's stand-in VAE (its default size)
+        if scale:
+            return max(1, int(args.size) // scale)
+    return None
 
 
 def _flag(key: str, value) -> str:

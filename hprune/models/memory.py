@@ -159,9 +159,10 @@ def _block_key(name: str, lists: tuple[str, ...], counts: dict[str, int]) -> int
     return None
 
 
-def model_shape(spec: str) -> ModelShape:
+def model_shape(spec: str, latent_size: int | None = None) -> ModelShape:
     """The ModelShape of a MODEL argument (built-in name, diffusers folder, artifact, .safetensors
-    with config.json beside it) from configs and safetensors headers only."""
+    with config.json beside it) from configs and safetensors headers only; `latent_size`: the
+    samples' latent side (default: the model's own default image size)."""
     import json
 
     from hprune.errors import ModelNotFoundError
@@ -172,7 +173,8 @@ def model_shape(spec: str) -> ModelShape:
     if kind == "builtin":
         # a real-size name stands for its checkpoint folder (bf16, memory-mapped)
         return config_shape(what.class_name, dict(what.config), store_bytes=4 if what.tiny else 2,
-                            latent_size=what.sample.get("latent_size", 32), text_len=what.sample.get("text_len", 16),
+                            latent_size=latent_size or what.sample.get("latent_size", 32),
+                            text_len=what.sample.get("text_len", 16),
                             mapped=not what.tiny, name=spec)
     else:
         if kind == "artifact":
@@ -197,7 +199,7 @@ def model_shape(spec: str) -> ModelShape:
         floats = [_DTYPE_BYTES.get(d, 2) for k, (d, s) in tensors.items() if d.startswith(("F", "BF"))]
         b = max(set(floats), key=floats.count) if floats else 2
         txt = 333 if cls.startswith("SD3") else (512 if cfg.get("guidance_embeds") else 256)
-        lat = int(cfg.get("sample_size") or 128) if cls.startswith("SD3") else 128
+        lat = latent_size or (int(cfg.get("sample_size") or 128) if cls.startswith("SD3") else 128)
     return _shape(spec, cls, cfg, tensors, b, lat, txt, quantised, mapped)
 
 
@@ -471,7 +473,11 @@ def plan_stage(stage: str, m: ModelShape, o: Options) -> StagePlan:
     linear_w = sum(m.block_params)  # ~ the Linear weights (norms are tiny)
     packed = int(linear_w * 0.5625)  # 4 bits + a 16-bit scale and zero per 64 weights
     if stage == "load":
-        return StagePlan(stage, wdev, whost, m.weight_bytes / 2e9, "read (mapped) at ~2 GB/s")
+        # loading maps the files; compute-dtype copies are made by the stages that run a forward
+        # (their rows count them), so a verb that never computes (prune) is not charged for them
+        base = 0 if m.mapped else m.weight_bytes
+        dev = base if o.device == "cpu" else (0 if o.offload else m.weight_bytes)
+        return StagePlan(stage, dev, base, m.weight_bytes / 2e9, "read (mapped) at ~2 GB/s")
     if stage == "quantize-rtn":
         # RTN runs in the storage dtype (no fp32 copies); block by block, the output is spilled
         off = _quantize_offload(m, o)
