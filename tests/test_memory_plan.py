@@ -23,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(sample_size=64, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32,
             pos_embed_max_size=64)
-MEDIUM = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=64,
-              num_attention_heads=6, joint_attention_dim=64, caption_projection_dim=384, pooled_projection_dim=64,
-              pos_embed_max_size=16)
+MEDIUM = SP.SD3_MEDIUM  # one medium shape for every plan check (benchmarks/stage_peaks.py)
 
 
 def _measure(cfg: dict, batch: int, variants: list[tuple[str, bool]]) -> list[int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import stage_peaks as SP
 from hprune.models import memory as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +28,7 @@ CLS = "SD3Transformer2DModel"
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32,
             pos_embed_max_size=16)
-MEDIUM = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=64,
-              num_attention_heads=6, joint_attention_dim=64, caption_projection_dim=384, pooled_projection_dim=64,
-              pos_embed_max_size=16)
+MEDIUM = SP.SD3_MEDIUM  # one medium shape for every plan check (benchmarks/stage_peaks.py)
 SHAPES = {"tiny": TINY, "medium": MEDIUM}
 CALIB = dict(n_prompts=2, num_steps=2)  # 2 prompts x 2 steps x CFG 2 = 8 transformer calls
 CALLS = 2 * 2 * 2

@@ -342,9 +342,24 @@ def _calib_set_bytes(m: ModelShape, o: Options) -> int:
     return o.calib_samples * m.cfg_rows * m.calib_sample_bytes
 
 
+def _obs_blockwise(m: ModelShape, o: Options, hess: int, cal: int, whost: int, during: int, solve: int,
+                   secs: float, note: str) -> StagePlan:
+    """OBS-Diff block by block (any pattern): one block's Hessians `hess`; every call's block input
+    and output (both streams, compute dtype) stay on the device (BlockStream); the block in the
+    compute dtype while it runs (on a CPU a block already in that dtype runs in place, no copy)."""
+    c = _compute_bytes(m, o)
+    states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
+    block = max(m.block_bytes, default=0) * c // m.store_bytes
+    if o.device == "cpu":
+        up = block if c != m.store_bytes else 0
+        dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
+    else:
+        dev, host = block + states + hess + max(during, solve), whost + cal
+    return StagePlan("obs", dev, host, secs, note)
+
+
 def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
     """OBS-Diff (hprune.obs.sequential.obs_prune_model) with the calibration set in memory."""
-    c = _compute_bytes(m, o)
     wdev, whost = _resident_weights(m, o)
     cal = _calib_set_bytes(m, o)
     act = _act_infer(m, o, m.cfg_rows)  # the denoising loop re-run: one call of cfg_rows rows at a time
@@ -359,20 +374,11 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
         hess = sum(4 * i * i for b in m.consumers for _, i in b) // max(1, o.groups)
         solve = max((8 * (3 * i * i + out * i) for b in m.consumers for out, i in b), default=0)
         flops = sum(4.0 * i ** 3 for b in m.consumers for _, i in b)
-        if o.offload:
-            # hprune.obs.sequential._structured_blockwise: one block's consumer Hessians, every
-            # call's block input and output, the block in the compute dtype while it runs
+        if o.offload:  # hprune.obs.sequential._structured_blockwise: one block's consumer Hessians
             hess = max((sum(4 * i * i for _, i in b) for b in m.consumers), default=0)
-            states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
-            block = max(m.block_bytes, default=0) * c // m.store_bytes
-            if o.device == "cpu":
-                up = block if c != m.store_bytes else 0
-                dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
-            else:
-                dev, host = block + states + hess + max(during, solve), whost + cal
-            return StagePlan("obs", dev, host, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
-                             f"structured, block by block: one pass of {o.calib_samples} calls, the consumers' "
-                             f"Hessians of one block ({hess / 1e9:.2f} GB)")
+            return _obs_blockwise(m, o, hess, cal, whost, during, solve, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                                  f"structured, block by block: one pass of {o.calib_samples} calls, the "
+                                  f"consumers' Hessians of one block ({hess / 1e9:.2f} GB)")
         k = max(1, o.groups)
         return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal), (k * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
                          f"structured: {k} calibration pass(es) of {o.calib_samples} calls, Hessians of the "
@@ -380,21 +386,11 @@ def _obs_plan(m: ModelShape, o: Options, fwd: float, rate: float) -> StagePlan:
     # the solver of one Linear: a float32 copy of W, the damped H, its Cholesky factor and inverse
     solve = 4 * (2 * m.linear_max + 3 * max(ins, default=0) ** 2)
     flops = sum(2.0 * k ** 3 for k in ins)
-    if o.offload:
-        # hprune.obs.blockwise: one block's Hessians; every call's block input and output (both
-        # streams, compute dtype) stay on the device; blocks written back to the host in place
-        # (BlockStream: the block is in the compute dtype while it runs, in its storage while solved)
+    if o.offload:  # hprune.obs.blockwise: one block's Hessians
         hess = max((sum(4 * k * k for k in b) for b in m.linear_in), default=0)
-        states = 2 * o.calib_samples * m.cfg_rows * m.tokens * m.hidden * c
-        block = max(m.block_bytes, default=0) * c // m.store_bytes  # in the compute dtype
-        if o.device == "cpu":  # a block already in the compute dtype runs in place (no copy)
-            up = block if c != m.store_bytes else 0
-            dev = host = (0 if m.mapped else m.weight_bytes) + cal + states + hess + max(during + up, solve)
-        else:
-            dev, host = block + states + hess + max(during, solve), whost + cal
-        return StagePlan("obs", dev, host, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
-                         f"block by block: one pass of {o.calib_samples} calls, Hessians of one block "
-                         f"({hess / 1e9:.2f} GB)")
+        return _obs_blockwise(m, o, hess, cal, whost, during, solve, (o.calib_samples * m.cfg_rows * fwd + flops) / rate,
+                              f"block by block: one pass of {o.calib_samples} calls, Hessians of one block "
+                              f"({hess / 1e9:.2f} GB)")
     hess = sum(4 * k * k for k in ins) // max(1, o.groups)
     return StagePlan("obs", *_split(o, wdev, whost, hess + max(during, solve), cal),
                      (max(1, o.groups) * o.calib_samples * m.cfg_rows * fwd + flops) / rate,
