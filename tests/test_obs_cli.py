@@ -185,3 +185,13 @@ def test_cli_offload_automatic_for_bf16_on_cpu_and_sequential(capsys, tmp_path, 
                           "--out", str(tmp_path / "plan"))
     assert code == 0 and "(offload: block by block)" in text, err
     assert not (tmp_path / "plan").exists()
+
+
+def test_cli_magnitude_offload_reports_progress_per_block(capsys, tmp_path):
+    """Magnitude pruning block by block reads no data but still moves every block: its progress is
+    per block, with plain lines in a log."""
+    code, _, err = run(capsys, "obs", "tiny-sd3", "--method", "magnitude", "--pattern", "2:4", "--offload",
+                       "--device", "cpu", "--eval-samples", "0", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[hprune] OBS-Diff magnitude")]
+    assert lines and lines[-1].split(" done: ")[1].startswith("8/8 block"), err

@@ -266,7 +266,9 @@ def _prune_blockwise(model: nn.Module, units: list[LinearUnit], calib: Any, devi
 
     rows: list[dict[str, Any]] = []
     if method == "magnitude":  # no data: each unit on the device, pruned, written back
-        for us in by_block.values():
+        from hprune.report import tqdm
+
+        for us in tqdm(list(by_block.values()), desc="OBS-Diff magnitude", unit="block", disable=not progress):
             for u in us:
                 to_spill([u])
                 with placed([l for _, l in u.linears], device, writeback=True):
